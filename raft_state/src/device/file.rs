@@ -1,0 +1,628 @@
+//! [`FileDevice`]: a [`Device`] on a regular file or a block device.
+//!
+//! I/O is positional (pread/pwrite), so the device is shared between threads without seek
+//! state. It uses O_DIRECT when the file system accepts it, so that reads show what the media
+//! holds and not a page cache the driver's previous incarnation left behind; where O_DIRECT is
+//! refused (EINVAL: some file systems, e.g. older tmpfs) it falls back to buffered I/O, which
+//! is still correct because `flush` is fdatasync either way. Buffers that are not 4 KiB-aligned
+//! in memory are bounced through an [`AlignedBuf`] when O_DIRECT is on.
+//!
+//! The size is fixed at open: a regular file's length rounded down to whole blocks, or a block
+//! device's size from BLKGETSIZE64. The device never grows or shrinks the file.
+//!
+//! A write or flush error poisons the device (see the failure model in [`super`]).
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::libc;
+
+use super::{check_io, AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
+
+// BLKGETSIZE64 is `_IOR(0x12, 114, size_t)` in <linux/fs.h>, yet the kernel stores a u64
+// through the pointer. `ioctl_read!` would derive the request code from the data type (u64),
+// which is wrong where size_t is 4 bytes; so the code is built from size_t and the data is u64.
+nix::ioctl_read_bad!(
+    blk_get_size64,
+    nix::request_code_read!(0x12, 114, std::mem::size_of::<libc::size_t>()),
+    u64
+);
+
+/// A raw sector device on a regular file or a block device; see the module docs.
+pub struct FileDevice {
+    file: File,
+    /// The path (or the name given to [`FileDevice::from_fd`]), for errors and logs.
+    name: String,
+    direct: bool,
+    size: u64,
+    poisoned: AtomicBool,
+}
+
+impl FileDevice {
+    /// Opens an existing regular file or block device read-write, with O_DIRECT if the file
+    /// system accepts it.
+    pub fn open(path: &Path) -> Result<FileDevice, DeviceError> {
+        Self::open_with(path, true)
+    }
+
+    /// Creates a sparse regular file of exactly `size_bytes` (a non-zero multiple of 4 KiB) and
+    /// opens it. Refuses to touch an existing file.
+    pub fn create(path: &Path, size_bytes: u64) -> Result<FileDevice, DeviceError> {
+        let name = path.display().to_string();
+        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK) {
+            let msg = format!("size {size_bytes} is not a non-zero multiple of {BLOCK_SIZE} bytes");
+            return Err(io_error(
+                "create",
+                &name,
+                0,
+                0,
+                io::Error::new(io::ErrorKind::InvalidInput, msg),
+            ));
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| io_error("create", &name, 0, 0, e))?;
+        // The file's length and its directory entry are made durable here, so a format that
+        // flushes only through the device (fdatasync) cannot lose the file itself.
+        let made = file
+            .set_len(size_bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| sync_parent_dir(path));
+        drop(file);
+        if let Err(e) = made {
+            // Best effort: do not leave a half-made image behind; the error reported is the first.
+            let _ = std::fs::remove_file(path);
+            return Err(io_error("create", &name, 0, 0, e));
+        }
+        Self::open(path)
+    }
+
+    /// Wraps a descriptor inherited from the supervisor (which may not be able to open the
+    /// path itself). Turns on O_DIRECT if the file system accepts it, else stays buffered.
+    pub fn from_fd(fd: OwnedFd, name: String) -> Result<FileDevice, DeviceError> {
+        let file = File::from(fd);
+        let size = device_size(&file, &name)?;
+        let mut dev = FileDevice {
+            file,
+            name,
+            direct: false,
+            size,
+            poisoned: AtomicBool::new(false),
+        };
+        dev.direct = dev.try_set_direct()?;
+        Ok(dev)
+    }
+
+    /// Whether I/O bypasses the page cache (O_DIRECT).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The path, or the name given to [`FileDevice::from_fd`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn open_with(path: &Path, try_direct: bool) -> Result<FileDevice, DeviceError> {
+        let name = path.display().to_string();
+        if try_direct {
+            match open_rw(path, libc::O_DIRECT) {
+                Ok(file) => {
+                    let size = device_size(&file, &name)?;
+                    let dev = FileDevice {
+                        file,
+                        name: name.clone(),
+                        direct: true,
+                        size,
+                        poisoned: AtomicBool::new(false),
+                    };
+                    if dev.probe_direct()? {
+                        return Ok(dev);
+                    }
+                    // Accepted at open but refused at I/O time: reopen buffered below.
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(io_error("open", &name, 0, 0, e)),
+            }
+        }
+        let file = open_rw(path, 0).map_err(|e| io_error("open", &name, 0, 0, e))?;
+        let size = device_size(&file, &name)?;
+        Ok(FileDevice {
+            file,
+            name,
+            direct: false,
+            size,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Turns on O_DIRECT on the descriptor; returns whether it is on. EINVAL (from fcntl or
+    /// from a first direct read) means the file system refuses it: the flag is cleared again.
+    fn try_set_direct(&self) -> Result<bool, DeviceError> {
+        let fd = self.file.as_raw_fd();
+        let getfl = |e: nix::Error| io_error("fcntl", &self.name, 0, 0, io::Error::from(e));
+        let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL).map_err(getfl)?);
+        match fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_DIRECT)) {
+            Ok(_) => {}
+            Err(nix::Error::EINVAL) => return Ok(false),
+            Err(e) => return Err(getfl(e)),
+        }
+        if self.probe_direct()? {
+            return Ok(true);
+        }
+        fcntl(fd, FcntlArg::F_SETFL(flags.difference(OFlag::O_DIRECT))).map_err(getfl)?;
+        Ok(false)
+    }
+
+    /// Reads block 0 with O_DIRECT on: false if the kernel refuses direct I/O here (EINVAL).
+    fn probe_direct(&self) -> Result<bool, DeviceError> {
+        let mut buf = AlignedBuf::blocks(1);
+        match self.file.read_exact_at(&mut buf, 0) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(io_error("read", &self.name, 0, BLOCK_SIZE, e)),
+        }
+    }
+
+    fn poisoned_error(&self) -> DeviceError {
+        DeviceError::Poisoned {
+            device: self.name.clone(),
+        }
+    }
+
+    /// Records a write or flush failure: from now on the device refuses writes and flushes.
+    fn poison(&self, op: &'static str, offset: u64, len: usize, source: io::Error) -> DeviceError {
+        self.poisoned.store(true, Ordering::SeqCst);
+        io_error(op, &self.name, offset, len, source)
+    }
+
+    /// Whether O_DIRECT needs a bounce buffer for `buf`.
+    fn needs_bounce(&self, buf: &[u8]) -> bool {
+        self.direct && !(buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
+    }
+}
+
+impl Device for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        check_io("read", offset, buf.len(), self.size)?;
+        // read_exact_at retries EINTR and short reads; EOF before the end (the file shrank
+        // under us) is UnexpectedEof, never zeros.
+        let result = if self.needs_bounce(buf) {
+            let mut bounce = AlignedBuf::for_bytes(buf.len());
+            self.file
+                .read_exact_at(&mut bounce, offset)
+                .map(|()| buf.copy_from_slice(&bounce))
+        } else {
+            self.file.read_exact_at(buf, offset)
+        };
+        result.map_err(|e| io_error("read", &self.name, offset, buf.len(), e))
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        check_io("write", offset, buf.len(), self.size)?;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(self.poisoned_error());
+        }
+        // write_all_at retries EINTR and short writes.
+        let result = if self.needs_bounce(buf) {
+            let mut bounce = AlignedBuf::for_bytes(buf.len());
+            bounce.copy_from_slice(buf);
+            self.file.write_all_at(&bounce, offset)
+        } else {
+            self.file.write_all_at(buf, offset)
+        };
+        result.map_err(|e| self.poison("write", offset, buf.len(), e))
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(self.poisoned_error());
+        }
+        self.file.sync_data().map_err(|e| self.poison("flush", 0, 0, e))
+    }
+}
+
+impl fmt::Debug for FileDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileDevice")
+            .field("path", &self.name)
+            .field("direct", &self.direct)
+            .field("size", &self.size)
+            .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn io_error(op: &'static str, device: &str, offset: u64, len: usize, source: io::Error) -> DeviceError {
+    DeviceError::Io {
+        op,
+        device: device.to_owned(),
+        offset,
+        len,
+        source,
+    }
+}
+
+fn open_rw(path: &Path, flags: i32) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).custom_flags(flags).open(path)
+}
+
+/// fsync of the directory holding `path`, so a newly created entry survives power loss.
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// The usable size: whole blocks of a regular file, or a block device's size. Zero blocks,
+/// and anything that is neither a regular file nor a block device, are refused.
+fn device_size(file: &File, name: &str) -> Result<u64, DeviceError> {
+    let meta = file.metadata().map_err(|e| io_error("stat", name, 0, 0, e))?;
+    let file_type = meta.file_type();
+    let bytes = if file_type.is_file() {
+        meta.len()
+    } else if file_type.is_block_device() {
+        let mut bytes: u64 = 0;
+        // SAFETY: the descriptor is open for the lifetime of `file`, and BLKGETSIZE64 writes
+        // exactly one u64 through the pointer, which points to a live, aligned local.
+        unsafe { blk_get_size64(file.as_raw_fd(), &mut bytes) }
+            .map_err(|e| io_error("BLKGETSIZE64", name, 0, 0, io::Error::from(e)))?;
+        bytes
+    } else {
+        let msg = format!("{file_type:?} is neither a regular file nor a block device");
+        return Err(io_error(
+            "open",
+            name,
+            0,
+            0,
+            io::Error::new(io::ErrorKind::InvalidInput, msg),
+        ));
+    };
+    let size = bytes - bytes % BLOCK;
+    if size == 0 {
+        let msg = format!("{bytes} bytes is smaller than one {BLOCK_SIZE}-byte block");
+        return Err(io_error(
+            "open",
+            name,
+            0,
+            0,
+            io::Error::new(io::ErrorKind::InvalidInput, msg),
+        ));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::sync::atomic::AtomicU64;
+
+    /// A unique path under the temp dir, removed on drop (also when a test fails).
+    struct TempPath(PathBuf);
+
+    impl TempPath {
+        fn new(tag: &str) -> Self {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let name = format!("rblk-filedev-{}-{tag}-{n}", std::process::id());
+            let path = std::env::temp_dir().join(name);
+            let _ = std::fs::remove_file(&path);
+            Self(path)
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i / 4096) as u8)
+            .collect()
+    }
+
+    /// Writes and reads back through `dev` with aligned and misaligned (in memory) buffers.
+    fn round_trip(dev: &FileDevice) {
+        // Aligned: an AlignedBuf of two blocks.
+        let mut aligned = AlignedBuf::blocks(2);
+        aligned.copy_from_slice(&pattern(1, 2 * BLOCK_SIZE));
+        dev.write_at(BLOCK, &aligned).unwrap();
+        // Misaligned: a slice starting one byte into a larger allocation.
+        let mut backing = AlignedBuf::blocks(4);
+        backing[1..=3 * BLOCK_SIZE].copy_from_slice(&pattern(2, 3 * BLOCK_SIZE));
+        let unaligned = &backing[1..=3 * BLOCK_SIZE];
+        dev.write_at(4 * BLOCK, unaligned).unwrap();
+        dev.flush().unwrap();
+
+        let mut back = AlignedBuf::blocks(2);
+        dev.read_at(BLOCK, &mut back).unwrap();
+        assert_eq!(&back[..], &aligned[..]);
+        let mut backing_in = AlignedBuf::blocks(4);
+        let unaligned_in = &mut backing_in[1..=3 * BLOCK_SIZE];
+        dev.read_at(4 * BLOCK, unaligned_in).unwrap();
+        assert_eq!(unaligned_in, unaligned);
+        // Untouched blocks read as the sparse file's zeros.
+        let mut zero = vec![0xAAu8; BLOCK_SIZE];
+        dev.read_at(0, &mut zero).unwrap();
+        assert!(zero.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn round_trip_direct_and_reopen() {
+        let tmp = TempPath::new("rt");
+        let dev = FileDevice::create(&tmp.0, 8 * BLOCK).unwrap();
+        assert_eq!(dev.size(), 8 * BLOCK);
+        assert_eq!(dev.name(), tmp.0.display().to_string());
+        round_trip(&dev);
+        drop(dev);
+        // A fresh device sees the same bytes.
+        let dev = FileDevice::open(&tmp.0).unwrap();
+        let mut back = vec![0u8; 3 * BLOCK_SIZE];
+        dev.read_at(4 * BLOCK, &mut back).unwrap();
+        assert_eq!(back, pattern(2, 3 * BLOCK_SIZE));
+    }
+
+    #[test]
+    fn round_trip_buffered() {
+        let tmp = TempPath::new("buffered");
+        drop(FileDevice::create(&tmp.0, 8 * BLOCK).unwrap());
+        let dev = FileDevice::open_with(&tmp.0, false).unwrap();
+        assert!(!dev.direct());
+        round_trip(&dev);
+    }
+
+    #[test]
+    fn debug_shows_path_and_direct() {
+        let tmp = TempPath::new("debug");
+        let dev = FileDevice::create(&tmp.0, BLOCK).unwrap();
+        let text = format!("{dev:?}");
+        assert!(text.contains(&tmp.0.display().to_string()), "{text}");
+        assert!(text.contains(&format!("direct: {}", dev.direct())), "{text}");
+    }
+
+    #[test]
+    fn size_is_rounded_down_and_zero_blocks_refused() {
+        let tmp = TempPath::new("size");
+        std::fs::write(&tmp.0, vec![7u8; 3 * BLOCK_SIZE + 100]).unwrap();
+        assert_eq!(FileDevice::open(&tmp.0).unwrap().size(), 3 * BLOCK);
+        std::fs::write(&tmp.0, vec![7u8; BLOCK_SIZE - 1]).unwrap();
+        let err = FileDevice::open(&tmp.0).unwrap_err();
+        assert!(matches!(&err, DeviceError::Io { op: "open", .. }), "{err:?}");
+        assert!(err.to_string().contains(&tmp.0.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_what_is_not_a_file_or_block_device() {
+        // A character device.
+        let err = FileDevice::open(Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(err, DeviceError::Io { .. }), "{err:?}");
+        // A missing path.
+        let tmp = TempPath::new("missing");
+        assert!(matches!(
+            FileDevice::open(&tmp.0),
+            Err(DeviceError::Io { op: "open", .. })
+        ));
+    }
+
+    #[test]
+    fn create_refuses_bad_sizes_and_existing_files() {
+        let tmp = TempPath::new("create");
+        for bad in [0, 1, BLOCK - 1, BLOCK + 512] {
+            let err = FileDevice::create(&tmp.0, bad).unwrap_err();
+            assert!(matches!(&err, DeviceError::Io { op: "create", .. }), "{err:?}");
+            assert!(!tmp.0.exists(), "a refused create must not leave a file");
+        }
+        let dev = FileDevice::create(&tmp.0, 16 * BLOCK).unwrap();
+        assert_eq!(dev.size(), 16 * BLOCK);
+        assert_eq!(std::fs::metadata(&tmp.0).unwrap().len(), 16 * BLOCK);
+        let err = FileDevice::create(&tmp.0, 16 * BLOCK).unwrap_err();
+        match err {
+            DeviceError::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::AlreadyExists),
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn misaligned_and_out_of_range_requests() {
+        let tmp = TempPath::new("range");
+        let dev = FileDevice::create(&tmp.0, 4 * BLOCK).unwrap();
+        let mut buf = AlignedBuf::blocks(1);
+        assert!(matches!(
+            dev.read_at(512, &mut buf),
+            Err(DeviceError::Misaligned { op: "read", .. })
+        ));
+        assert!(matches!(
+            dev.write_at(512, &buf),
+            Err(DeviceError::Misaligned { op: "write", .. })
+        ));
+        assert!(matches!(
+            dev.write_at(0, &buf[..100]),
+            Err(DeviceError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            dev.read_at(4 * BLOCK, &mut buf),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            dev.write_at(4 * BLOCK, &buf),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        let mut two = AlignedBuf::blocks(2);
+        assert!(matches!(
+            dev.read_at(3 * BLOCK, &mut two),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        // Refused requests do not poison: nothing was issued.
+        dev.write_at(3 * BLOCK, &buf).unwrap();
+        dev.flush().unwrap();
+        // The file did not grow.
+        assert_eq!(std::fs::metadata(&tmp.0).unwrap().len(), 4 * BLOCK);
+    }
+
+    #[test]
+    fn read_past_eof_of_shrunk_file_is_an_error() {
+        let tmp = TempPath::new("shrunk");
+        let dev = FileDevice::create(&tmp.0, 4 * BLOCK).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp.0)
+            .unwrap()
+            .set_len(2 * BLOCK)
+            .unwrap();
+        let mut buf = AlignedBuf::blocks(1);
+        dev.read_at(BLOCK, &mut buf).unwrap();
+        for (offset, blocks) in [(2 * BLOCK, 1), (BLOCK, 2)] {
+            let mut buf = AlignedBuf::blocks(blocks);
+            match dev.read_at(offset, &mut buf) {
+                Err(DeviceError::Io { op: "read", source, .. }) => {
+                    assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof)
+                }
+                other => panic!("read past EOF at {offset}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn write_error_poisons() {
+        let tmp = TempPath::new("poison");
+        drop(FileDevice::create(&tmp.0, 4 * BLOCK).unwrap());
+        let read_only = File::open(&tmp.0).unwrap();
+        let dev = FileDevice::from_fd(OwnedFd::from(read_only), "read-only test fd".into()).unwrap();
+        assert_eq!(dev.size(), 4 * BLOCK);
+        let buf = AlignedBuf::blocks(1);
+        match dev.write_at(BLOCK, &buf) {
+            Err(DeviceError::Io {
+                op: "write",
+                device,
+                offset,
+                len,
+                source,
+            }) => {
+                assert_eq!((device.as_str(), offset, len), ("read-only test fd", BLOCK, BLOCK_SIZE));
+                assert_eq!(source.raw_os_error(), Some(libc::EBADF));
+            }
+            other => panic!("expected a write error, got {other:?}"),
+        }
+        assert!(
+            matches!(dev.write_at(0, &buf), Err(DeviceError::Poisoned { device }) if device == "read-only test fd")
+        );
+        assert!(matches!(dev.flush(), Err(DeviceError::Poisoned { .. })));
+        // Reads still work.
+        let mut back = AlignedBuf::blocks(1);
+        dev.read_at(0, &mut back).unwrap();
+    }
+
+    #[test]
+    fn from_fd_round_trip() {
+        let tmp = TempPath::new("fromfd");
+        drop(FileDevice::create(&tmp.0, 8 * BLOCK).unwrap());
+        let fd = OpenOptions::new().read(true).write(true).open(&tmp.0).unwrap();
+        let dev = FileDevice::from_fd(OwnedFd::from(fd), "inherited".into()).unwrap();
+        round_trip(&dev);
+        // The temp dir here is on a file system with O_DIRECT; where it is not, direct() is
+        // false and the round trip above covered the buffered path.
+        println!("from_fd direct: {}", dev.direct());
+    }
+
+    /// Detaches the loop device when dropped, whatever happened in between.
+    struct LoopGuard(String);
+
+    impl Drop for LoopGuard {
+        fn drop(&mut self) {
+            match Command::new("losetup").arg("-d").arg(&self.0).status() {
+                Ok(s) if s.success() => {}
+                other => eprintln!("warning: losetup -d {} failed: {other:?}", self.0),
+            }
+        }
+    }
+
+    /// Why the loop-device test cannot run here, if it cannot.
+    fn loop_unavailable() -> Option<String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("not root".into());
+        }
+        match Command::new("losetup").arg("--version").output() {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!("losetup --version failed: {}", out.status)),
+            Err(e) => Some(format!("losetup not found: {e}")),
+        }
+    }
+
+    fn skip_or_fail(reason: &str) {
+        if std::env::var("RBLK_REQUIRE_LOOP").as_deref() == Ok("1") {
+            panic!("RBLK_REQUIRE_LOOP=1 but the loop-device test cannot run: {reason}");
+        }
+        println!("skipped: {reason}");
+    }
+
+    #[test]
+    fn file_device_on_loop_device() {
+        if let Some(reason) = loop_unavailable() {
+            return skip_or_fail(&reason);
+        }
+        const SIZE: u64 = 64 << 20;
+        let tmp = TempPath::new("loop");
+        drop(FileDevice::create(&tmp.0, SIZE).unwrap());
+        let out = Command::new("losetup")
+            .arg("-f")
+            .arg("--show")
+            .arg(&tmp.0)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let reason = format!(
+                "losetup -f --show failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return skip_or_fail(&reason);
+        }
+        let guard = LoopGuard(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        let loop_path = Path::new(&guard.0);
+
+        let dev = FileDevice::open(loop_path).unwrap();
+        assert!(dev.direct(), "a loop device accepts O_DIRECT: {dev:?}");
+        assert_eq!(dev.size(), SIZE);
+        println!("loop device test running on {dev:?}");
+        let writes: Vec<(u64, Vec<u8>)> = [(0, 1), (7 * BLOCK, 3), (SIZE / 2 + BLOCK, 2), (SIZE - BLOCK, 1)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (offset, blocks))| (offset, pattern(i as u8 + 10, blocks * BLOCK_SIZE)))
+            .collect();
+        for (offset, data) in &writes {
+            dev.write_at(*offset, data).unwrap();
+        }
+        dev.flush().unwrap();
+        drop(dev);
+
+        let check = |dev: &FileDevice| {
+            for (offset, data) in &writes {
+                let mut back = AlignedBuf::for_bytes(data.len());
+                dev.read_at(*offset, &mut back).unwrap();
+                assert_eq!(&back[..], &data[..], "at byte {offset} of {dev:?}");
+            }
+        };
+        check(&FileDevice::open(loop_path).unwrap());
+        drop(guard);
+        // The bytes reached the backing file, too.
+        check(&FileDevice::open(&tmp.0).unwrap());
+    }
+}

@@ -1,0 +1,19 @@
+//! rblk's persistent state.
+//!
+//! Everything rblk keeps on disk lives here, and nothing here knows about sockets:
+//! - [`device`]: raw sector devices (files, block devices, and a simulated faulty disk);
+//! - [`roots`]: the three fixed root blocks and the seed's rule H(a,b)=c that names the
+//!   overwrite, backup and current slot;
+//! - [`log`]: the Raft log (`raft::Storage`) kept as a ring of checksummed records on raw
+//!   sectors;
+//! - [`layout`]: the geometry that places the regions;
+//! - [`hash`]: the domain-separated BLAKE3 hashes all formats use.
+//!
+//! The byte layout of every structure is in `docs/format.md`.
+
+pub mod device;
+pub mod hash;
+pub mod layout;
+pub mod log;
+pub mod rng;
+pub mod roots;
