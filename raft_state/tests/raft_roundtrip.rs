@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
 use raft::{Config, GetEntriesContext, RawNode, Storage};
-use raft_state::device::{Device, SimDisk, BLOCK};
+use raft_state::device::{Device, FileDevice, SimDisk, BLOCK};
 use raft_state::log::{Anchor, LogRegion, LogStore};
 use slog::{o, Discard, Logger};
 
@@ -23,8 +23,8 @@ fn region() -> LogRegion {
     }
 }
 
-fn open_node(dev: &Arc<SimDisk>, anchor: &Anchor, applied: u64) -> RawNode<LogStore> {
-    let dev: Arc<dyn Device> = dev.clone();
+fn open_node(dev: &Arc<dyn Device>, anchor: &Anchor, applied: u64) -> RawNode<LogStore> {
+    let dev = dev.clone();
     let store = LogStore::open(dev, region(), anchor, logger()).expect("open log");
     let config = Config {
         id: 1,
@@ -86,8 +86,20 @@ fn data_of(entries: &[Entry]) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn raw_node_round_trip_through_the_disk() {
-    let disk = Arc::new(SimDisk::new(512 * BLOCK, 1));
+fn raw_node_round_trip_on_the_simulated_disk() {
+    round_trip(Arc::new(SimDisk::new(512 * BLOCK, 1)));
+}
+
+#[test]
+fn raw_node_round_trip_on_a_file_with_o_direct() {
+    let path = std::env::temp_dir().join(format!("rblk-raft-roundtrip-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let dev = FileDevice::create(&path, 512 * BLOCK).expect("create image");
+    round_trip(Arc::new(dev));
+    std::fs::remove_file(&path).expect("remove image");
+}
+
+fn round_trip(disk: Arc<dyn Device>) {
     let mut applied = Vec::new();
     let mut node = open_node(&disk, &genesis(), 0);
     elect(&mut node, &mut applied);
