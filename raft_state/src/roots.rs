@@ -243,6 +243,16 @@ pub enum RootError {
 }
 
 impl Root {
+    /// The version of the root before this one (the backup while this one is current):
+    /// its `parent_c`, or for the genesis root of generation 1, which has no parents, the
+    /// genesis version of generation 0. (Generation 0 has no predecessor and is never current.)
+    pub fn predecessor_version(&self) -> Hash {
+        match self.generation {
+            1 => hash::genesis_version(&self.volume_id, 0),
+            _ => self.parent_c,
+        }
+    }
+
     /// Encodes this root into one block.
     pub fn encode(&self) -> Result<AlignedBuf, RootError> {
         let conf = self.payload.conf_state.encode_to_vec();
@@ -567,8 +577,7 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
             let damaged = 3 - x.slot - y.slot;
             // (current, backup, overwrite) if `c` follows `p`.
             let follows = |p: &Root, c: &Root| -> Option<(Root, Option<Root>, u8)> {
-                // Generation 1 follows generation 0 without parents: both are genesis roots.
-                if c.generation == p.generation + 1 && (c.parent_c == p.version || c.generation == 1) {
+                if c.generation == p.generation + 1 && c.predecessor_version() == p.version {
                     Some((c.clone(), Some(p.clone()), damaged))
                 } else if c.generation == p.generation + 2 && c.parent_b == p.version {
                     // The damaged slot held c's backup; p is the oldest and is overwritten next.
@@ -628,11 +637,12 @@ impl Roots {
             return Err(RootError::Poisoned);
         }
         let c = &self.current;
+        let b = c.predecessor_version();
         let next = Root {
             slot: self.overwrite,
             generation: c.generation + 1,
-            version: hash::root_version(&c.parent_c, &c.version),
-            parent_b: c.parent_c,
+            version: hash::root_version(&b, &c.version),
+            parent_b: b,
             parent_c: c.version,
             volume_id: c.volume_id,
             geometry: c.geometry,
@@ -652,5 +662,287 @@ impl Roots {
         self.overwrite = 3 - slot - old_current_slot;
         self.backup = Some(std::mem::replace(&mut self.current, next));
         Ok(&self.current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{SimDisk, SimFault};
+    use proptest::prelude::*;
+
+    const VOL: [u8; 16] = *b"roots-test-vol-1";
+
+    fn geometry(roots_on_main: bool) -> Geometry {
+        Geometry::plan(256 * BLOCK, roots_on_main, 64, 1 << 20).expect("geometry")
+    }
+
+    fn payload(n: u64) -> RootPayload {
+        RootPayload {
+            applied_index: n * 10,
+            applied_term: n,
+            conf_state: ConfState {
+                voters: vec![1],
+                ..Default::default()
+            },
+            log_tail: n * 3,
+            log_head: n * 3 + 1,
+            tree_root: n + 100,
+            tree_height: (n % 5) as u32,
+            tree_hash: [n as u8; 32],
+            alloc_root: n + 200,
+            alloc_hash: [!(n as u8); 32],
+        }
+    }
+
+    /// Formats and commits `k` roots with payloads 1..=k.
+    fn rotated(k: u64) -> (SimDisk, Roots) {
+        let disk = SimDisk::new(8 * BLOCK, k);
+        let mut roots = format(&disk, VOL, geometry(true), payload(0)).expect("format");
+        for n in 1..=k {
+            roots.commit(&disk, payload(n)).expect("commit");
+        }
+        (disk, roots)
+    }
+
+    fn rule_orderings(disk: &SimDisk) -> usize {
+        let mut versions = Vec::new();
+        let mut buf = AlignedBuf::blocks(1);
+        for slot in 0..3u8 {
+            disk.read_at(u64::from(slot) * BLOCK, &mut buf).expect("read");
+            versions.push(Root::decode(slot, &buf).map(|r| r.version).ok());
+        }
+        let v: Vec<Hash> = versions.into_iter().flatten().collect();
+        if v.len() < 3 {
+            return 0;
+        }
+        [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+            .iter()
+            .filter(|&&(a, b, c)| hash::root_version(&v[a], &v[b]) == v[c])
+            .count()
+    }
+
+    fn write_raw(disk: &SimDisk, slot: u8, bytes: &[u8]) {
+        disk.write_at(u64::from(slot) * BLOCK, bytes).expect("write");
+    }
+
+    #[test]
+    fn genesis_triple_satisfies_the_rule() {
+        let (disk, _) = rotated(0);
+        assert_eq!(rule_orderings(&disk), 1);
+        let roots = open(&disk).expect("open");
+        assert_eq!((roots.current().slot, roots.current().generation), (2, 2));
+        assert_eq!(roots.backup().map(|b| b.slot), Some(1));
+        assert_eq!(roots.overwrite_slot(), 0);
+        assert_eq!(roots.current().payload, payload(0));
+        let roles: Vec<_> = roots.slot_reports().iter().map(|r| r.role).collect();
+        assert_eq!(
+            roles,
+            vec![Some(Role::Overwrite), Some(Role::Backup), Some(Role::Current)]
+        );
+    }
+
+    #[test]
+    fn roots_on_a_separate_device() {
+        let root_dev = SimDisk::new(3 * BLOCK, 0);
+        let g = geometry(false);
+        assert_eq!(g.log_start, 0);
+        let mut roots = format(&root_dev, VOL, g, payload(0)).expect("format");
+        roots.commit(&root_dev, payload(1)).expect("commit");
+        let reopened = open(&root_dev).expect("open");
+        assert_eq!(reopened.current().geometry, g);
+        assert_eq!(reopened.current().payload, payload(1));
+        assert!(matches!(
+            open(&SimDisk::new(2 * BLOCK, 0)),
+            Err(RootError::DeviceTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn commit_error_poisons_and_nothing_rotates() {
+        let (disk, mut roots) = rotated(2);
+        let before = roots.current().clone();
+        disk.inject(SimFault::FlushError);
+        assert!(matches!(roots.commit(&disk, payload(3)), Err(RootError::Device { .. })));
+        assert_eq!(roots.current(), &before);
+        assert!(matches!(roots.commit(&disk, payload(3)), Err(RootError::Poisoned)));
+    }
+
+    #[test]
+    fn two_damaged_slots_are_refused() {
+        let (disk, roots) = rotated(4);
+        let current = roots.current().slot;
+        for other in (0..3u8).filter(|&s| s != current) {
+            let (disk, _) = rotated(4);
+            write_raw(&disk, current, &[0xAB; BLOCK_SIZE]);
+            write_raw(&disk, other, &[0; BLOCK_SIZE]);
+            let err = open(&disk).expect_err("two bad slots");
+            assert!(matches!(err, RootError::TooFewIntact { intact: 1, .. }), "{err}");
+            assert!(
+                err.to_string().contains("blank") && err.to_string().contains("checksum"),
+                "{err}"
+            );
+        }
+        drop(disk);
+    }
+
+    #[test]
+    fn a_second_successor_of_the_same_root_is_a_fork() {
+        let (disk, roots) = rotated(3);
+        // Another root of the current generation, written into the overwrite slot (it claims
+        // the same parents, so the same version, with a different payload).
+        let mut twin = roots.current().clone();
+        twin.slot = roots.overwrite_slot();
+        twin.payload = payload(99);
+        write_raw(&disk, twin.slot, &twin.encode().expect("encode"));
+        let err = open(&disk).expect_err("fork");
+        assert!(
+            matches!(&err, RootError::Fork { generation, .. } if *generation == roots.current().generation),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unrelated_roots_have_no_consistent_current() {
+        let (disk, roots) = rotated(3);
+        // A root that chains to nothing here, in the overwrite slot.
+        let mut stray = roots.current().clone();
+        stray.slot = roots.overwrite_slot();
+        stray.generation += 7;
+        stray.parent_b = [7; 32];
+        stray.version = hash::root_version(&stray.parent_b, &stray.parent_c);
+        write_raw(&disk, stray.slot, &stray.encode().expect("encode"));
+        assert!(matches!(open(&disk), Err(RootError::NoConsistentCurrent { .. })));
+    }
+
+    #[test]
+    fn newer_format_version_is_refused_not_treated_as_damage() {
+        let (disk, roots) = rotated(1);
+        let slot = roots.backup().expect("backup").slot;
+        let mut buf = roots.backup().expect("backup").encode().expect("encode");
+        buf[8] = 2;
+        let checksum = hash::root_checksum(&buf[..CHECKSUM_AT]);
+        buf[CHECKSUM_AT..].copy_from_slice(&checksum);
+        write_raw(&disk, slot, &buf);
+        assert!(matches!(open(&disk), Err(RootError::UnsupportedVersion { version: 2, slot: s }) if s == slot));
+    }
+
+    #[test]
+    fn roots_of_another_volume_are_refused() {
+        let (disk, roots) = rotated(1);
+        let other = SimDisk::new(8 * BLOCK, 0);
+        let foreign = format(&other, *b"another-volume!!", geometry(true), payload(0)).expect("format");
+        let slot = roots.overwrite_slot();
+        let mut buf = AlignedBuf::blocks(1);
+        other.read_at(u64::from(slot) * BLOCK, &mut buf).expect("read");
+        write_raw(&disk, slot, &buf);
+        assert!(matches!(
+            open(&disk),
+            Err(RootError::MixedVolumes { what: "volume id", .. })
+        ));
+        drop(foreign);
+    }
+
+    #[test]
+    fn a_root_written_to_the_wrong_slot_is_damage() {
+        let (disk, roots) = rotated(2);
+        let current = roots.current().clone();
+        let mut buf = AlignedBuf::blocks(1);
+        disk.read_at(u64::from(current.slot) * BLOCK, &mut buf).expect("read");
+        // Misdirected: the current root's bytes land on the backup's slot.
+        let backup = roots.backup().expect("backup").slot;
+        write_raw(&disk, backup, &buf);
+        let reopened = open(&disk).expect("single damaged slot");
+        assert_eq!(reopened.current(), &current);
+        assert!(matches!(
+            reopened.slot_reports()[backup as usize].root,
+            Err(SlotProblem::Misplaced { .. })
+        ));
+    }
+
+    #[test]
+    fn payload_too_large_is_refused_before_any_io() {
+        let (disk, mut roots) = rotated(0);
+        let ops = disk.ops();
+        let mut p = payload(1);
+        p.conf_state.voters = (1u64 << 40..(1u64 << 40) + 200).collect();
+        assert!(matches!(roots.commit(&disk, p), Err(RootError::Payload(_))));
+        assert_eq!(disk.ops(), ops);
+        assert!(roots.commit(&disk, payload(1)).is_ok(), "not poisoned");
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trip_and_every_bit_flip_is_caught(
+            n in 0u64..1000, generation in 2u64..u64::MAX, slot in 0u8..3, bit in 0usize..BLOCK_SIZE * 8,
+        ) {
+            let parent_b = [n as u8; 32];
+            let parent_c = [(n >> 8) as u8 ^ 0x5A; 32];
+            let root = Root {
+                slot, generation, version: hash::root_version(&parent_b, &parent_c), parent_b, parent_c,
+                volume_id: VOL, geometry: geometry(n % 2 == 0), payload: payload(n),
+            };
+            let mut buf = root.encode().expect("encode");
+            prop_assert_eq!(Root::decode(slot, &buf).expect("decode"), root);
+            prop_assert!(Root::decode((slot + 1) % 3, &buf).is_err(), "bound to its slot");
+            buf[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(matches!(Root::decode(slot, &buf), Err(Ok(_))), "bit {} flip not detected", bit);
+        }
+
+        /// After any number of rotations exactly one ordering satisfies the rule and open
+        /// finds the last committed root.
+        #[test]
+        fn any_number_of_rotations(k in 0u64..40) {
+            let (disk, roots) = rotated(k);
+            prop_assert_eq!(rule_orderings(&disk), 1);
+            let reopened = open(&disk).expect("open");
+            prop_assert_eq!(reopened.current(), roots.current());
+            prop_assert_eq!(reopened.current().generation, 2 + k);
+            prop_assert_eq!(reopened.current().payload.clone(), payload(k));
+            prop_assert_eq!(reopened.backup().map(|b| b.generation), Some(1 + k));
+            prop_assert_eq!(reopened.overwrite_slot(), roots.overwrite_slot());
+        }
+
+        /// Any single torn or damaged slot: open falls back to the newest intact root whose
+        /// chain agrees, and two more commits restore the full rule.
+        #[test]
+        fn every_single_damaged_slot(k in 0u64..30, victim in 0u8..3, how in 0u8..4, seed: u64) {
+            let (disk, roots) = rotated(k);
+            let current = roots.current().clone();
+            let backup = roots.backup().cloned().expect("backup");
+            let at = u64::from(victim) * BLOCK;
+            match how {
+                0 => { disk.flip_random_bit(at, at + BLOCK); }
+                1 => write_raw(&disk, victim, &[0; BLOCK_SIZE]),
+                2 => disk.inject(SimFault::ReadError { offset: at }),
+                _ => {
+                    // Torn: half of the sectors of some other root's bytes.
+                    let mut buf = AlignedBuf::blocks(1);
+                    disk.read_at(at, &mut buf).expect("read");
+                    let mut other = current.clone();
+                    other.slot = victim;
+                    other.payload = payload(seed % 1000 + 1000);
+                    let new = other.encode().expect("encode");
+                    let half = if seed % 2 == 0 { 0..BLOCK_SIZE / 2 } else { BLOCK_SIZE / 2..BLOCK_SIZE };
+                    buf[half.clone()].copy_from_slice(&new[half]);
+                    write_raw(&disk, victim, &buf);
+                }
+            }
+            let mut reopened = open(&disk).expect("one damaged slot must open");
+            if victim == current.slot {
+                prop_assert_eq!(reopened.current(), &backup, "fall back to the predecessor");
+            } else {
+                prop_assert_eq!(reopened.current(), &current);
+            }
+            let resumed = reopened.current().generation;
+            disk.crash(crate::device::CrashPolicy::KeepAll); // clears the injected read error
+            for n in 1..=2 {
+                reopened.commit(&disk, payload(500 + n)).expect("commit");
+                let again = open(&disk).expect("open after commit");
+                prop_assert_eq!(again.current().generation, resumed + n);
+                prop_assert_eq!(again.current().payload.clone(), payload(500 + n));
+            }
+            prop_assert_eq!(rule_orderings(&disk), 1, "healed after two commits");
+        }
     }
 }
