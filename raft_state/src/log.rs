@@ -282,10 +282,9 @@ impl LogStore {
             )));
         }
         let a = anchor;
-        if a.retain_from > a.scan_from || a.scan_from > a.durable_head || a.durable_head - a.retain_from > region.blocks
-        {
+        if a.retain_from > a.scan_from || a.scan_from > a.durable_head || a.durable_head - a.scan_from > region.blocks {
             return Err(LogError::BadAnchor(format!(
-                "retain {} ≤ scan {} ≤ durable head {} within {} blocks does not hold",
+                "retain {} ≤ scan {} ≤ durable head {} ≤ scan + {} blocks does not hold",
                 a.retain_from, a.scan_from, a.durable_head, region.blocks
             )));
         }
@@ -315,7 +314,11 @@ impl LogStore {
     fn recover(&mut self, anchor: &Anchor) -> Result<Recovered, LogError> {
         let mut reader = RingReader::new(self.region);
         let mut out = Recovered::default();
-        let limit = self.retain + self.region.blocks;
+        // While the root we open from was current or backup, the ring kept everything from
+        // its tail on, so the log cannot run further than one ring length past it. (The
+        // backup's tail may be older: after a fallback the backup is the root that was being
+        // overwritten, whose log may already be reused.)
+        let limit = anchor.scan_from + self.region.blocks;
         let mut first = true;
         let bad = loop {
             if self.head >= limit {
@@ -350,6 +353,7 @@ impl LogStore {
                 expected: anchor.durable_head,
             });
         }
+        self.retain = self.retain.max(self.head.saturating_sub(self.region.blocks));
         // The root proves its applied index was committed in its term (`docs/format.md`).
         self.hard_state.commit = self.hard_state.commit.max(anchor.applied_index);
         self.hard_state.term = self.hard_state.term.max(anchor.applied_term);
