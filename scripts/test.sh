@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what a fresh Debian machine lacks, then runs the format
 # check, clippy and the whole test suite. Long runs are opt-in:
-#   RBLK_SIM_SEEDS=N    seeded random crash runs per simulation test (default: a few hundred)
+#   RBLK_SIM_SEEDS=N    seeded random crash runs (default 2000); RBLK_SIM_SEED=S replays one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,7 +6,7 @@
 //! durable (an append that returned Ok left no pending write), entries of the batch in flight
 //! appear all-or-prefix, and the roots' hash chain holds.
 //!
-//! Environment: `RBLK_SIM_SEEDS=N` random runs (default 300); `RBLK_SIM_SEED=S` replays one.
+//! Environment: `RBLK_SIM_SEEDS=N` random runs (default 2000); `RBLK_SIM_SEED=S` replays one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -524,7 +524,7 @@ fn seeded_random_crash_runs() {
     let seeds: u64 = std::env::var("RBLK_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(2000);
     for seed in 0..seeds {
         if let Err(e) = random_run(seed) {
             panic!("seed {seed} failed (replay with RBLK_SIM_SEED={seed}): {e}");
