@@ -544,6 +544,15 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
         }
         None
     };
+    // No root follows another: two claiming the same generation are a fork, else nothing fits.
+    let unchained = || match same_generation(&intact) {
+        Some((slots, generation)) => RootError::Fork {
+            slots,
+            generation,
+            detail: detail(),
+        },
+        None => RootError::NoConsistentCurrent { detail: detail() },
+    };
     match intact.as_slice() {
         [_, _, _] => {
             let mut found = Vec::new();
@@ -558,14 +567,7 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
             }
             match found.as_slice() {
                 [(a, b, c)] => Ok(((*c).clone(), Some((*b).clone()), a.slot)),
-                [] => match same_generation(&intact) {
-                    Some((slots, generation)) => Err(RootError::Fork {
-                        slots,
-                        generation,
-                        detail: detail(),
-                    }),
-                    None => Err(RootError::NoConsistentCurrent { detail: detail() }),
-                },
+                [] => Err(unchained()),
                 _ => Err(RootError::Fork {
                     slots: found.iter().map(|(_, _, c)| c.slot).collect(),
                     generation: found[0].2.generation,
@@ -593,14 +595,7 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
                     generation: y.generation,
                     detail: detail(),
                 }),
-                (None, None) => match same_generation(&intact) {
-                    Some((slots, generation)) => Err(RootError::Fork {
-                        slots,
-                        generation,
-                        detail: detail(),
-                    }),
-                    None => Err(RootError::NoConsistentCurrent { detail: detail() }),
-                },
+                (None, None) => Err(unchained()),
             }
         }
         _ => Err(RootError::TooFewIntact {
