@@ -119,11 +119,6 @@ impl Geometry {
         }
         Ok(())
     }
-
-    /// Byte offset of main-device block `block`.
-    pub fn byte(block: u64) -> u64 {
-        block * BLOCK
-    }
 }
 
 #[cfg(test)]
