@@ -9,6 +9,8 @@ const ROOT_GENESIS: &str = "rblk 2026-11 root genesis version";
 const ROOT_CHECKSUM: &str = "rblk 2026-11 root block checksum";
 const LOG_HEADER: &str = "rblk 2026-11 log record header checksum";
 const LOG_PAYLOAD: &str = "rblk 2026-11 log record payload checksum";
+const TREE_NODE: &str = "rblk 2026-11 tree node hash";
+const DATA_BLOCK: &str = "rblk 2026-11 data block hash";
 
 fn derive(context: &str, parts: &[&[u8]]) -> Hash {
     let mut hasher = blake3::Hasher::new_derive_key(context);
@@ -41,6 +43,16 @@ pub fn log_header_checksum(bytes: &[u8]) -> Hash {
 /// The checksum of a log record payload, bound to the record's volume and position.
 pub fn log_payload_checksum(volume_id: &[u8; 16], vblock: u64, payload: &[u8]) -> Hash {
     derive(LOG_PAYLOAD, &[volume_id, &vblock.to_le_bytes(), payload])
+}
+
+/// The hash of a tree node's whole block, kept in its parent (or the root block).
+pub fn tree_node(bytes: &[u8]) -> Hash {
+    derive(TREE_NODE, &[bytes])
+}
+
+/// The hash of a data block, kept in the leaf that points to it.
+pub fn data_block(bytes: &[u8]) -> Hash {
+    derive(DATA_BLOCK, &[bytes])
 }
 
 #[cfg(test)]

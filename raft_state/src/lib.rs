@@ -6,6 +6,7 @@
 //!   overwrite, backup and current slot;
 //! - [`log`]: the Raft log (`raft::Storage`) kept as a ring of checksummed records on raw
 //!   sectors;
+//! - [`tree`]: the copy-on-write Merkle tree that maps virtual blocks to physical blocks;
 //! - [`layout`]: the geometry that places the regions;
 //! - [`hash`]: the domain-separated BLAKE3 hashes all formats use.
 //!
@@ -17,3 +18,4 @@ pub mod layout;
 pub mod log;
 pub mod rng;
 pub mod roots;
+pub mod tree;

@@ -1,0 +1,677 @@
+//! The copy-on-write Merkle tree that maps an index (a virtual block, or an allocator bitmap
+//! block) to a physical block and its BLAKE3 hash.
+//!
+//! ```text
+//! node (4 KiB) := header(64 bytes) entry[64] zero-padding
+//! entry        := child block (u64, 0 = empty) ‖ child hash (32 bytes)
+//! level 0      : entries point at data blocks;  level n > 0: at level n-1 nodes
+//! ```
+//!
+//! Invariants this module keeps:
+//! - A node's hash is stored in its parent, the tree root's in the root block: every node and
+//!   every data block read is verified against the hash its parent holds, and a mismatch is
+//!   an error for that lookup, never wrong data (Merkle tree, as in ZFS and Genode's Tresor).
+//! - Every node records its own block address, level, tree kind and volume, so a node that was
+//!   written to the wrong place, or belongs to another tree or volume, never validates.
+//! - Nothing on disk is modified in place. Changes build *dirty* nodes in memory; `flush`
+//!   writes them to fresh blocks children-first (so each parent can hold its children's
+//!   hashes) and returns the new root. The blocks of the nodes they replace are reported by
+//!   `take_freed`; the caller reuses them only when no durable root can reach them.
+//! - A subtree with no entries has no node: it is an empty entry in its parent. Unwritten and
+//!   trimmed blocks therefore cost no space (thin provisioning).
+
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
+use crate::hash::{self, Hash};
+
+/// Magic at the start of every tree node.
+pub const NODE_MAGIC: [u8; 8] = *b"RBLKNODE";
+/// The node format this code writes and reads.
+pub const NODE_FORMAT_VERSION: u32 = 1;
+/// Entries per node.
+pub const FANOUT: u64 = 64;
+const FANOUT_BITS: u32 = 6;
+/// The tallest tree: 64^10 blocks is far beyond any device.
+pub const MAX_HEIGHT: u32 = 10;
+
+/// Which tree a node belongs to; part of every node, so trees never mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeKind {
+    /// Virtual block → data block.
+    BlockMap = 1,
+    /// Bitmap index → allocator bitmap block.
+    Allocator = 2,
+}
+
+/// A reference to a block and the hash of its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ptr {
+    pub block: u64,
+    pub hash: Hash,
+}
+
+/// What a root block stores about a tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeRef {
+    /// Block of the top node, 0 for an empty tree.
+    pub block: u64,
+    pub hash: Hash,
+    /// Levels of nodes: a tree of height h maps 64^h indexes.
+    pub height: u32,
+}
+
+/// Errors of tree operations.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("tree I/O failed at block {block}")]
+    Device {
+        block: u64,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("{what} block {block} does not match the hash its parent holds (level {level}): damaged or misdirected")]
+    HashMismatch { what: &'static str, block: u64, level: u32 },
+    #[error("tree node at block {block} is invalid: {why}")]
+    BadNode { block: u64, why: String },
+    #[error("index {index} is beyond the tree's {capacity} entries")]
+    OutOfRange { index: u64, capacity: u64 },
+    #[error("tree height {height} is not in 1..={MAX_HEIGHT}")]
+    BadHeight { height: u32 },
+    #[error("no free block for a tree node")]
+    NoSpace,
+}
+
+/// Node header. Byte offsets (integers little-endian):
+///
+/// | offset | size | field |
+/// |---:|---:|---|
+/// | 0 | 8 | magic `RBLKNODE` |
+/// | 8 | 4 | format_version (1) |
+/// | 12 | 4 | level (0 = leaf) |
+/// | 16 | 16 | volume_id |
+/// | 32 | 8 | block (this node's own address) |
+/// | 40 | 4 | kind (1 = block map, 2 = allocator) |
+/// | 44 | 4 | entries in use (non-empty) |
+/// | 48 | 16 | reserved (zero) |
+/// | 64 | 64 × 40 | entries: block (8) ‖ hash (32) |
+/// | 2624 | 1472 | zero |
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawNode {
+    magic: [u8; 8],
+    format_version: U32,
+    level: U32,
+    volume_id: [u8; 16],
+    block: U64,
+    kind: U32,
+    used: U32,
+    reserved: [u8; 16],
+    entries: [RawEntry; FANOUT as usize],
+    padding: [u8; 1472],
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct RawEntry {
+    block: U64,
+    hash: [u8; 32],
+}
+
+const _: () = assert!(size_of::<RawEntry>() == 40);
+const _: () = assert!(size_of::<RawNode>() == BLOCK_SIZE);
+
+/// A child of a node, as the tree holds it in memory.
+#[derive(Debug, Clone)]
+enum Slot {
+    Empty,
+    Clean(Ptr),
+    Dirty(Box<Node>),
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    slots: Vec<Slot>,
+}
+
+/// A copy-on-write Merkle tree; see the module docs.
+#[derive(Debug)]
+pub struct BlockTree {
+    kind: TreeKind,
+    volume_id: [u8; 16],
+    height: u32,
+    root: Slot,
+    /// Blocks of clean nodes replaced by dirty copies since the last `take_freed`.
+    freed: Vec<u64>,
+}
+
+impl BlockTree {
+    /// The height a tree needs to map `entries` indexes (at least 1).
+    pub fn height_for(entries: u64) -> u32 {
+        let mut height = 1;
+        while height < MAX_HEIGHT && FANOUT.pow(height) < entries {
+            height += 1;
+        }
+        height
+    }
+
+    /// An empty tree of `height`.
+    pub fn new(kind: TreeKind, volume_id: [u8; 16], height: u32) -> Result<Self, TreeError> {
+        Self::open(
+            kind,
+            volume_id,
+            TreeRef {
+                block: 0,
+                hash: [0; 32],
+                height,
+            },
+        )
+    }
+
+    /// The tree a root block names. Nothing is read until a lookup needs it.
+    pub fn open(kind: TreeKind, volume_id: [u8; 16], at: TreeRef) -> Result<Self, TreeError> {
+        if at.height == 0 || at.height > MAX_HEIGHT {
+            return Err(TreeError::BadHeight { height: at.height });
+        }
+        let root = if at.block == 0 {
+            Slot::Empty
+        } else {
+            Slot::Clean(Ptr {
+                block: at.block,
+                hash: at.hash,
+            })
+        };
+        Ok(Self {
+            kind,
+            volume_id,
+            height: at.height,
+            root,
+            freed: Vec::new(),
+        })
+    }
+
+    /// How many indexes the tree maps.
+    pub fn capacity(&self) -> u64 {
+        FANOUT.pow(self.height)
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Whether there are changes not yet written by `flush`.
+    pub fn is_dirty(&self) -> bool {
+        matches!(self.root, Slot::Dirty(_))
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), TreeError> {
+        if index >= self.capacity() {
+            return Err(TreeError::OutOfRange {
+                index,
+                capacity: self.capacity(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The child position of `index` in a node of `level`.
+    fn position(index: u64, level: u32) -> usize {
+        ((index >> (FANOUT_BITS * level)) & (FANOUT - 1)) as usize
+    }
+
+    /// The block and hash `index` maps to, or `None` if unmapped. Every node read on the way
+    /// is verified against its parent's hash.
+    pub fn get(&self, dev: &dyn Device, index: u64) -> Result<Option<Ptr>, TreeError> {
+        self.check_index(index)?;
+        let mut level = self.height - 1;
+        let mut slot = self.root.clone();
+        loop {
+            let node = match slot {
+                Slot::Empty => return Ok(None),
+                Slot::Clean(ptr) => self.load(dev, ptr, level)?,
+                Slot::Dirty(node) => *node,
+            };
+            let child = node.slots[Self::position(index, level)].clone();
+            if level == 0 {
+                return Ok(match child {
+                    Slot::Clean(ptr) => Some(ptr),
+                    _ => None,
+                });
+            }
+            slot = child;
+            level -= 1;
+        }
+    }
+
+    /// Maps `index` to `target` (or unmaps it with `None`); returns what it mapped before.
+    /// Clean nodes on the path are read, verified and replaced by dirty copies.
+    pub fn set(&mut self, dev: &dyn Device, index: u64, target: Option<Ptr>) -> Result<Option<Ptr>, TreeError> {
+        self.check_index(index)?;
+        let mut slot = &mut self.root;
+        let mut level = self.height - 1;
+        loop {
+            // Make the node at `slot` dirty.
+            match slot {
+                Slot::Empty => {
+                    if target.is_none() {
+                        return Ok(None);
+                    }
+                    *slot = Slot::Dirty(Box::new(Node {
+                        slots: vec![Slot::Empty; FANOUT as usize],
+                    }));
+                }
+                Slot::Clean(ptr) => {
+                    let node = Self::load_node(self.kind, self.volume_id, dev, *ptr, level)?;
+                    self.freed.push(ptr.block);
+                    *slot = Slot::Dirty(Box::new(node));
+                }
+                Slot::Dirty(_) => {}
+            }
+            let Slot::Dirty(node) = slot else {
+                unreachable!("made dirty above")
+            };
+            let child = &mut node.slots[Self::position(index, level)];
+            if level == 0 {
+                let old = match child {
+                    Slot::Clean(ptr) => Some(*ptr),
+                    _ => None,
+                };
+                *child = target.map_or(Slot::Empty, Slot::Clean);
+                return Ok(old);
+            }
+            slot = child;
+            level -= 1;
+        }
+    }
+
+    /// Writes every dirty node to a fresh block from `alloc`, children first, and returns the
+    /// new root. The writes are not flushed: the caller flushes once before writing the root
+    /// block that names this tree. Subtrees that became empty vanish.
+    pub fn flush(
+        &mut self,
+        dev: &dyn Device,
+        alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
+    ) -> Result<TreeRef, TreeError> {
+        let mut buf = AlignedBuf::blocks(1);
+        let top = self.height - 1;
+        let ptr = Self::flush_slot(self.kind, self.volume_id, &mut self.root, top, dev, alloc, &mut buf)?;
+        Ok(match ptr {
+            Some(p) => TreeRef {
+                block: p.block,
+                hash: p.hash,
+                height: self.height,
+            },
+            None => TreeRef {
+                block: 0,
+                hash: [0; 32],
+                height: self.height,
+            },
+        })
+    }
+
+    fn flush_slot(
+        kind: TreeKind,
+        volume_id: [u8; 16],
+        slot: &mut Slot,
+        level: u32,
+        dev: &dyn Device,
+        alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
+        buf: &mut AlignedBuf,
+    ) -> Result<Option<Ptr>, TreeError> {
+        let node = match slot {
+            Slot::Empty => return Ok(None),
+            Slot::Clean(ptr) => return Ok(Some(*ptr)),
+            Slot::Dirty(node) => node,
+        };
+        let mut entries = [RawEntry {
+            block: U64::new(0),
+            hash: [0; 32],
+        }; FANOUT as usize];
+        let mut used = 0u32;
+        for (i, child) in node.slots.iter_mut().enumerate() {
+            let ptr = if level == 0 {
+                match child {
+                    Slot::Clean(ptr) => Some(*ptr),
+                    _ => None,
+                }
+            } else {
+                Self::flush_slot(kind, volume_id, child, level - 1, dev, alloc, buf)?
+            };
+            if let Some(p) = ptr {
+                entries[i] = RawEntry {
+                    block: U64::new(p.block),
+                    hash: p.hash,
+                };
+                used += 1;
+            }
+        }
+        if used == 0 {
+            *slot = Slot::Empty;
+            return Ok(None);
+        }
+        let block = alloc()?;
+        let raw = RawNode {
+            magic: NODE_MAGIC,
+            format_version: U32::new(NODE_FORMAT_VERSION),
+            level: U32::new(level),
+            volume_id,
+            block: U64::new(block),
+            kind: U32::new(kind as u32),
+            used: U32::new(used),
+            reserved: [0; 16],
+            entries,
+            padding: [0; 1472],
+        };
+        buf.copy_from_slice(raw.as_bytes());
+        dev.write_at(block * BLOCK, buf)
+            .map_err(|source| TreeError::Device { block, source })?;
+        let ptr = Ptr {
+            block,
+            hash: hash::tree_node(buf),
+        };
+        *slot = Slot::Clean(ptr);
+        Ok(Some(ptr))
+    }
+
+    /// Node blocks replaced since the last call: unreachable from the tree `flush` returns,
+    /// but possibly still reachable from durable roots.
+    pub fn take_freed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.freed)
+    }
+
+    fn load(&self, dev: &dyn Device, ptr: Ptr, level: u32) -> Result<Node, TreeError> {
+        Self::load_node(self.kind, self.volume_id, dev, ptr, level)
+    }
+
+    fn load_node(
+        kind: TreeKind,
+        volume_id: [u8; 16],
+        dev: &dyn Device,
+        ptr: Ptr,
+        level: u32,
+    ) -> Result<Node, TreeError> {
+        let mut buf = AlignedBuf::blocks(1);
+        dev.read_at(ptr.block * BLOCK, &mut buf)
+            .map_err(|source| TreeError::Device {
+                block: ptr.block,
+                source,
+            })?;
+        if hash::tree_node(&buf) != ptr.hash {
+            return Err(TreeError::HashMismatch {
+                what: "tree node",
+                block: ptr.block,
+                level,
+            });
+        }
+        let bad = |why: String| TreeError::BadNode { block: ptr.block, why };
+        let raw = RawNode::ref_from_bytes(&buf).map_err(|_| bad("not one block".into()))?;
+        if raw.magic != NODE_MAGIC {
+            return Err(bad("no node magic".into()));
+        }
+        if raw.format_version.get() != NODE_FORMAT_VERSION {
+            return Err(bad(format!("format version {}", raw.format_version.get())));
+        }
+        if raw.block.get() != ptr.block {
+            return Err(bad(format!("written for block {}", raw.block.get())));
+        }
+        if raw.level.get() != level || raw.kind.get() != kind as u32 || raw.volume_id != volume_id {
+            return Err(bad(format!(
+                "level {} kind {} of another tree or volume",
+                raw.level.get(),
+                raw.kind.get()
+            )));
+        }
+        let slots = raw
+            .entries
+            .iter()
+            .map(|e| match e.block.get() {
+                0 => Slot::Empty,
+                block => Slot::Clean(Ptr { block, hash: e.hash }),
+            })
+            .collect();
+        Ok(Node { slots })
+    }
+}
+
+/// Reads the data block `ptr` names into `buf` (one block) and verifies it against the hash
+/// its leaf holds: a mismatch is an error, never wrong data.
+pub fn read_verified(dev: &dyn Device, ptr: Ptr, buf: &mut [u8]) -> Result<(), TreeError> {
+    dev.read_at(ptr.block * BLOCK, buf)
+        .map_err(|source| TreeError::Device {
+            block: ptr.block,
+            source,
+        })?;
+    if hash::data_block(buf) != ptr.hash {
+        return Err(TreeError::HashMismatch {
+            what: "data",
+            block: ptr.block,
+            level: 0,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{SimDisk, SimFault};
+    use crate::rng::Rng;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const VOL: [u8; 16] = *b"tree-test-volume";
+
+    /// A bump allocator over blocks 10.. of the disk that never reuses.
+    fn bump(next: &mut u64) -> impl FnMut() -> Result<u64, TreeError> + '_ {
+        move || {
+            *next += 1;
+            Ok(*next)
+        }
+    }
+
+    fn ptr(n: u64) -> Ptr {
+        Ptr {
+            block: 1_000_000 + n,
+            hash: hash::data_block(&n.to_le_bytes()),
+        }
+    }
+
+    /// Every node block reachable from the tree at `at`.
+    fn reachable(dev: &dyn Device, at: TreeRef) -> BTreeSet<u64> {
+        fn walk(dev: &dyn Device, ptr: Ptr, level: u32, out: &mut BTreeSet<u64>) {
+            out.insert(ptr.block);
+            let node = BlockTree::load_node(TreeKind::BlockMap, VOL, dev, ptr, level).expect("load");
+            if level > 0 {
+                for s in node.slots {
+                    if let Slot::Clean(p) = s {
+                        walk(dev, p, level - 1, out);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        if at.block != 0 {
+            walk(
+                dev,
+                Ptr {
+                    block: at.block,
+                    hash: at.hash,
+                },
+                at.height - 1,
+                &mut out,
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn height_covers_the_volume() {
+        assert_eq!(BlockTree::height_for(1), 1);
+        assert_eq!(BlockTree::height_for(64), 1);
+        assert_eq!(BlockTree::height_for(65), 2);
+        assert_eq!(BlockTree::height_for(1 << 28), 5, "1 TiB of 4 KiB blocks");
+        let t = BlockTree::new(TreeKind::BlockMap, VOL, 5).expect("tree");
+        assert!(t.capacity() >= 1 << 28);
+        assert!(BlockTree::new(TreeKind::BlockMap, VOL, 0).is_err());
+    }
+
+    /// Random maps and unmaps against a model, with flushes and reopenings from the returned
+    /// root; freed node blocks are exactly those no longer reachable.
+    #[test]
+    fn random_updates_match_a_model_across_flushes() {
+        for seed in 0..40u64 {
+            let disk = SimDisk::new(40_000 * BLOCK, seed);
+            let mut rng = Rng::new(seed);
+            let height = 1 + (seed % 3) as u32;
+            let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, height).expect("tree");
+            let span = tree.capacity().min(5000);
+            let mut model: BTreeMap<u64, Ptr> = BTreeMap::new();
+            let mut next = 10;
+            let mut at = TreeRef {
+                block: 0,
+                hash: [0; 32],
+                height,
+            };
+            for step in 0..400u64 {
+                let index = rng.below(span);
+                let target = if rng.chance(1, 4) { None } else { Some(ptr(step)) };
+                let old = tree.set(&disk, index, target).expect("set");
+                let want_old = match target {
+                    Some(p) => model.insert(index, p),
+                    None => model.remove(&index),
+                };
+                assert_eq!(old, want_old, "seed {seed} step {step}");
+                if rng.chance(1, 20) {
+                    let before = reachable(&disk, at);
+                    at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+                    let after = reachable(&disk, at);
+                    let freed: BTreeSet<u64> = tree.take_freed().into_iter().collect();
+                    assert_eq!(
+                        freed,
+                        before.difference(&after).copied().collect(),
+                        "seed {seed}: freed blocks"
+                    );
+                    assert!(!tree.is_dirty());
+                    tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+                }
+                if rng.chance(1, 10) {
+                    for probe in 0..span.min(200) {
+                        let i = rng.below(span).max(probe % span);
+                        assert_eq!(
+                            tree.get(&disk, i).expect("get"),
+                            model.get(&i).copied(),
+                            "seed {seed} index {i}"
+                        );
+                    }
+                }
+            }
+            at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+            let reopened = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+            for i in 0..span {
+                assert_eq!(
+                    reopened.get(&disk, i).expect("get"),
+                    model.get(&i).copied(),
+                    "seed {seed} index {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn emptied_tree_has_no_nodes() {
+        let disk = SimDisk::new(1000 * BLOCK, 0);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 3).expect("tree");
+        let mut next = 10;
+        for i in [0, 5000, 200_000] {
+            tree.set(&disk, i, Some(ptr(i))).expect("set");
+        }
+        let at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+        assert_eq!(
+            reachable(&disk, at).len(),
+            1 + 3 + 3,
+            "the top node, three interior nodes, three leaves"
+        );
+        let mut tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+        for i in [0, 5000, 200_000] {
+            tree.set(&disk, i, None).expect("clear");
+        }
+        let at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+        assert_eq!(at.block, 0, "no entries, no nodes");
+        assert_eq!(tree.take_freed().len(), 7);
+    }
+
+    #[test]
+    fn damaged_or_misplaced_nodes_fail_the_lookup_never_return_wrong_data() {
+        let disk = SimDisk::new(1000 * BLOCK, 0);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 2).expect("tree");
+        let mut next = 10;
+        tree.set(&disk, 3, Some(ptr(3))).expect("set");
+        tree.set(&disk, 100, Some(ptr(100))).expect("set");
+        let at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+        let tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("open");
+        // A bit flip anywhere in the top node.
+        disk.flip_random_bit(at.block * BLOCK, (at.block + 1) * BLOCK);
+        assert!(matches!(tree.get(&disk, 3), Err(TreeError::HashMismatch { .. })));
+        // A leaf copied to another block: its hash still matches, its address does not.
+        let disk = SimDisk::new(1000 * BLOCK, 0);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
+        tree.set(&disk, 3, Some(ptr(3))).expect("set");
+        let at = tree.flush(&disk, &mut bump(&mut 10)).expect("flush");
+        let mut buf = AlignedBuf::blocks(1);
+        disk.read_at(at.block * BLOCK, &mut buf).expect("read");
+        disk.write_at(500 * BLOCK, &buf).expect("write");
+        let moved = BlockTree::open(TreeKind::BlockMap, VOL, TreeRef { block: 500, ..at }).expect("open");
+        assert!(matches!(moved.get(&disk, 3), Err(TreeError::BadNode { .. })));
+        // The same node read as another tree kind or volume.
+        let other = BlockTree::open(TreeKind::Allocator, VOL, at).expect("open");
+        assert!(matches!(other.get(&disk, 3), Err(TreeError::BadNode { .. })));
+        let foreign = BlockTree::open(TreeKind::BlockMap, *b"some-other-vol!!", at).expect("open");
+        assert!(matches!(foreign.get(&disk, 3), Err(TreeError::BadNode { .. })));
+        // A read error is an error too.
+        disk.inject(SimFault::ReadError {
+            offset: at.block * BLOCK,
+        });
+        let tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("open");
+        assert!(matches!(tree.get(&disk, 3), Err(TreeError::Device { .. })));
+        assert!(matches!(tree.get(&disk, 64), Err(TreeError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn data_blocks_are_verified_against_their_leaf() {
+        let disk = SimDisk::new(100 * BLOCK, 0);
+        let mut data = AlignedBuf::blocks(1);
+        Rng::new(1).fill(&mut data);
+        disk.write_at(40 * BLOCK, &data).expect("write");
+        let p = Ptr {
+            block: 40,
+            hash: hash::data_block(&data),
+        };
+        let mut back = AlignedBuf::blocks(1);
+        read_verified(&disk, p, &mut back).expect("read");
+        assert_eq!(&back[..], &data[..]);
+        disk.inject(SimFault::BitFlip {
+            offset: 40 * BLOCK + 77,
+            bit: 3,
+        });
+        assert!(matches!(
+            read_verified(&disk, p, &mut back),
+            Err(TreeError::HashMismatch { what: "data", .. })
+        ));
+    }
+
+    #[test]
+    fn a_node_write_error_is_reported() {
+        let disk = SimDisk::new(100 * BLOCK, 0);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
+        tree.set(&disk, 1, Some(ptr(1))).expect("set");
+        disk.inject(SimFault::WriteError { offset: 11 * BLOCK });
+        assert!(matches!(
+            tree.flush(&disk, &mut bump(&mut 10)),
+            Err(TreeError::Device { block: 11, .. })
+        ));
+        let mut full = || Err(TreeError::NoSpace);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
+        tree.set(&disk, 1, Some(ptr(1))).expect("set");
+        assert!(matches!(tree.flush(&disk, &mut full), Err(TreeError::NoSpace)));
+    }
+}
