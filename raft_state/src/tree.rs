@@ -380,6 +380,78 @@ impl BlockTree {
         std::mem::take(&mut self.freed)
     }
 
+    /// Dirty nodes `flush` would write (before any of them became empty).
+    pub fn dirty_nodes(&self) -> u64 {
+        fn count(slot: &Slot) -> u64 {
+            match slot {
+                Slot::Dirty(node) => 1 + node.slots.iter().map(count).sum::<u64>(),
+                _ => 0,
+            }
+        }
+        count(&self.root)
+    }
+
+    /// Every block (nodes and the blocks leaves point to) reachable from `old` but not from
+    /// `new`, two versions of one tree. Copy-on-write blocks never move, so the walk compares
+    /// positions and descends only where the pointers differ: the work is bounded by the
+    /// changes between the versions.
+    pub fn freed_between(
+        kind: TreeKind,
+        volume_id: [u8; 16],
+        dev: &dyn Device,
+        old: TreeRef,
+        new: TreeRef,
+    ) -> Result<Vec<u64>, TreeError> {
+        if old.height != new.height {
+            return Err(TreeError::BadHeight { height: new.height });
+        }
+        let as_ptr = |r: TreeRef| {
+            (r.block != 0).then_some(Ptr {
+                block: r.block,
+                hash: r.hash,
+            })
+        };
+        let mut out = Vec::new();
+        Self::diff(kind, volume_id, dev, as_ptr(old), as_ptr(new), old.height - 1, &mut out)?;
+        Ok(out)
+    }
+
+    fn diff(
+        kind: TreeKind,
+        volume_id: [u8; 16],
+        dev: &dyn Device,
+        old: Option<Ptr>,
+        new: Option<Ptr>,
+        level: u32,
+        out: &mut Vec<u64>,
+    ) -> Result<(), TreeError> {
+        let Some(old) = old else { return Ok(()) };
+        if new == Some(old) {
+            return Ok(());
+        }
+        out.push(old.block);
+        let old_node = Self::load_node(kind, volume_id, dev, old, level)?;
+        let new_node = match new {
+            Some(p) => Some(Self::load_node(kind, volume_id, dev, p, level)?),
+            None => None,
+        };
+        for (i, child) in old_node.slots.iter().enumerate() {
+            let Slot::Clean(child) = child else { continue };
+            let other = match new_node.as_ref().map(|n| &n.slots[i]) {
+                Some(Slot::Clean(p)) => Some(*p),
+                _ => None,
+            };
+            if level == 0 {
+                if other != Some(*child) {
+                    out.push(child.block);
+                }
+            } else {
+                Self::diff(kind, volume_id, dev, Some(*child), other, level - 1, out)?;
+            }
+        }
+        Ok(())
+    }
+
     fn load(&self, dev: &dyn Device, ptr: Ptr, level: u32) -> Result<Node, TreeError> {
         Self::load_node(self.kind, self.volume_id, dev, ptr, level)
     }
@@ -532,6 +604,8 @@ mod tests {
                 hash: [0; 32],
                 height,
             };
+            let mut old_at = at;
+            let mut old_model: BTreeMap<u64, Ptr> = BTreeMap::new();
             for step in 0..400u64 {
                 let index = rng.below(span);
                 let target = if rng.chance(1, 4) { None } else { Some(ptr(step)) };
@@ -542,6 +616,7 @@ mod tests {
                 };
                 assert_eq!(old, want_old, "seed {seed} step {step}");
                 if rng.chance(1, 20) {
+                    assert_eq!(tree.dirty_nodes() > 0, tree.is_dirty());
                     let before = reachable(&disk, at);
                     at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
                     let after = reachable(&disk, at);
@@ -551,6 +626,21 @@ mod tests {
                         before.difference(&after).copied().collect(),
                         "seed {seed}: freed blocks"
                     );
+                    // The diff of the two versions finds the same nodes, plus the data blocks
+                    // that were unmapped or replaced.
+                    let diff = BlockTree::freed_between(TreeKind::BlockMap, VOL, &disk, old_at, at).expect("diff");
+                    let nodes: BTreeSet<u64> = diff.iter().copied().filter(|b| *b < 1_000_000).collect();
+                    assert_eq!(nodes, freed, "seed {seed}: diff nodes");
+                    let data: BTreeSet<u64> = diff.iter().copied().filter(|b| *b >= 1_000_000).collect();
+                    let live: BTreeSet<u64> = model.values().map(|p| p.block).collect();
+                    let want: BTreeSet<u64> = old_model
+                        .values()
+                        .map(|p| p.block)
+                        .filter(|b| !live.contains(b))
+                        .collect();
+                    assert_eq!(data, want, "seed {seed}: diff data blocks");
+                    old_model = model.clone();
+                    old_at = at;
                     assert!(!tree.is_dirty());
                     tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
                 }
