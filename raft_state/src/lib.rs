@@ -12,6 +12,7 @@
 //!
 //! The byte layout of every structure is in `docs/format.md`.
 
+pub mod alloc;
 pub mod device;
 pub mod hash;
 pub mod layout;

@@ -1,0 +1,455 @@
+//! The allocator of the data region: one bit per block in copy-on-write bitmap blocks, which
+//! are the leaves of a tree of kind `Allocator`.
+//!
+//! Invariant (see `docs/format.md`): the bitmap of root k+1 marks every block reachable from
+//! root k+1 or from root k, so a block is reused only when neither the current nor the backup
+//! root can reach it.
+//! - A block allocated since the last checkpoint and freed again is free at once: no durable
+//!   root reaches it.
+//! - A block that a durable root reaches is *deferred* when freed: it stays marked in the next
+//!   root, and the checkpoint after that releases it.
+//! - Bitmap blocks are loaded on demand (next-fit cursor); opening reads none of them.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::device::{AlignedBuf, Device, DeviceError, BLOCK};
+use crate::hash;
+use crate::tree::{self, BlockTree, Ptr, TreeError, TreeKind, TreeRef};
+
+/// Data blocks covered by one bitmap block.
+pub const BITS_PER_BITMAP: u64 = 8 * BLOCK;
+
+/// Errors of the allocator.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("no free block in the data region")]
+    NoSpace,
+    #[error("block {block} is outside the data region")]
+    OutOfRegion { block: u64 },
+    #[error("block {block} is freed but was not in use: the allocator and the tree disagree")]
+    DoubleFree { block: u64 },
+    #[error("allocator tree")]
+    Tree(#[from] TreeError),
+    #[error("bitmap block I/O failed at block {block}")]
+    Device {
+        block: u64,
+        #[source]
+        source: DeviceError,
+    },
+}
+
+#[derive(Debug)]
+struct Bitmap {
+    bits: AlignedBuf,
+    dirty: bool,
+}
+
+/// The allocator; see the module docs.
+#[derive(Debug)]
+pub struct Allocator {
+    data_start: u64,
+    data_blocks: u64,
+    tree: BlockTree,
+    loaded: BTreeMap<u64, Bitmap>,
+    /// Next block (relative to the region) the next-fit search tries.
+    cursor: u64,
+    /// Blocks allocated since the last checkpoint: no durable root reaches them.
+    fresh: HashSet<u64>,
+    /// Blocks a durable root reaches, freed since the last checkpoint.
+    deferred: Vec<u64>,
+    /// Blocks freed before the last checkpoint: released by the next one.
+    release: Vec<u64>,
+}
+
+impl Allocator {
+    fn tree_height(data_blocks: u64) -> u32 {
+        BlockTree::height_for(data_blocks.div_ceil(BITS_PER_BITMAP))
+    }
+
+    /// The allocator of a freshly formatted volume: everything free.
+    pub fn new(volume_id: [u8; 16], data_start: u64, data_blocks: u64) -> Result<Self, AllocError> {
+        let tree = BlockTree::new(TreeKind::Allocator, volume_id, Self::tree_height(data_blocks))?;
+        Ok(Self::with_tree(tree, data_start, data_blocks, Vec::new()))
+    }
+
+    /// The allocator a root names. `release` is what the next checkpoint releases: the blocks
+    /// the backup root reaches and the current does not (see [`Allocator::release_set`]).
+    pub fn open(
+        volume_id: [u8; 16],
+        data_start: u64,
+        data_blocks: u64,
+        at: TreeRef,
+        release: Vec<u64>,
+    ) -> Result<Self, AllocError> {
+        let height = Self::tree_height(data_blocks);
+        if at.height != height {
+            return Err(TreeError::BadHeight { height: at.height }.into());
+        }
+        let tree = BlockTree::open(TreeKind::Allocator, volume_id, at)?;
+        Ok(Self::with_tree(tree, data_start, data_blocks, release))
+    }
+
+    fn with_tree(tree: BlockTree, data_start: u64, data_blocks: u64, release: Vec<u64>) -> Self {
+        Self {
+            data_start,
+            data_blocks,
+            tree,
+            loaded: BTreeMap::new(),
+            cursor: 0,
+            fresh: HashSet::new(),
+            deferred: Vec::new(),
+            release,
+        }
+    }
+
+    /// The blocks reachable from the backup root's trees but not the current root's: what the
+    /// next checkpoint after a restart must release. Each pair is (backup, current).
+    pub fn release_set(
+        volume_id: [u8; 16],
+        dev: &dyn Device,
+        block_map: (TreeRef, TreeRef),
+        allocator: (TreeRef, TreeRef),
+    ) -> Result<Vec<u64>, AllocError> {
+        let mut out = BlockTree::freed_between(TreeKind::BlockMap, volume_id, dev, block_map.0, block_map.1)?;
+        out.extend(BlockTree::freed_between(
+            TreeKind::Allocator,
+            volume_id,
+            dev,
+            allocator.0,
+            allocator.1,
+        )?);
+        Ok(out)
+    }
+
+    fn bitmap(&mut self, dev: &dyn Device, index: u64) -> Result<&mut Bitmap, AllocError> {
+        if !self.loaded.contains_key(&index) {
+            let mut bits = AlignedBuf::blocks(1);
+            if let Some(ptr) = self.tree.get(dev, index)? {
+                tree::read_verified(dev, ptr, &mut bits)?;
+            }
+            self.loaded.insert(index, Bitmap { bits, dirty: false });
+        }
+        // Inserted just above when missing.
+        self.loaded.get_mut(&index).ok_or(AllocError::NoSpace)
+    }
+
+    fn locate(&self, block: u64) -> Result<(u64, usize), AllocError> {
+        let rel = block.checked_sub(self.data_start).filter(|r| *r < self.data_blocks);
+        let rel = rel.ok_or(AllocError::OutOfRegion { block })?;
+        Ok((rel / BITS_PER_BITMAP, (rel % BITS_PER_BITMAP) as usize))
+    }
+
+    /// Whether `block` is marked in use.
+    pub fn is_used(&mut self, dev: &dyn Device, block: u64) -> Result<bool, AllocError> {
+        let (index, bit) = self.locate(block)?;
+        let map = self.bitmap(dev, index)?;
+        Ok(map.bits[bit / 8] & (1 << (bit % 8)) != 0)
+    }
+
+    fn set_bit(&mut self, dev: &dyn Device, block: u64, used: bool) -> Result<(), AllocError> {
+        let (index, bit) = self.locate(block)?;
+        let map = self.bitmap(dev, index)?;
+        let mask = 1u8 << (bit % 8);
+        let was = map.bits[bit / 8] & mask != 0;
+        if was == used {
+            // Allocating a used block cannot happen (the search skips them); freeing a free one
+            // means the tree and the allocator disagree.
+            return Err(AllocError::DoubleFree { block });
+        }
+        map.bits[bit / 8] ^= mask;
+        map.dirty = true;
+        Ok(())
+    }
+
+    /// Allocates a free block: next fit from the cursor to the end of the region, then from
+    /// its start back to the cursor.
+    pub fn allocate(&mut self, dev: &dyn Device) -> Result<u64, AllocError> {
+        let maps = self.data_blocks.div_ceil(BITS_PER_BITMAP);
+        let (start_index, start_bit) = (self.cursor / BITS_PER_BITMAP, (self.cursor % BITS_PER_BITMAP) as usize);
+        // maps + 1 steps: the last one revisits the start block's bits before the cursor.
+        for step in 0..=maps {
+            let index = (start_index + step) % maps;
+            let in_map = (self.data_blocks - index * BITS_PER_BITMAP).min(BITS_PER_BITMAP) as usize;
+            let lo = if step == 0 { start_bit } else { 0 };
+            let hi = if step == maps { start_bit } else { in_map };
+            let map = self.bitmap(dev, index)?;
+            if let Some(bit) = (lo..hi).find(|&b| map.bits[b / 8] & (1 << (b % 8)) == 0) {
+                let block = self.data_start + index * BITS_PER_BITMAP + bit as u64;
+                self.set_bit(dev, block, true)?;
+                self.fresh.insert(block);
+                self.cursor = (block - self.data_start + 1) % self.data_blocks;
+                return Ok(block);
+            }
+        }
+        Err(AllocError::NoSpace)
+    }
+
+    /// Frees `block`: at once if no durable root reaches it, else at the checkpoint after next.
+    pub fn free(&mut self, dev: &dyn Device, block: u64) -> Result<(), AllocError> {
+        if self.fresh.remove(&block) {
+            self.set_bit(dev, block, false)
+        } else {
+            self.locate(block)?;
+            self.deferred.push(block);
+            Ok(())
+        }
+    }
+
+    /// Writes the allocator for the next root: releases the blocks the previous checkpoint
+    /// deferred, reserves and writes every dirty bitmap block and allocator node, and returns
+    /// the tree to record in the root. The writes are not flushed; the caller flushes once
+    /// before writing the root block. Call after the block map tree was flushed.
+    pub fn checkpoint(&mut self, dev: &dyn Device) -> Result<TreeRef, AllocError> {
+        for block in std::mem::take(&mut self.release) {
+            self.set_bit(dev, block, false)?;
+        }
+        // Reserve a block for every dirty bitmap block and allocator node. Reserving marks
+        // bits, which may dirty more bitmap blocks: repeat until the count is stable.
+        let placeholder = Ptr {
+            block: u64::MAX,
+            hash: [0; 32],
+        };
+        let mut staged: HashSet<u64> = HashSet::new();
+        let mut reserved: Vec<u64> = Vec::new();
+        loop {
+            let dirty: Vec<u64> = self.loaded.iter().filter(|(_, m)| m.dirty).map(|(i, _)| *i).collect();
+            for index in dirty {
+                if staged.insert(index) {
+                    if let Some(old) = self.tree.set(dev, index, Some(placeholder))? {
+                        // The previous version is reachable from the current root.
+                        self.deferred.push(old.block);
+                    }
+                }
+            }
+            let need = staged.len() as u64 + self.tree.dirty_nodes();
+            if reserved.len() as u64 >= need {
+                break;
+            }
+            while (reserved.len() as u64) < need {
+                reserved.push(self.allocate(dev)?);
+            }
+        }
+        let mut indexes: Vec<u64> = staged.into_iter().collect();
+        indexes.sort_unstable();
+        for index in indexes {
+            let block = reserved.pop().ok_or(AllocError::NoSpace)?;
+            let map = self.loaded.get_mut(&index).ok_or(AllocError::NoSpace)?;
+            dev.write_at(block * BLOCK, &map.bits)
+                .map_err(|source| AllocError::Device { block, source })?;
+            map.dirty = false;
+            let ptr = Ptr {
+                block,
+                hash: hash::data_block(&map.bits),
+            };
+            self.tree.set(dev, index, Some(ptr))?;
+        }
+        let at = self.tree.flush(dev, &mut || reserved.pop().ok_or(TreeError::NoSpace))?;
+        // Every reserved block is used: the allocator tree never loses entries, so no dirty
+        // node becomes empty. A leftover would be marked in use and reachable from nothing.
+        debug_assert!(reserved.is_empty(), "reserved {} blocks too many", reserved.len());
+        self.deferred.extend(self.tree.take_freed());
+        self.deferred.extend(reserved);
+        self.release = std::mem::take(&mut self.deferred);
+        self.fresh.clear();
+        Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::SimDisk;
+    use crate::rng::Rng;
+    use std::collections::BTreeSet;
+
+    const VOL: [u8; 16] = *b"alloc-test-vol-1";
+
+    #[test]
+    fn allocates_every_block_once_then_reports_no_space() {
+        let disk = SimDisk::new(200 * BLOCK, 0);
+        let mut a = Allocator::new(VOL, 10, 100).expect("new");
+        let mut got = BTreeSet::new();
+        for _ in 0..100 {
+            let b = a.allocate(&disk).expect("allocate");
+            assert!((10..110).contains(&b));
+            assert!(got.insert(b), "block {b} handed out twice");
+        }
+        assert!(matches!(a.allocate(&disk), Err(AllocError::NoSpace)));
+        // A fresh block freed is reusable at once.
+        a.free(&disk, 57).expect("free");
+        assert_eq!(a.allocate(&disk).expect("reuse"), 57);
+        assert!(matches!(a.free(&disk, 5), Err(AllocError::OutOfRegion { .. })));
+    }
+
+    #[test]
+    fn spans_several_bitmap_blocks_and_wraps() {
+        let blocks = 2 * BITS_PER_BITMAP + 100;
+        let disk = SimDisk::new(8 * BLOCK, 0); // no bitmap block is written in this test
+        let mut a = Allocator::new(VOL, 1 << 20, blocks).expect("new");
+        a.cursor = blocks - 3;
+        let first: Vec<u64> = (0..5).map(|_| a.allocate(&disk).expect("allocate")).collect();
+        let base = 1 << 20;
+        assert_eq!(
+            first,
+            vec![base + blocks - 3, base + blocks - 2, base + blocks - 1, base, base + 1]
+        );
+        a.cursor = BITS_PER_BITMAP - 1;
+        assert_eq!(a.allocate(&disk).expect("allocate"), base + BITS_PER_BITMAP - 1);
+        assert_eq!(a.allocate(&disk).expect("allocate"), base + BITS_PER_BITMAP);
+    }
+
+    /// The reuse rule across checkpoints: a block freed while a durable root reaches it is not
+    /// handed out again until two checkpoints later.
+    #[test]
+    fn durable_blocks_are_reused_only_after_the_next_checkpoint_but_one() {
+        let disk = SimDisk::new(4096 * BLOCK, 0);
+        let (start, blocks) = (100, 3000);
+        let mut a = Allocator::new(VOL, start, blocks).expect("new");
+        let kept: Vec<u64> = (0..10).map(|_| a.allocate(&disk).expect("allocate")).collect();
+        let at1 = a.checkpoint(&disk).expect("checkpoint 1"); // root 1 reaches `kept`
+        for &b in &kept[..5] {
+            a.free(&disk, b).expect("free");
+        }
+        let at2 = a.checkpoint(&disk).expect("checkpoint 2"); // root 2 does not; root 1 is backup
+        for _ in 0..blocks {
+            match a.allocate(&disk) {
+                Ok(b) => assert!(!kept[..5].contains(&b), "block {b} reused while the backup reaches it"),
+                Err(AllocError::NoSpace) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Reopen from root 2 and go on: after checkpoint 3 the blocks are free again.
+        let release = Allocator::release_set(
+            VOL,
+            &disk,
+            (
+                TreeRef {
+                    block: 0,
+                    hash: [0; 32],
+                    height: 1,
+                },
+                TreeRef {
+                    block: 0,
+                    hash: [0; 32],
+                    height: 1,
+                },
+            ),
+            (at1, at2),
+        )
+        .expect("release");
+        let mut b = Allocator::open(
+            VOL,
+            start,
+            blocks,
+            at2,
+            kept[..5].iter().copied().chain(release).collect(),
+        )
+        .expect("open");
+        for &k in &kept[..5] {
+            assert!(b.is_used(&disk, k).expect("bit"), "still marked in root 2");
+        }
+        let at3 = b.checkpoint(&disk).expect("checkpoint 3");
+        let reused = reachable_alloc(&disk, at3);
+        for &k in &kept[..5] {
+            // Released: free, or already handed out again for checkpoint 3's own blocks.
+            assert!(
+                !b.is_used(&disk, k).expect("bit") || reused.contains(&k),
+                "block {k} not released by checkpoint 3"
+            );
+        }
+        assert!(
+            kept[..5].iter().any(|k| !b.is_used(&disk, *k).expect("bit")),
+            "some released block stays free"
+        );
+        for &k in &kept[5..] {
+            assert!(b.is_used(&disk, k).expect("bit"));
+        }
+    }
+
+    /// Random allocations, frees and checkpoints; after each checkpoint the allocator reopened
+    /// from its root (with the release set recomputed by the tree diff) agrees bit for bit with
+    /// the running one, and nothing reachable from the current or backup root is ever free.
+    #[test]
+    fn random_runs_agree_with_a_reopened_allocator() {
+        for seed in 0..30u64 {
+            let mut rng = Rng::new(seed);
+            let (start, blocks) = (50, 500 + rng.below(BITS_PER_BITMAP));
+            let disk = SimDisk::new((start + blocks) * BLOCK, seed);
+            let mut a = Allocator::new(VOL, start, blocks).expect("new");
+            let mut live: Vec<u64> = Vec::new(); // blocks the "volume" uses
+            let empty = TreeRef {
+                block: 0,
+                hash: [0; 32],
+                height: 1,
+            };
+            let mut roots = vec![(a.tree_ref_for_test(), live.clone())];
+            for step in 0..300 {
+                match rng.below(10) {
+                    0..=5 => match a.allocate(&disk) {
+                        Ok(b) => live.push(b),
+                        Err(AllocError::NoSpace) => {}
+                        Err(e) => panic!("seed {seed} step {step}: {e}"),
+                    },
+                    6..=8 if !live.is_empty() => {
+                        let b = live.swap_remove(rng.below(live.len() as u64) as usize);
+                        a.free(&disk, b).expect("free");
+                    }
+                    _ => {
+                        let at = a.checkpoint(&disk).expect("checkpoint");
+                        roots.push((at, live.clone()));
+                        // Current and backup reach: their live blocks and their allocator trees.
+                        let (backup_at, backup_live) = roots[roots.len() - 2].clone();
+                        let mut reach: BTreeSet<u64> = live.iter().chain(backup_live.iter()).copied().collect();
+                        for t in [at, backup_at] {
+                            reach.extend(reachable_alloc(&disk, t));
+                        }
+                        let release =
+                            Allocator::release_set(VOL, &disk, (empty, empty), (backup_at, at)).expect("diff");
+                        let backup_only: Vec<u64> = backup_live.iter().copied().filter(|b| !live.contains(b)).collect();
+                        let mut b =
+                            Allocator::open(VOL, start, blocks, at, backup_only.into_iter().chain(release).collect())
+                                .expect("open");
+                        for block in start..start + blocks {
+                            let used = a.is_used(&disk, block).expect("bit");
+                            assert_eq!(
+                                used,
+                                b.is_used(&disk, block).expect("bit"),
+                                "seed {seed}: block {block}"
+                            );
+                            if reach.contains(&block) {
+                                assert!(used, "seed {seed}: block {block} reachable but free");
+                            }
+                        }
+                        let mut ra = a.release.clone();
+                        let mut rb = b.release.clone();
+                        ra.sort_unstable();
+                        rb.sort_unstable();
+                        assert_eq!(ra, rb, "seed {seed}: release set after restart");
+                    }
+                }
+            }
+        }
+    }
+
+    fn reachable_alloc(dev: &dyn Device, at: TreeRef) -> BTreeSet<u64> {
+        let empty = TreeRef {
+            block: 0,
+            hash: [0; 32],
+            height: at.height,
+        };
+        BlockTree::freed_between(TreeKind::Allocator, VOL, dev, at, empty)
+            .expect("walk")
+            .into_iter()
+            .collect()
+    }
+
+    impl Allocator {
+        fn tree_ref_for_test(&self) -> TreeRef {
+            TreeRef {
+                block: 0,
+                hash: [0; 32],
+                height: self.tree.height(),
+            }
+        }
+    }
+}
