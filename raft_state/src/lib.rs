@@ -21,3 +21,4 @@ pub mod log;
 pub mod rng;
 pub mod roots;
 pub mod tree;
+pub mod volume;
