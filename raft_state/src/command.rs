@@ -35,11 +35,20 @@ const _: () = assert!(size_of::<RawCommand>() == COMMAND_HEADER);
 /// A decoded command, borrowing a write's payload from the entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
-    Write { offset: u64, data: &'a [u8] },
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
     /// Discard: the range reads as zeros and its blocks are freed.
-    Trim { offset: u64, length: u64 },
+    Trim {
+        offset: u64,
+        length: u64,
+    },
     /// The range reads as zeros (full blocks are unmapped: thin provisioning).
-    WriteZeroes { offset: u64, length: u64 },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+    },
 }
 
 /// Why entry data is not a command.
@@ -99,8 +108,14 @@ impl Command<'_> {
         }
         match raw.kind {
             1 if payload.len() as u64 == length => Ok(Command::Write { offset, data: payload }),
-            1 => Err(CommandError::Length { got: payload.len(), want: length }),
-            2 | 3 if !payload.is_empty() => Err(CommandError::Length { got: payload.len(), want: 0 }),
+            1 => Err(CommandError::Length {
+                got: payload.len(),
+                want: length,
+            }),
+            2 | 3 if !payload.is_empty() => Err(CommandError::Length {
+                got: payload.len(),
+                want: 0,
+            }),
             2 => Ok(Command::Trim { offset, length }),
             3 => Ok(Command::WriteZeroes { offset, length }),
             other => Err(CommandError::Kind(other)),
@@ -140,7 +155,10 @@ mod tests {
         assert_eq!(Command::decode(b"RBC"), Err(CommandError::Short(3)));
         let mut unaligned = Command::Trim { offset: 0, length: 512 }.encode();
         unaligned[8] = 1;
-        assert!(matches!(Command::decode(&unaligned), Err(CommandError::Misaligned { .. })));
+        assert!(matches!(
+            Command::decode(&unaligned),
+            Err(CommandError::Misaligned { .. })
+        ));
         let mut kind = Command::Trim { offset: 0, length: 512 }.encode();
         kind[4] = 9;
         assert_eq!(Command::decode(&kind), Err(CommandError::Kind(9)));
