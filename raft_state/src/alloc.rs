@@ -111,13 +111,7 @@ impl Allocator {
         allocator: (TreeRef, TreeRef),
     ) -> Result<Vec<u64>, AllocError> {
         let mut out = BlockTree::freed_between(TreeKind::BlockMap, volume_id, dev, block_map.0, block_map.1)?;
-        out.extend(BlockTree::freed_between(
-            TreeKind::Allocator,
-            volume_id,
-            dev,
-            allocator.0,
-            allocator.1,
-        )?);
+        out.extend(BlockTree::freed_between(TreeKind::Allocator, volume_id, dev, allocator.0, allocator.1)?);
         Ok(out)
     }
 
@@ -205,10 +199,7 @@ impl Allocator {
         }
         // Reserve a block for every dirty bitmap block and allocator node. Reserving marks
         // bits, which may dirty more bitmap blocks: repeat until the count is stable.
-        let placeholder = Ptr {
-            block: u64::MAX,
-            hash: [0; 32],
-        };
+        let placeholder = Ptr { block: u64::MAX, hash: [0; 32] };
         let mut staged: HashSet<u64> = HashSet::new();
         let mut reserved: Vec<u64> = Vec::new();
         loop {
@@ -234,13 +225,9 @@ impl Allocator {
         for index in indexes {
             let block = reserved.pop().ok_or(AllocError::NoSpace)?;
             let map = self.loaded.get_mut(&index).ok_or(AllocError::NoSpace)?;
-            dev.write_at(block * BLOCK, &map.bits)
-                .map_err(|source| AllocError::Device { block, source })?;
+            dev.write_at(block * BLOCK, &map.bits).map_err(|source| AllocError::Device { block, source })?;
             map.dirty = false;
-            let ptr = Ptr {
-                block,
-                hash: hash::data_block(&map.bits),
-            };
+            let ptr = Ptr { block, hash: hash::data_block(&map.bits) };
             self.tree.set(dev, index, Some(ptr))?;
         }
         let at = self.tree.flush(dev, &mut || reserved.pop().ok_or(TreeError::NoSpace))?;
@@ -289,10 +276,7 @@ mod tests {
         a.cursor = blocks - 3;
         let first: Vec<u64> = (0..5).map(|_| a.allocate(&disk).expect("allocate")).collect();
         let base = 1 << 20;
-        assert_eq!(
-            first,
-            vec![base + blocks - 3, base + blocks - 2, base + blocks - 1, base, base + 1]
-        );
+        assert_eq!(first, vec![base + blocks - 3, base + blocks - 2, base + blocks - 1, base, base + 1]);
         a.cursor = BITS_PER_BITMAP - 1;
         assert_eq!(a.allocate(&disk).expect("allocate"), base + BITS_PER_BITMAP - 1);
         assert_eq!(a.allocate(&disk).expect("allocate"), base + BITS_PER_BITMAP);
@@ -322,29 +306,12 @@ mod tests {
         let release = Allocator::release_set(
             VOL,
             &disk,
-            (
-                TreeRef {
-                    block: 0,
-                    hash: [0; 32],
-                    height: 1,
-                },
-                TreeRef {
-                    block: 0,
-                    hash: [0; 32],
-                    height: 1,
-                },
-            ),
+            (TreeRef { block: 0, hash: [0; 32], height: 1 }, TreeRef { block: 0, hash: [0; 32], height: 1 }),
             (at1, at2),
         )
         .expect("release");
-        let mut b = Allocator::open(
-            VOL,
-            start,
-            blocks,
-            at2,
-            kept[..5].iter().copied().chain(release).collect(),
-        )
-        .expect("open");
+        let mut b =
+            Allocator::open(VOL, start, blocks, at2, kept[..5].iter().copied().chain(release).collect()).expect("open");
         for &k in &kept[..5] {
             assert!(b.is_used(&disk, k).expect("bit"), "still marked in root 2");
         }
@@ -357,10 +324,7 @@ mod tests {
                 "block {k} not released by checkpoint 3"
             );
         }
-        assert!(
-            kept[..5].iter().any(|k| !b.is_used(&disk, *k).expect("bit")),
-            "some released block stays free"
-        );
+        assert!(kept[..5].iter().any(|k| !b.is_used(&disk, *k).expect("bit")), "some released block stays free");
         for &k in &kept[5..] {
             assert!(b.is_used(&disk, k).expect("bit"));
         }
@@ -377,11 +341,7 @@ mod tests {
             let disk = SimDisk::new((start + blocks) * BLOCK, seed);
             let mut a = Allocator::new(VOL, start, blocks).expect("new");
             let mut live: Vec<u64> = Vec::new(); // blocks the "volume" uses
-            let empty = TreeRef {
-                block: 0,
-                hash: [0; 32],
-                height: 1,
-            };
+            let empty = TreeRef { block: 0, hash: [0; 32], height: 1 };
             let mut roots = vec![(a.tree_ref_for_test(), live.clone())];
             for step in 0..300 {
                 match rng.below(10) {
@@ -411,11 +371,7 @@ mod tests {
                                 .expect("open");
                         for block in start..start + blocks {
                             let used = a.is_used(&disk, block).expect("bit");
-                            assert_eq!(
-                                used,
-                                b.is_used(&disk, block).expect("bit"),
-                                "seed {seed}: block {block}"
-                            );
+                            assert_eq!(used, b.is_used(&disk, block).expect("bit"), "seed {seed}: block {block}");
                             if reach.contains(&block) {
                                 assert!(used, "seed {seed}: block {block} reachable but free");
                             }
@@ -432,24 +388,13 @@ mod tests {
     }
 
     fn reachable_alloc(dev: &dyn Device, at: TreeRef) -> BTreeSet<u64> {
-        let empty = TreeRef {
-            block: 0,
-            hash: [0; 32],
-            height: at.height,
-        };
-        BlockTree::freed_between(TreeKind::Allocator, VOL, dev, at, empty)
-            .expect("walk")
-            .into_iter()
-            .collect()
+        let empty = TreeRef { block: 0, hash: [0; 32], height: at.height };
+        BlockTree::freed_between(TreeKind::Allocator, VOL, dev, at, empty).expect("walk").into_iter().collect()
     }
 
     impl Allocator {
         fn tree_ref_for_test(&self) -> TreeRef {
-            TreeRef {
-                block: 0,
-                hash: [0; 32],
-                height: self.tree.height(),
-            }
+            TreeRef { block: 0, hash: [0; 32], height: self.tree.height() }
         }
     }
 }

@@ -108,14 +108,8 @@ impl Command<'_> {
         }
         match raw.kind {
             1 if payload.len() as u64 == length => Ok(Command::Write { offset, data: payload }),
-            1 => Err(CommandError::Length {
-                got: payload.len(),
-                want: length,
-            }),
-            2 | 3 if !payload.is_empty() => Err(CommandError::Length {
-                got: payload.len(),
-                want: 0,
-            }),
+            1 => Err(CommandError::Length { got: payload.len(), want: length }),
+            2 | 3 if !payload.is_empty() => Err(CommandError::Length { got: payload.len(), want: 0 }),
             2 => Ok(Command::Trim { offset, length }),
             3 => Ok(Command::WriteZeroes { offset, length }),
             other => Err(CommandError::Kind(other)),
@@ -155,10 +149,7 @@ mod tests {
         assert_eq!(Command::decode(b"RBC"), Err(CommandError::Short(3)));
         let mut unaligned = Command::Trim { offset: 0, length: 512 }.encode();
         unaligned[8] = 1;
-        assert!(matches!(
-            Command::decode(&unaligned),
-            Err(CommandError::Misaligned { .. })
-        ));
+        assert!(matches!(Command::decode(&unaligned), Err(CommandError::Misaligned { .. })));
         let mut kind = Command::Trim { offset: 0, length: 512 }.encode();
         kind[4] = 9;
         assert_eq!(Command::decode(&kind), Err(CommandError::Kind(9)));

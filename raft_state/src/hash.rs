@@ -68,9 +68,6 @@ mod tests {
         assert_ne!(root_version(&a, &b), root_version(&b, &a));
         assert_ne!(log_header_checksum(&joined), root_checksum(&joined));
         assert_ne!(genesis_version(&[0; 16], 0), genesis_version(&[0; 16], 1));
-        assert_ne!(
-            log_payload_checksum(&[0; 16], 1, b"x"),
-            log_payload_checksum(&[0; 16], 2, b"x")
-        );
+        assert_ne!(log_payload_checksum(&[0; 16], 1, b"x"), log_payload_checksum(&[0; 16], 2, b"x"));
     }
 }

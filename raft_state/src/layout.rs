@@ -51,20 +51,14 @@ impl Geometry {
         volume_blocks: u64,
     ) -> Result<Self, GeometryError> {
         if log_blocks < MIN_LOG_BLOCKS {
-            return Err(GeometryError::LogTooSmall {
-                log_blocks,
-                min: MIN_LOG_BLOCKS,
-            });
+            return Err(GeometryError::LogTooSmall { log_blocks, min: MIN_LOG_BLOCKS });
         }
         let main_blocks = main_bytes / BLOCK;
         let log_start = if roots_on_main { ROOT_SLOTS } else { 0 };
         let data_start = log_start + log_blocks;
         let need_blocks = data_start + 1;
         if main_blocks < need_blocks {
-            return Err(GeometryError::TooSmall {
-                main_bytes,
-                need_blocks,
-            });
+            return Err(GeometryError::TooSmall { main_bytes, need_blocks });
         }
         let geometry = Self {
             roots_on_main,
@@ -85,10 +79,7 @@ impl Geometry {
         let bad = |field, why: String| Err(GeometryError::Inconsistent { field, why });
         let first = if self.roots_on_main { ROOT_SLOTS } else { 0 };
         if self.log_start != first {
-            return bad(
-                "log_start",
-                format!("{} but the log must start at block {first}", self.log_start),
-            );
+            return bad("log_start", format!("{} but the log must start at block {first}", self.log_start));
         }
         if self.log_blocks < MIN_LOG_BLOCKS {
             return bad("log_blocks", format!("{} is below {MIN_LOG_BLOCKS}", self.log_blocks));
@@ -96,26 +87,17 @@ impl Geometry {
         if self.log_start.checked_add(self.log_blocks) != Some(self.data_start) {
             return bad(
                 "data_start",
-                format!(
-                    "{} does not follow the log ({} + {})",
-                    self.data_start, self.log_start, self.log_blocks
-                ),
+                format!("{} does not follow the log ({} + {})", self.data_start, self.log_start, self.log_blocks),
             );
         }
         if self.data_start.checked_add(self.data_blocks) != Some(self.main_blocks) {
             return bad(
                 "data_blocks",
-                format!(
-                    "{} + {} != device blocks {}",
-                    self.data_start, self.data_blocks, self.main_blocks
-                ),
+                format!("{} + {} != device blocks {}", self.data_start, self.data_blocks, self.main_blocks),
             );
         }
         if self.main_blocks.checked_mul(BLOCK).is_none() {
-            return bad(
-                "main_blocks",
-                format!("{} blocks overflow a byte offset", self.main_blocks),
-            );
+            return bad("main_blocks", format!("{} blocks overflow a byte offset", self.main_blocks));
         }
         Ok(())
     }
@@ -136,14 +118,8 @@ mod tests {
 
     #[test]
     fn plan_refuses_what_does_not_fit() {
-        assert!(matches!(
-            Geometry::plan(1 << 20, true, 8, 1),
-            Err(GeometryError::LogTooSmall { .. })
-        ));
-        assert!(matches!(
-            Geometry::plan(64 * 4096, true, 64, 1),
-            Err(GeometryError::TooSmall { .. })
-        ));
+        assert!(matches!(Geometry::plan(1 << 20, true, 8, 1), Err(GeometryError::LogTooSmall { .. })));
+        assert!(matches!(Geometry::plan(64 * 4096, true, 64, 1), Err(GeometryError::TooSmall { .. })));
     }
 
     #[test]

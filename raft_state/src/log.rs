@@ -158,12 +158,7 @@ pub enum LogError {
         "log record at block {vblock} (lap {lap}) is damaged ({why}) but a later record follows at block \
          {next}: committed entries would be lost, refusing to open"
     )]
-    CorruptMiddle {
-        vblock: u64,
-        lap: u64,
-        why: String,
-        next: u64,
-    },
+    CorruptMiddle { vblock: u64, lap: u64, why: String, next: u64 },
     #[error("the log ends at block {end} but the root saw it reach block {expected}: refusing to open")]
     ShortLog { end: u64, expected: u64 },
     #[error("log record at block {vblock} has unsupported format version {version}")]
@@ -204,14 +199,7 @@ pub struct Anchor {
 impl Anchor {
     /// The anchor of a freshly formatted volume.
     pub fn genesis(conf_state: ConfState) -> Self {
-        Self {
-            scan_from: 0,
-            durable_head: 0,
-            retain_from: 0,
-            applied_index: 0,
-            applied_term: 0,
-            conf_state,
-        }
+        Self { scan_from: 0, durable_head: 0, retain_from: 0, applied_index: 0, applied_term: 0, conf_state }
     }
 }
 
@@ -348,10 +336,7 @@ impl LogStore {
             out.torn_tail = true;
         }
         if self.head < anchor.durable_head {
-            return Err(LogError::ShortLog {
-                end: self.head,
-                expected: anchor.durable_head,
-            });
+            return Err(LogError::ShortLog { end: self.head, expected: anchor.durable_head });
         }
         self.retain = self.retain.max(self.head.saturating_sub(self.region.blocks));
         // The root proves its applied index was committed in its term (`docs/format.md`).
@@ -368,23 +353,15 @@ impl LogStore {
         let mut entries = decode_entries(payload, header.entry_count).map_err(inconsistent)?;
         let (term, vote, commit) = header.hard_state;
         if term < self.hard_state.term {
-            return Err(inconsistent(format!(
-                "hard state term goes back from {} to {term}",
-                self.hard_state.term
-            )));
+            return Err(inconsistent(format!("hard state term goes back from {} to {term}", self.hard_state.term)));
         }
         if let Some(first) = entries.first().map(|e| e.index) {
             if first != header.first_index || entries.iter().enumerate().any(|(i, e)| e.index != first + i as u64) {
-                return Err(inconsistent(format!(
-                    "entry indexes do not run from {}",
-                    header.first_index
-                )));
+                return Err(inconsistent(format!("entry indexes do not run from {}", header.first_index)));
             }
             // Entries at or below the root's applied index are already in the tree; the one at
             // the applied index must carry the term the root recorded.
-            let skip = (self.snapshot_index + 1)
-                .saturating_sub(first)
-                .min(entries.len() as u64) as usize;
+            let skip = (self.snapshot_index + 1).saturating_sub(first).min(entries.len() as u64) as usize;
             if let Some(e) = entries[..skip].iter().find(|e| e.index == self.snapshot_index) {
                 if e.term != self.snapshot_term {
                     return Err(inconsistent(format!(
@@ -416,11 +393,7 @@ impl LogStore {
             }
             self.entries.extend(entries);
         }
-        self.hard_state = HardState {
-            term,
-            vote,
-            commit: commit.max(self.hard_state.commit),
-        };
+        self.hard_state = HardState { term, vote, commit: commit.max(self.hard_state.commit) };
         Ok(())
     }
 
@@ -452,10 +425,7 @@ impl LogStore {
                     window_end = cursor + MAX_RECORD_BLOCKS;
                 }
                 Err(HeaderProblem::Version(version)) => {
-                    return Err(LogError::UnsupportedVersion {
-                        vblock: cursor,
-                        version,
-                    });
+                    return Err(LogError::UnsupportedVersion { vblock: cursor, version });
                 }
                 Err(_) => cursor += 1,
             }
@@ -487,10 +457,7 @@ impl LogStore {
             });
         }
         // A commit index learnt through `set_commit` is never persisted lower.
-        let hs = HardState {
-            commit: hs.commit.max(self.hard_state.commit),
-            ..hs
-        };
+        let hs = HardState { commit: hs.commit.max(self.hard_state.commit), ..hs };
         let (buf, spans, last_checksum) = self.encode_batch(entries, &hs)?;
         let blocks = buf.len() as u64 / BLOCK;
         let free = self.region.blocks - (self.head - self.retain);
@@ -499,10 +466,7 @@ impl LogStore {
         }
         if let Err(source) = self.write_ring(self.head, &buf).and_then(|()| self.dev.flush()) {
             self.poisoned = true;
-            return Err(LogError::Device {
-                what: "append batch",
-                source,
-            });
+            return Err(LogError::Device { what: "append batch", source });
         }
         debug!(self.log, "appended"; "vblock" => self.head, "blocks" => blocks, "entries" => entries.len());
         if let Some(first) = entries.first().map(|e| e.index) {
@@ -525,10 +489,7 @@ impl LogStore {
             return bad(format!("gap after the last index {}", self.last_index()));
         }
         if first <= self.last_index() && first <= self.hard_state.commit {
-            return bad(format!(
-                "would replace committed entries (commit {})",
-                self.hard_state.commit
-            ));
+            return bad(format!("would replace committed entries (commit {})", self.hard_state.commit));
         }
         for (i, e) in entries.iter().enumerate() {
             if e.index != first + i as u64 {
@@ -549,11 +510,7 @@ impl LogStore {
             let size = e.encoded_len();
             let framed = size + prost::length_delimiter_len(size);
             if framed > MAX_ENTRY_BYTES {
-                return Err(LogError::EntryTooLarge {
-                    index: e.index,
-                    size: framed,
-                    max: MAX_ENTRY_BYTES,
-                });
+                return Err(LogError::EntryTooLarge { index: e.index, size: framed, max: MAX_ENTRY_BYTES });
             }
             if bytes + framed > record_room {
                 groups.push((start, i, bytes));
@@ -562,10 +519,7 @@ impl LogStore {
             bytes += framed;
         }
         groups.push((start, entries.len(), bytes));
-        let total_blocks: usize = groups
-            .iter()
-            .map(|&(_, _, b)| (HEADER_SIZE + b).div_ceil(BLOCK_SIZE))
-            .sum();
+        let total_blocks: usize = groups.iter().map(|&(_, _, b)| (HEADER_SIZE + b).div_ceil(BLOCK_SIZE)).sum();
         let mut buf = AlignedBuf::blocks(total_blocks);
         let mut spans = Vec::with_capacity(groups.len());
         let mut prev = self.last_checksum;
@@ -578,10 +532,7 @@ impl LogStore {
             for e in &entries[start..end] {
                 // Cannot fail: the slice was sized from encoded_len.
                 e.encode_length_delimited(&mut payload)
-                    .map_err(|err| LogError::BadAppend {
-                        first: e.index,
-                        why: format!("encoding: {err}"),
-                    })?;
+                    .map_err(|err| LogError::BadAppend { first: e.index, why: format!("encoding: {err}") })?;
             }
             let group = &entries[start..end];
             let raw = RawHeader {
@@ -649,10 +600,9 @@ impl LogStore {
                 why: format!("compaction past last {}", self.last_index()),
             });
         }
-        let term = self.term_of(index - 1).ok_or_else(|| LogError::BadAppend {
-            first: index,
-            why: "term of the compaction point unknown".into(),
-        })?;
+        let term = self
+            .term_of(index - 1)
+            .ok_or_else(|| LogError::BadAppend { first: index, why: "term of the compaction point unknown".into() })?;
         let drop = (index - 1 - self.snapshot_index) as usize;
         self.entries.drain(..drop);
         self.snapshot_index = index - 1;
@@ -728,10 +678,7 @@ impl LogStore {
 
 impl raft::Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState {
-            hard_state: self.hard_state.clone(),
-            conf_state: self.conf_state.clone(),
-        })
+        Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
     }
 
     fn entries(
@@ -811,12 +758,7 @@ const READ_AHEAD_BLOCKS: u64 = 2 * MAX_RECORD_BLOCKS;
 impl RingReader {
     fn new(region: LogRegion) -> Self {
         let cap = READ_AHEAD_BLOCKS.min(region.blocks);
-        Self {
-            region,
-            buf: AlignedBuf::blocks(cap as usize),
-            at: 0,
-            valid: 0,
-        }
+        Self { region, buf: AlignedBuf::blocks(cap as usize), at: 0, valid: 0 }
     }
 
     /// The bytes of blocks `vblock .. vblock + count` (`count` ≤ the window size).
@@ -830,16 +772,10 @@ impl RingReader {
             }
             let pos = vblock % n;
             let first = (n - pos).min(want);
-            dev.read_at(
-                (self.region.start + pos) * BLOCK,
-                &mut self.buf[..(first * BLOCK) as usize],
-            )?;
+            dev.read_at((self.region.start + pos) * BLOCK, &mut self.buf[..(first * BLOCK) as usize])?;
             if want > first {
                 let rest = (want - first) as usize * BLOCK_SIZE;
-                dev.read_at(
-                    self.region.start * BLOCK,
-                    &mut self.buf[(first * BLOCK) as usize..][..rest],
-                )?;
+                dev.read_at(self.region.start * BLOCK, &mut self.buf[(first * BLOCK) as usize..][..rest])?;
             }
             self.at = vblock;
             self.valid = want;
@@ -864,9 +800,7 @@ fn parse_header(bytes: &[u8], vblock: u64, volume_id: [u8; 16]) -> Result<Header
         return Err(HeaderProblem::Foreign);
     }
     if raw.vblock.get() != vblock {
-        return Err(HeaderProblem::Misplaced {
-            claims: raw.vblock.get(),
-        });
+        return Err(HeaderProblem::Misplaced { claims: raw.vblock.get() });
     }
     let blocks = u64::from(raw.blocks.get());
     let payload_len = raw.payload_len.get();
@@ -899,10 +833,7 @@ fn read_header(
     vblock: u64,
     volume_id: [u8; 16],
 ) -> Result<Result<Header, HeaderProblem>, LogError> {
-    let bytes = reader.blocks(dev, vblock, 1).map_err(|source| LogError::Device {
-        what: "read log header",
-        source,
-    })?;
+    let bytes = reader.blocks(dev, vblock, 1).map_err(|source| LogError::Device { what: "read log header", source })?;
     Ok(parse_header(bytes, vblock, volume_id))
 }
 
@@ -920,17 +851,12 @@ fn read_record(
     };
     if vblock + header.blocks > limit {
         // It would overlap retained records: it cannot be one we wrote in this lap.
-        return Ok(Err(RecordProblem::Header(HeaderProblem::Shape(
-            "runs past the ring".into(),
-        ))));
+        return Ok(Err(RecordProblem::Header(HeaderProblem::Shape("runs past the ring".into()))));
     }
     let volume_id = reader.region.volume_id;
     let bytes = reader
         .blocks(dev, vblock, header.blocks)
-        .map_err(|source| LogError::Device {
-            what: "read log record",
-            source,
-        })?;
+        .map_err(|source| LogError::Device { what: "read log record", source })?;
     let payload = &bytes[HEADER_SIZE..HEADER_SIZE + header.payload_len];
     if hash::log_payload_checksum(&volume_id, vblock, payload) != header.payload_checksum {
         return Ok(Err(RecordProblem::Payload { blocks: header.blocks }));
@@ -965,11 +891,7 @@ mod tests {
     }
 
     fn region(blocks: u64) -> LogRegion {
-        LogRegion {
-            start: 3,
-            blocks,
-            volume_id: VOL,
-        }
+        LogRegion { start: 3, blocks, volume_id: VOL }
     }
 
     fn disk(blocks: u64) -> Arc<SimDisk> {
@@ -977,10 +899,7 @@ mod tests {
     }
 
     fn voters() -> ConfState {
-        ConfState {
-            voters: vec![1],
-            ..Default::default()
-        }
+        ConfState { voters: vec![1], ..Default::default() }
     }
 
     fn open(d: &Arc<SimDisk>, blocks: u64, anchor: &Anchor) -> Result<LogStore, LogError> {
@@ -989,12 +908,7 @@ mod tests {
 
     fn entry(index: u64, term: u64, len: usize) -> Entry {
         let data = (0..len).map(|i| (index as usize * 31 + i) as u8).collect();
-        Entry {
-            index,
-            term,
-            data,
-            ..Default::default()
-        }
+        Entry { index, term, data, ..Default::default() }
     }
 
     fn hs(term: u64, commit: u64) -> HardState {
@@ -1003,37 +917,19 @@ mod tests {
 
     fn all(store: &LogStore) -> Vec<Entry> {
         let (lo, hi) = (store.first_index(), store.last_index() + 1);
-        store
-            .entries(lo, hi, None, GetEntriesContext::empty(false))
-            .expect("entries")
+        store.entries(lo, hi, None, GetEntriesContext::empty(false)).expect("entries")
     }
 
     #[test]
     fn append_then_reopen_sees_the_same_log_and_hard_state() {
         let d = disk(64);
         let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
-        s.append(&[entry(1, 1, 10), entry(2, 1, 5000)], Some(&hs(1, 0)))
-            .expect("append");
+        s.append(&[entry(1, 1, 10), entry(2, 1, 5000)], Some(&hs(1, 0))).expect("append");
         s.append(&[entry(3, 2, 0)], Some(&hs(2, 2))).expect("append");
-        s.append(
-            &[],
-            Some(&HardState {
-                term: 3,
-                vote: 0,
-                commit: 3,
-            }),
-        )
-        .expect("hard state only");
+        s.append(&[], Some(&HardState { term: 3, vote: 0, commit: 3 })).expect("hard state only");
         let r = open(&d, 64, &Anchor::genesis(voters())).expect("reopen");
         assert_eq!(all(&r), all(&s));
-        assert_eq!(
-            r.hard_state(),
-            &HardState {
-                term: 3,
-                vote: 0,
-                commit: 3
-            }
-        );
+        assert_eq!(r.hard_state(), &HardState { term: 3, vote: 0, commit: 3 });
         assert_eq!(r.initial_state().expect("state").conf_state, voters());
         assert_eq!((r.first_index(), r.last_index(), r.head()), (1, 3, s.head()));
     }
@@ -1042,23 +938,15 @@ mod tests {
     fn conflicting_suffix_is_replaced_and_stays_replaced() {
         let d = disk(64);
         let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
-        s.append(&[entry(1, 1, 1), entry(2, 1, 1), entry(3, 1, 1)], Some(&hs(1, 1)))
-            .expect("append");
-        s.append(&[entry(2, 2, 7), entry(3, 2, 7), entry(4, 2, 7)], Some(&hs(2, 1)))
-            .expect("replace");
+        s.append(&[entry(1, 1, 1), entry(2, 1, 1), entry(3, 1, 1)], Some(&hs(1, 1))).expect("append");
+        s.append(&[entry(2, 2, 7), entry(3, 2, 7), entry(4, 2, 7)], Some(&hs(2, 1))).expect("replace");
         let want = vec![entry(1, 1, 1), entry(2, 2, 7), entry(3, 2, 7), entry(4, 2, 7)];
         assert_eq!(all(&s), want);
         assert_eq!(all(&open(&d, 64, &Anchor::genesis(voters())).expect("reopen")), want);
         // Replacing a committed entry is refused before anything is written.
         let before = d.ops();
-        assert!(matches!(
-            s.append(&[entry(1, 3, 0)], None),
-            Err(LogError::BadAppend { .. })
-        ));
-        assert!(
-            matches!(s.append(&[entry(9, 3, 0)], None), Err(LogError::BadAppend { .. })),
-            "gap"
-        );
+        assert!(matches!(s.append(&[entry(1, 3, 0)], None), Err(LogError::BadAppend { .. })));
+        assert!(matches!(s.append(&[entry(9, 3, 0)], None), Err(LogError::BadAppend { .. })), "gap");
         assert_eq!(d.ops(), before);
     }
 
@@ -1113,11 +1001,7 @@ mod tests {
             assert_eq!((r.first_index(), r.last_index()), (index + 1, index));
             assert_eq!(r.hard_state().commit, index);
         }
-        assert!(
-            s.head() > 3 * blocks,
-            "the test must wrap the ring several times (head {})",
-            s.head()
-        );
+        assert!(s.head() > 3 * blocks, "the test must wrap the ring several times (head {})", s.head());
     }
 
     #[test]
@@ -1157,9 +1041,7 @@ mod tests {
                 let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
                 s.append(&[entry(1, 1, 100)], Some(&hs(1, 1))).expect("append");
                 d.crash_after_ops(Some(1)); // the write of the next batch happens, its flush does not
-                assert!(s
-                    .append(&[entry(2, 1, 9000), entry(3, 1, 10)], Some(&hs(1, 1)))
-                    .is_err());
+                assert!(s.append(&[entry(2, 1, 9000), entry(3, 1, 10)], Some(&hs(1, 1))).is_err());
                 assert!(matches!(s.append(&[], None), Err(LogError::Poisoned)), "fail-stop");
                 d.crash(policy.clone());
                 let r = open(&d, 64, &Anchor::genesis(voters())).expect("reopen");
@@ -1181,25 +1063,13 @@ mod tests {
         }
         let second = s.spans[1].vblock;
         // Damage the payload of the second record (its header stays valid) ...
-        d.inject(SimFault::BitFlip {
-            offset: (3 + second) * BLOCK + 300,
-            bit: 2,
-        });
+        d.inject(SimFault::BitFlip { offset: (3 + second) * BLOCK + 300, bit: 2 });
         let err = open(&d, 64, &Anchor::genesis(voters())).expect_err("must refuse");
-        assert!(
-            matches!(err, LogError::CorruptMiddle { vblock, .. } if vblock == second),
-            "{err}"
-        );
+        assert!(matches!(err, LogError::CorruptMiddle { vblock, .. } if vblock == second), "{err}");
         // ... and its header: still refused, found by the look-ahead.
-        d.inject(SimFault::BitFlip {
-            offset: (3 + second) * BLOCK + 40,
-            bit: 0,
-        });
+        d.inject(SimFault::BitFlip { offset: (3 + second) * BLOCK + 40, bit: 0 });
         let err = open(&d, 64, &Anchor::genesis(voters())).expect_err("must refuse");
-        assert!(
-            matches!(err, LogError::CorruptMiddle { vblock, .. } if vblock == second),
-            "{err}"
-        );
+        assert!(matches!(err, LogError::CorruptMiddle { vblock, .. } if vblock == second), "{err}");
     }
 
     #[test]
@@ -1209,17 +1079,11 @@ mod tests {
         s.append(&[entry(1, 1, 10)], Some(&hs(1, 0))).expect("append");
         s.append(&[entry(2, 1, 10)], Some(&hs(1, 0))).expect("append");
         let last = s.spans[1].vblock;
-        d.inject(SimFault::BitFlip {
-            offset: (3 + last) * BLOCK + 8,
-            bit: 1,
-        });
+        d.inject(SimFault::BitFlip { offset: (3 + last) * BLOCK + 8, bit: 1 });
         let r = open(&d, 64, &Anchor::genesis(voters())).expect("torn tail");
         assert_eq!(r.last_index(), 1);
         // A root written after both records were durable knows the log reached s.head().
-        let anchor = Anchor {
-            durable_head: s.head(),
-            ..Anchor::genesis(voters())
-        };
+        let anchor = Anchor { durable_head: s.head(), ..Anchor::genesis(voters()) };
         assert!(matches!(open(&d, 64, &anchor), Err(LogError::ShortLog { .. })));
     }
 
@@ -1246,10 +1110,7 @@ mod tests {
         let r = open(&d, blocks, &anchor).expect("reopen");
         assert_eq!((r.first_index(), r.last_index()), (13, 13));
         // The same bytes opened as another volume show no records at all.
-        let other = LogRegion {
-            volume_id: *b"another-volume!!",
-            ..region(blocks)
-        };
+        let other = LogRegion { volume_id: *b"another-volume!!", ..region(blocks) };
         let r = LogStore::open(d.clone(), other, &Anchor::genesis(voters()), logger()).expect("foreign");
         assert_eq!(r.last_index(), 0);
     }
@@ -1263,10 +1124,7 @@ mod tests {
         s.append(&[entry(1, 1, 10)], Some(&hs(1, 1))).expect("append");
         let batch: Vec<Entry> = (2..=6).map(|i| entry(i, 1, 1 << 20)).collect(); // several records
         d.crash_after_ops(Some(1));
-        assert!(matches!(
-            s.append(&batch, Some(&hs(1, 1))),
-            Err(LogError::Device { .. })
-        ));
+        assert!(matches!(s.append(&batch, Some(&hs(1, 1))), Err(LogError::Device { .. })));
         let sectors = d.pending_sectors()[0];
         // Only the first sector (the first record's header) is lost.
         d.crash(CrashPolicy::Fates(vec![crate::device::WriteFate::Torn {
@@ -1276,13 +1134,10 @@ mod tests {
         assert_eq!(r.last_index(), 1);
         // Same size as the torn batch's first record: the next block holds a stale record of
         // this lap at exactly the right position, which only the chain tells apart.
-        r.append(&[entry(2, 2, 1 << 20)], Some(&hs(2, 2)))
-            .expect("append after recovery");
+        r.append(&[entry(2, 2, 1 << 20)], Some(&hs(2, 2))).expect("append after recovery");
         let stale = r.head();
         let mut reader = RingReader::new(region(2048));
-        let h = read_header(&*d, &mut reader, stale, VOL)
-            .expect("read")
-            .expect("a stale but well-placed record");
+        let h = read_header(&*d, &mut reader, stale, VOL).expect("read").expect("a stale but well-placed record");
         assert_ne!(h.prev_checksum, r.last_checksum);
         let r = open(&d, 2048, &Anchor::genesis(voters())).expect("reopen");
         assert_eq!(all(&r), vec![entry(1, 1, 10), entry(2, 2, 1 << 20)]);
@@ -1293,10 +1148,7 @@ mod tests {
         let d = disk(64);
         let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
         d.inject(SimFault::FlushError);
-        assert!(matches!(
-            s.append(&[entry(1, 1, 1)], None),
-            Err(LogError::Device { .. })
-        ));
+        assert!(matches!(s.append(&[entry(1, 1, 1)], None), Err(LogError::Device { .. })));
         assert!(matches!(s.append(&[entry(1, 1, 1)], None), Err(LogError::Poisoned)));
         assert_eq!(s.last_index(), 0, "nothing reported durable");
     }
@@ -1307,30 +1159,17 @@ mod tests {
         let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
         s.append(&[entry(1, 1, 1)], None).expect("append");
         d.inject(SimFault::ReadError { offset: 3 * BLOCK });
-        assert!(matches!(
-            open(&d, 64, &Anchor::genesis(voters())),
-            Err(LogError::Device { .. })
-        ));
+        assert!(matches!(open(&d, 64, &Anchor::genesis(voters())), Err(LogError::Device { .. })));
     }
 
     #[test]
     fn anchor_disagreeing_with_the_log_is_refused() {
         let d = disk(64);
         let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
-        s.append(&[entry(1, 1, 1), entry(2, 1, 1)], Some(&hs(1, 2)))
-            .expect("append");
-        let wrong_term = Anchor {
-            applied_index: 2,
-            applied_term: 7,
-            ..Anchor::genesis(voters())
-        };
+        s.append(&[entry(1, 1, 1), entry(2, 1, 1)], Some(&hs(1, 2))).expect("append");
+        let wrong_term = Anchor { applied_index: 2, applied_term: 7, ..Anchor::genesis(voters()) };
         assert!(matches!(open(&d, 64, &wrong_term), Err(LogError::Inconsistent { .. })));
-        let backwards = Anchor {
-            scan_from: 5,
-            retain_from: 6,
-            durable_head: 7,
-            ..Anchor::genesis(voters())
-        };
+        let backwards = Anchor { scan_from: 5, retain_from: 6, durable_head: 7, ..Anchor::genesis(voters()) };
         assert!(matches!(open(&d, 64, &backwards), Err(LogError::BadAnchor(_))));
     }
 

@@ -222,22 +222,13 @@ pub enum RootError {
     #[error("only {intact} root slot(s) intact, need two that agree: {detail}")]
     TooFewIntact { intact: usize, detail: String },
     #[error("root slots {slots:?} both claim generation {generation}: a fork, refusing to choose ({detail})")]
-    Fork {
-        slots: Vec<u8>,
-        generation: u64,
-        detail: String,
-    },
+    Fork { slots: Vec<u8>, generation: u64, detail: String },
     #[error("no consistent current root among the slots: {detail}")]
     NoConsistentCurrent { detail: String },
     #[error("root slots disagree on the volume ({what}): {detail}")]
     MixedVolumes { what: &'static str, detail: String },
     #[error("current root (slot {current}) applied index {current_applied} is below its backup's {backup_applied}")]
-    Regression {
-        current: u8,
-        current_applied: u64,
-        backup: u8,
-        backup_applied: u64,
-    },
+    Regression { current: u8, current_applied: u64, backup: u8, backup_applied: u64 },
     #[error("the root set is poisoned by an earlier write or flush error; restart to recover")]
     Poisoned,
 }
@@ -257,10 +248,7 @@ impl Root {
     pub fn encode(&self) -> Result<AlignedBuf, RootError> {
         let conf = self.payload.conf_state.encode_to_vec();
         if conf.len() > CONF_STATE_BYTES {
-            return Err(RootError::Payload(format!(
-                "conf state of {} bytes exceeds {CONF_STATE_BYTES}",
-                conf.len()
-            )));
+            return Err(RootError::Payload(format!("conf state of {} bytes exceeds {CONF_STATE_BYTES}", conf.len())));
         }
         let mut conf_state = [0u8; CONF_STATE_BYTES];
         conf_state[..conf.len()].copy_from_slice(&conf);
@@ -405,11 +393,7 @@ fn check_size(dev: &dyn Device) -> Result<(), RootError> {
 
 fn write_slot(dev: &dyn Device, root: &Root) -> Result<(), RootError> {
     let buf = root.encode()?;
-    dev.write_at(u64::from(root.slot) * BLOCK, &buf)
-        .map_err(|source| RootError::Device {
-            slot: root.slot,
-            source,
-        })
+    dev.write_at(u64::from(root.slot) * BLOCK, &buf).map_err(|source| RootError::Device { slot: root.slot, source })
 }
 
 /// Writes the genesis triple for a new volume: generations 0, 1, 2 in slots 0, 1, 2, for which
@@ -441,34 +425,14 @@ pub fn format(
     for root in &triple {
         write_slot(root_dev, root)?;
     }
-    root_dev
-        .flush()
-        .map_err(|source| RootError::Device { slot: 2, source })?;
+    root_dev.flush().map_err(|source| RootError::Device { slot: 2, source })?;
     let [a, b, c] = triple;
     let reports = vec![
-        SlotReport {
-            slot: 0,
-            root: Ok(a),
-            role: Some(Role::Overwrite),
-        },
-        SlotReport {
-            slot: 1,
-            root: Ok(b.clone()),
-            role: Some(Role::Backup),
-        },
-        SlotReport {
-            slot: 2,
-            root: Ok(c.clone()),
-            role: Some(Role::Current),
-        },
+        SlotReport { slot: 0, root: Ok(a), role: Some(Role::Overwrite) },
+        SlotReport { slot: 1, root: Ok(b.clone()), role: Some(Role::Backup) },
+        SlotReport { slot: 2, root: Ok(c.clone()), role: Some(Role::Current) },
     ];
-    Ok(Roots {
-        current: c,
-        backup: Some(b),
-        overwrite: 0,
-        reports,
-        poisoned: false,
-    })
+    Ok(Roots { current: c, backup: Some(b), overwrite: 0, reports, poisoned: false })
 }
 
 /// Reads the three slots and decides, by the rule and the parent chain, which root is current.
@@ -507,13 +471,7 @@ pub fn open(root_dev: &dyn Device) -> Result<Roots, RootError> {
             });
         }
     }
-    Ok(Roots {
-        current,
-        backup,
-        overwrite,
-        reports,
-        poisoned: false,
-    })
+    Ok(Roots { current, backup, overwrite, reports, poisoned: false })
 }
 
 /// The choice of `open`: (current, backup if intact, slot to overwrite next).
@@ -522,16 +480,10 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
     let detail = || describe(reports);
     if let Some(first) = intact.first() {
         if intact.iter().any(|r| r.volume_id != first.volume_id) {
-            return Err(RootError::MixedVolumes {
-                what: "volume id",
-                detail: detail(),
-            });
+            return Err(RootError::MixedVolumes { what: "volume id", detail: detail() });
         }
         if intact.iter().any(|r| r.geometry != first.geometry) {
-            return Err(RootError::MixedVolumes {
-                what: "geometry",
-                detail: detail(),
-            });
+            return Err(RootError::MixedVolumes { what: "geometry", detail: detail() });
         }
     }
     let same_generation = |roots: &[&Root]| -> Option<(Vec<u8>, u64)> {
@@ -546,11 +498,7 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
     };
     // No root follows another: two claiming the same generation are a fork, else nothing fits.
     let unchained = || match same_generation(&intact) {
-        Some((slots, generation)) => RootError::Fork {
-            slots,
-            generation,
-            detail: detail(),
-        },
+        Some((slots, generation)) => RootError::Fork { slots, generation, detail: detail() },
         None => RootError::NoConsistentCurrent { detail: detail() },
     };
     match intact.as_slice() {
@@ -590,18 +538,13 @@ fn choose(reports: &[SlotReport]) -> Result<(Root, Option<Root>, u8), RootError>
             };
             match (follows(x, y), follows(y, x)) {
                 (Some(choice), None) | (None, Some(choice)) => Ok(choice),
-                (Some(_), Some(_)) => Err(RootError::Fork {
-                    slots: vec![x.slot, y.slot],
-                    generation: y.generation,
-                    detail: detail(),
-                }),
+                (Some(_), Some(_)) => {
+                    Err(RootError::Fork { slots: vec![x.slot, y.slot], generation: y.generation, detail: detail() })
+                }
                 (None, None) => Err(unchained()),
             }
         }
-        _ => Err(RootError::TooFewIntact {
-            intact: intact.len(),
-            detail: detail(),
-        }),
+        _ => Err(RootError::TooFewIntact { intact: intact.len(), detail: detail() }),
     }
 }
 
@@ -646,9 +589,7 @@ impl Roots {
         // Encoding errors are refused before any I/O and do not poison.
         let buf = next.encode()?;
         let slot = next.slot;
-        let written = root_dev
-            .write_at(u64::from(slot) * BLOCK, &buf)
-            .and_then(|()| root_dev.flush());
+        let written = root_dev.write_at(u64::from(slot) * BLOCK, &buf).and_then(|()| root_dev.flush());
         if let Err(source) = written {
             self.poisoned = true;
             return Err(RootError::Device { slot, source });
@@ -676,10 +617,7 @@ mod tests {
         RootPayload {
             applied_index: n * 10,
             applied_term: n,
-            conf_state: ConfState {
-                voters: vec![1],
-                ..Default::default()
-            },
+            conf_state: ConfState { voters: vec![1], ..Default::default() },
             log_tail: n * 3,
             log_head: n * 3 + 1,
             tree_root: n + 100,
@@ -731,10 +669,7 @@ mod tests {
         assert_eq!(roots.overwrite_slot(), 0);
         assert_eq!(roots.current().payload, payload(0));
         let roles: Vec<_> = roots.slot_reports().iter().map(|r| r.role).collect();
-        assert_eq!(
-            roles,
-            vec![Some(Role::Overwrite), Some(Role::Backup), Some(Role::Current)]
-        );
+        assert_eq!(roles, vec![Some(Role::Overwrite), Some(Role::Backup), Some(Role::Current)]);
     }
 
     #[test]
@@ -747,10 +682,7 @@ mod tests {
         let reopened = open(&root_dev).expect("open");
         assert_eq!(reopened.current().geometry, g);
         assert_eq!(reopened.current().payload, payload(1));
-        assert!(matches!(
-            open(&SimDisk::new(2 * BLOCK, 0)),
-            Err(RootError::DeviceTooSmall { .. })
-        ));
+        assert!(matches!(open(&SimDisk::new(2 * BLOCK, 0)), Err(RootError::DeviceTooSmall { .. })));
     }
 
     #[test]
@@ -773,10 +705,7 @@ mod tests {
             write_raw(&disk, other, &[0; BLOCK_SIZE]);
             let err = open(&disk).expect_err("two bad slots");
             assert!(matches!(err, RootError::TooFewIntact { intact: 1, .. }), "{err}");
-            assert!(
-                err.to_string().contains("blank") && err.to_string().contains("checksum"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("blank") && err.to_string().contains("checksum"), "{err}");
         }
         drop(disk);
     }
@@ -831,10 +760,7 @@ mod tests {
         let mut buf = AlignedBuf::blocks(1);
         other.read_at(u64::from(slot) * BLOCK, &mut buf).expect("read");
         write_raw(&disk, slot, &buf);
-        assert!(matches!(
-            open(&disk),
-            Err(RootError::MixedVolumes { what: "volume id", .. })
-        ));
+        assert!(matches!(open(&disk), Err(RootError::MixedVolumes { what: "volume id", .. })));
         drop(foreign);
     }
 
@@ -849,10 +775,7 @@ mod tests {
         write_raw(&disk, backup, &buf);
         let reopened = open(&disk).expect("single damaged slot");
         assert_eq!(reopened.current(), &current);
-        assert!(matches!(
-            reopened.slot_reports()[backup as usize].root,
-            Err(SlotProblem::Misplaced { .. })
-        ));
+        assert!(matches!(reopened.slot_reports()[backup as usize].root, Err(SlotProblem::Misplaced { .. })));
     }
 
     #[test]

@@ -158,15 +158,7 @@ impl BlockTree {
 
     /// An empty tree of `height`.
     pub fn new(kind: TreeKind, volume_id: [u8; 16], height: u32) -> Result<Self, TreeError> {
-        Self::open(
-            kind,
-            volume_id,
-            TreeRef {
-                block: 0,
-                hash: [0; 32],
-                height,
-            },
-        )
+        Self::open(kind, volume_id, TreeRef { block: 0, hash: [0; 32], height })
     }
 
     /// The tree a root block names. Nothing is read until a lookup needs it.
@@ -174,21 +166,8 @@ impl BlockTree {
         if at.height == 0 || at.height > MAX_HEIGHT {
             return Err(TreeError::BadHeight { height: at.height });
         }
-        let root = if at.block == 0 {
-            Slot::Empty
-        } else {
-            Slot::Clean(Ptr {
-                block: at.block,
-                hash: at.hash,
-            })
-        };
-        Ok(Self {
-            kind,
-            volume_id,
-            height: at.height,
-            root,
-            freed: Vec::new(),
-        })
+        let root = if at.block == 0 { Slot::Empty } else { Slot::Clean(Ptr { block: at.block, hash: at.hash }) };
+        Ok(Self { kind, volume_id, height: at.height, root, freed: Vec::new() })
     }
 
     /// How many indexes the tree maps.
@@ -207,10 +186,7 @@ impl BlockTree {
 
     fn check_index(&self, index: u64) -> Result<(), TreeError> {
         if index >= self.capacity() {
-            return Err(TreeError::OutOfRange {
-                index,
-                capacity: self.capacity(),
-            });
+            return Err(TreeError::OutOfRange { index, capacity: self.capacity() });
         }
         Ok(())
     }
@@ -257,9 +233,7 @@ impl BlockTree {
                     if target.is_none() {
                         return Ok(None);
                     }
-                    *slot = Slot::Dirty(Box::new(Node {
-                        slots: vec![Slot::Empty; FANOUT as usize],
-                    }));
+                    *slot = Slot::Dirty(Box::new(Node { slots: vec![Slot::Empty; FANOUT as usize] }));
                 }
                 Slot::Clean(ptr) => {
                     let node = Self::load_node(self.kind, self.volume_id, dev, *ptr, level)?;
@@ -268,9 +242,7 @@ impl BlockTree {
                 }
                 Slot::Dirty(_) => {}
             }
-            let Slot::Dirty(node) = slot else {
-                unreachable!("made dirty above")
-            };
+            let Slot::Dirty(node) = slot else { unreachable!("made dirty above") };
             let child = &mut node.slots[Self::position(index, level)];
             if level == 0 {
                 let old = match child {
@@ -297,16 +269,8 @@ impl BlockTree {
         let top = self.height - 1;
         let ptr = Self::flush_slot(self.kind, self.volume_id, &mut self.root, top, dev, alloc, &mut buf)?;
         Ok(match ptr {
-            Some(p) => TreeRef {
-                block: p.block,
-                hash: p.hash,
-                height: self.height,
-            },
-            None => TreeRef {
-                block: 0,
-                hash: [0; 32],
-                height: self.height,
-            },
+            Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
+            None => TreeRef { block: 0, hash: [0; 32], height: self.height },
         })
     }
 
@@ -324,10 +288,7 @@ impl BlockTree {
             Slot::Clean(ptr) => return Ok(Some(*ptr)),
             Slot::Dirty(node) => node,
         };
-        let mut entries = [RawEntry {
-            block: U64::new(0),
-            hash: [0; 32],
-        }; FANOUT as usize];
+        let mut entries = [RawEntry { block: U64::new(0), hash: [0; 32] }; FANOUT as usize];
         let mut used = 0u32;
         for (i, child) in node.slots.iter_mut().enumerate() {
             let ptr = if level == 0 {
@@ -339,10 +300,7 @@ impl BlockTree {
                 Self::flush_slot(kind, volume_id, child, level - 1, dev, alloc, buf)?
             };
             if let Some(p) = ptr {
-                entries[i] = RawEntry {
-                    block: U64::new(p.block),
-                    hash: p.hash,
-                };
+                entries[i] = RawEntry { block: U64::new(p.block), hash: p.hash };
                 used += 1;
             }
         }
@@ -364,12 +322,8 @@ impl BlockTree {
             padding: [0; 1472],
         };
         buf.copy_from_slice(raw.as_bytes());
-        dev.write_at(block * BLOCK, buf)
-            .map_err(|source| TreeError::Device { block, source })?;
-        let ptr = Ptr {
-            block,
-            hash: hash::tree_node(buf),
-        };
+        dev.write_at(block * BLOCK, buf).map_err(|source| TreeError::Device { block, source })?;
+        let ptr = Ptr { block, hash: hash::tree_node(buf) };
         *slot = Slot::Clean(ptr);
         Ok(Some(ptr))
     }
@@ -405,12 +359,7 @@ impl BlockTree {
         if old.height != new.height {
             return Err(TreeError::BadHeight { height: new.height });
         }
-        let as_ptr = |r: TreeRef| {
-            (r.block != 0).then_some(Ptr {
-                block: r.block,
-                hash: r.hash,
-            })
-        };
+        let as_ptr = |r: TreeRef| (r.block != 0).then_some(Ptr { block: r.block, hash: r.hash });
         let mut out = Vec::new();
         Self::diff(kind, volume_id, dev, as_ptr(old), as_ptr(new), old.height - 1, &mut out)?;
         Ok(out)
@@ -464,17 +413,9 @@ impl BlockTree {
         level: u32,
     ) -> Result<Node, TreeError> {
         let mut buf = AlignedBuf::blocks(1);
-        dev.read_at(ptr.block * BLOCK, &mut buf)
-            .map_err(|source| TreeError::Device {
-                block: ptr.block,
-                source,
-            })?;
+        dev.read_at(ptr.block * BLOCK, &mut buf).map_err(|source| TreeError::Device { block: ptr.block, source })?;
         if hash::tree_node(&buf) != ptr.hash {
-            return Err(TreeError::HashMismatch {
-                what: "tree node",
-                block: ptr.block,
-                level,
-            });
+            return Err(TreeError::HashMismatch { what: "tree node", block: ptr.block, level });
         }
         let bad = |why: String| TreeError::BadNode { block: ptr.block, why };
         let raw = RawNode::ref_from_bytes(&buf).map_err(|_| bad("not one block".into()))?;
@@ -488,11 +429,7 @@ impl BlockTree {
             return Err(bad(format!("written for block {}", raw.block.get())));
         }
         if raw.level.get() != level || raw.kind.get() != kind as u32 || raw.volume_id != volume_id {
-            return Err(bad(format!(
-                "level {} kind {} of another tree or volume",
-                raw.level.get(),
-                raw.kind.get()
-            )));
+            return Err(bad(format!("level {} kind {} of another tree or volume", raw.level.get(), raw.kind.get())));
         }
         let slots = raw
             .entries
@@ -509,17 +446,9 @@ impl BlockTree {
 /// Reads the data block `ptr` names into `buf` (one block) and verifies it against the hash
 /// its leaf holds: a mismatch is an error, never wrong data.
 pub fn read_verified(dev: &dyn Device, ptr: Ptr, buf: &mut [u8]) -> Result<(), TreeError> {
-    dev.read_at(ptr.block * BLOCK, buf)
-        .map_err(|source| TreeError::Device {
-            block: ptr.block,
-            source,
-        })?;
+    dev.read_at(ptr.block * BLOCK, buf).map_err(|source| TreeError::Device { block: ptr.block, source })?;
     if hash::data_block(buf) != ptr.hash {
-        return Err(TreeError::HashMismatch {
-            what: "data",
-            block: ptr.block,
-            level: 0,
-        });
+        return Err(TreeError::HashMismatch { what: "data", block: ptr.block, level: 0 });
     }
     Ok(())
 }
@@ -542,10 +471,7 @@ mod tests {
     }
 
     fn ptr(n: u64) -> Ptr {
-        Ptr {
-            block: 1_000_000 + n,
-            hash: hash::data_block(&n.to_le_bytes()),
-        }
+        Ptr { block: 1_000_000 + n, hash: hash::data_block(&n.to_le_bytes()) }
     }
 
     /// Every node block reachable from the tree at `at`.
@@ -563,15 +489,7 @@ mod tests {
         }
         let mut out = BTreeSet::new();
         if at.block != 0 {
-            walk(
-                dev,
-                Ptr {
-                    block: at.block,
-                    hash: at.hash,
-                },
-                at.height - 1,
-                &mut out,
-            );
+            walk(dev, Ptr { block: at.block, hash: at.hash }, at.height - 1, &mut out);
         }
         out
     }
@@ -599,11 +517,7 @@ mod tests {
             let span = tree.capacity().min(5000);
             let mut model: BTreeMap<u64, Ptr> = BTreeMap::new();
             let mut next = 10;
-            let mut at = TreeRef {
-                block: 0,
-                hash: [0; 32],
-                height,
-            };
+            let mut at = TreeRef { block: 0, hash: [0; 32], height };
             let mut old_at = at;
             let mut old_model: BTreeMap<u64, Ptr> = BTreeMap::new();
             for step in 0..400u64 {
@@ -621,11 +535,7 @@ mod tests {
                     at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
                     let after = reachable(&disk, at);
                     let freed: BTreeSet<u64> = tree.take_freed().into_iter().collect();
-                    assert_eq!(
-                        freed,
-                        before.difference(&after).copied().collect(),
-                        "seed {seed}: freed blocks"
-                    );
+                    assert_eq!(freed, before.difference(&after).copied().collect(), "seed {seed}: freed blocks");
                     // The diff of the two versions finds the same nodes, plus the data blocks
                     // that were unmapped or replaced.
                     let diff = BlockTree::freed_between(TreeKind::BlockMap, VOL, &disk, old_at, at).expect("diff");
@@ -633,11 +543,8 @@ mod tests {
                     assert_eq!(nodes, freed, "seed {seed}: diff nodes");
                     let data: BTreeSet<u64> = diff.iter().copied().filter(|b| *b >= 1_000_000).collect();
                     let live: BTreeSet<u64> = model.values().map(|p| p.block).collect();
-                    let want: BTreeSet<u64> = old_model
-                        .values()
-                        .map(|p| p.block)
-                        .filter(|b| !live.contains(b))
-                        .collect();
+                    let want: BTreeSet<u64> =
+                        old_model.values().map(|p| p.block).filter(|b| !live.contains(b)).collect();
                     assert_eq!(data, want, "seed {seed}: diff data blocks");
                     old_model = model.clone();
                     old_at = at;
@@ -647,22 +554,14 @@ mod tests {
                 if rng.chance(1, 10) {
                     for probe in 0..span.min(200) {
                         let i = rng.below(span).max(probe % span);
-                        assert_eq!(
-                            tree.get(&disk, i).expect("get"),
-                            model.get(&i).copied(),
-                            "seed {seed} index {i}"
-                        );
+                        assert_eq!(tree.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
                     }
                 }
             }
             at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
             let reopened = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
             for i in 0..span {
-                assert_eq!(
-                    reopened.get(&disk, i).expect("get"),
-                    model.get(&i).copied(),
-                    "seed {seed} index {i}"
-                );
+                assert_eq!(reopened.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
             }
         }
     }
@@ -676,11 +575,7 @@ mod tests {
             tree.set(&disk, i, Some(ptr(i))).expect("set");
         }
         let at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
-        assert_eq!(
-            reachable(&disk, at).len(),
-            1 + 3 + 3,
-            "the top node, three interior nodes, three leaves"
-        );
+        assert_eq!(reachable(&disk, at).len(), 1 + 3 + 3, "the top node, three interior nodes, three leaves");
         let mut tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
         for i in [0, 5000, 200_000] {
             tree.set(&disk, i, None).expect("clear");
@@ -718,9 +613,7 @@ mod tests {
         let foreign = BlockTree::open(TreeKind::BlockMap, *b"some-other-vol!!", at).expect("open");
         assert!(matches!(foreign.get(&disk, 3), Err(TreeError::BadNode { .. })));
         // A read error is an error too.
-        disk.inject(SimFault::ReadError {
-            offset: at.block * BLOCK,
-        });
+        disk.inject(SimFault::ReadError { offset: at.block * BLOCK });
         let tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("open");
         assert!(matches!(tree.get(&disk, 3), Err(TreeError::Device { .. })));
         assert!(matches!(tree.get(&disk, 64), Err(TreeError::OutOfRange { .. })));
@@ -732,21 +625,12 @@ mod tests {
         let mut data = AlignedBuf::blocks(1);
         Rng::new(1).fill(&mut data);
         disk.write_at(40 * BLOCK, &data).expect("write");
-        let p = Ptr {
-            block: 40,
-            hash: hash::data_block(&data),
-        };
+        let p = Ptr { block: 40, hash: hash::data_block(&data) };
         let mut back = AlignedBuf::blocks(1);
         read_verified(&disk, p, &mut back).expect("read");
         assert_eq!(&back[..], &data[..]);
-        disk.inject(SimFault::BitFlip {
-            offset: 40 * BLOCK + 77,
-            bit: 3,
-        });
-        assert!(matches!(
-            read_verified(&disk, p, &mut back),
-            Err(TreeError::HashMismatch { what: "data", .. })
-        ));
+        disk.inject(SimFault::BitFlip { offset: 40 * BLOCK + 77, bit: 3 });
+        assert!(matches!(read_verified(&disk, p, &mut back), Err(TreeError::HashMismatch { what: "data", .. })));
     }
 
     #[test]
@@ -755,10 +639,7 @@ mod tests {
         let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
         tree.set(&disk, 1, Some(ptr(1))).expect("set");
         disk.inject(SimFault::WriteError { offset: 11 * BLOCK });
-        assert!(matches!(
-            tree.flush(&disk, &mut bump(&mut 10)),
-            Err(TreeError::Device { block: 11, .. })
-        ));
+        assert!(matches!(tree.flush(&disk, &mut bump(&mut 10)), Err(TreeError::Device { block: 11, .. })));
         let mut full = || Err(TreeError::NoSpace);
         let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
         tree.set(&disk, 1, Some(ptr(1))).expect("set");

@@ -100,20 +100,12 @@ impl std::fmt::Debug for Volume {
 }
 
 fn tree_ref(root: &Root) -> TreeRef {
-    TreeRef {
-        block: root.payload.tree_root,
-        hash: root.payload.tree_hash,
-        height: root.payload.tree_height,
-    }
+    TreeRef { block: root.payload.tree_root, hash: root.payload.tree_hash, height: root.payload.tree_height }
 }
 
 fn alloc_ref(root: &Root) -> TreeRef {
     let height = BlockTree::height_for(root.geometry.data_blocks.div_ceil(crate::alloc::BITS_PER_BITMAP));
-    TreeRef {
-        block: root.payload.alloc_root,
-        hash: root.payload.alloc_hash,
-        height,
-    }
+    TreeRef { block: root.payload.alloc_root, hash: root.payload.alloc_hash, height }
 }
 
 /// Options for `format`.
@@ -137,10 +129,7 @@ impl Volume {
         let volume_blocks = opts.volume_bytes / BLOCK;
         let geometry = Geometry::plan(main.size(), root_dev.is_none(), opts.log_blocks, volume_blocks)?;
         let payload = RootPayload {
-            conf_state: ConfState {
-                voters: vec![1],
-                ..Default::default()
-            },
+            conf_state: ConfState { voters: vec![1], ..Default::default() },
             tree_height: BlockTree::height_for(volume_blocks),
             ..Default::default()
         };
@@ -183,37 +172,23 @@ impl Volume {
                 (alloc_ref(backup), alloc_ref(&current)),
             )?,
             None => {
-                warn!(
-                    log,
-                    "backup root slot is damaged: blocks only it reached stay allocated"
-                );
+                warn!(log, "backup root slot is damaged: blocks only it reached stay allocated");
                 Vec::new()
             }
         };
         let map = BlockTree::open(TreeKind::BlockMap, volume_id, tree_ref(&current))?;
-        let alloc = Allocator::open(
-            volume_id,
-            geometry.data_start,
-            geometry.data_blocks,
-            alloc_ref(&current),
-            release,
-        )?;
+        let alloc =
+            Allocator::open(volume_id, geometry.data_start, geometry.data_blocks, alloc_ref(&current), release)?;
         let p = &current.payload;
         let anchor = Anchor {
             scan_from: p.log_tail,
             durable_head: p.log_head,
-            retain_from: roots
-                .backup()
-                .map_or(p.log_tail, |b| b.payload.log_tail.min(p.log_tail)),
+            retain_from: roots.backup().map_or(p.log_tail, |b| b.payload.log_tail.min(p.log_tail)),
             applied_index: p.applied_index,
             applied_term: p.applied_term,
             conf_state: p.conf_state.clone(),
         };
-        let region = LogRegion {
-            start: geometry.log_start,
-            blocks: geometry.log_blocks,
-            volume_id,
-        };
+        let region = LogRegion { start: geometry.log_start, blocks: geometry.log_blocks, volume_id };
         let store = LogStore::open(dev.clone(), region, &anchor, log.clone())?;
         let mut volume = Volume {
             dev,
@@ -273,11 +248,7 @@ impl Volume {
 
     fn check_range(&self, offset: u64, length: u64) -> Result<(), VolumeError> {
         if offset.checked_add(length).is_none_or(|end| end > self.size()) {
-            return Err(VolumeError::OutOfRange {
-                offset,
-                length,
-                size: self.size(),
-            });
+            return Err(VolumeError::OutOfRange { offset, length, size: self.size() });
         }
         Ok(())
     }
@@ -292,10 +263,8 @@ impl Volume {
         let outcome = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => Ok(Applied::Done),
             EntryType::EntryNormal => {
-                let cmd = Command::decode(&entry.data).map_err(|source| VolumeError::Command {
-                    index: entry.index,
-                    source,
-                })?;
+                let cmd = Command::decode(&entry.data)
+                    .map_err(|source| VolumeError::Command { index: entry.index, source })?;
                 self.run(&cmd)
             }
             // A single-node group never changes its membership; the conf state stays.
@@ -364,13 +333,8 @@ impl Volume {
             None => None,
             Some(bytes) => {
                 let block = self.alloc.allocate(&*self.dev)?;
-                self.dev
-                    .write_at(block * BLOCK, bytes)
-                    .map_err(|source| VolumeError::Device { block, source })?;
-                Some(Ptr {
-                    block,
-                    hash: hash::data_block(bytes),
-                })
+                self.dev.write_at(block * BLOCK, bytes).map_err(|source| VolumeError::Device { block, source })?;
+                Some(Ptr { block, hash: hash::data_block(bytes) })
             }
         };
         if let Some(old) = self.map.set(&*self.dev, vb, target)? {

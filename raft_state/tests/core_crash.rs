@@ -25,18 +25,11 @@ const LOG_BLOCKS: u64 = 24;
 const DISK_BLOCKS: u64 = 3 + LOG_BLOCKS + 8;
 
 fn voters() -> ConfState {
-    ConfState {
-        voters: vec![1],
-        ..Default::default()
-    }
+    ConfState { voters: vec![1], ..Default::default() }
 }
 
 fn region() -> LogRegion {
-    LogRegion {
-        start: 3,
-        blocks: LOG_BLOCKS,
-        volume_id: VOL,
-    }
+    LogRegion { start: 3, blocks: LOG_BLOCKS, volume_id: VOL }
 }
 
 /// The persistent core as the volume uses it.
@@ -61,10 +54,7 @@ fn anchor_of(current: &Root, backup: Option<&Root>) -> Anchor {
 impl Core {
     fn format(disk: Arc<SimDisk>) -> Core {
         let geometry = Geometry::plan(DISK_BLOCKS * BLOCK, true, LOG_BLOCKS, 1024).expect("geometry");
-        let payload = RootPayload {
-            conf_state: voters(),
-            ..Default::default()
-        };
+        let payload = RootPayload { conf_state: voters(), ..Default::default() };
         roots::format(&*disk, VOL, geometry, payload).expect("format");
         disk.flush().expect("flush");
         Core::open(disk).expect("open after format")
@@ -131,23 +121,14 @@ impl Oracle {
     /// What a freshly opened core has made durable.
     fn start(core: &Core) -> Oracle {
         let generation = core.roots.current().generation;
-        Oracle {
-            flushed_root: generation,
-            attempted_root: generation,
-            ..Default::default()
-        }
+        Oracle { flushed_root: generation, attempted_root: generation, ..Default::default() }
     }
 }
 
 fn entry(index: u64, term: u64, size: usize, salt: u64) -> Entry {
     let mut data = vec![0; size];
     Rng::new(index ^ (term << 32) ^ (salt << 48)).fill(&mut data);
-    Entry {
-        index,
-        term,
-        data,
-        ..Default::default()
-    }
+    Entry { index, term, data, ..Default::default() }
 }
 
 /// Runs `ops` until the disk goes down; returns the oracle at that point.
@@ -156,31 +137,16 @@ fn run(core: &mut Core, ops: &[Op], oracle: &mut Oracle, salt: u64) {
         let last = core.log.last_index();
         let term = core.log.hard_state().term.max(1);
         let (entries, hs) = match *op {
-            Op::Append {
-                count,
-                size,
-                uncommitted,
-            } => {
+            Op::Append { count, size, uncommitted } => {
                 let es: Vec<Entry> = (1..=count).map(|i| entry(last + i, term, size, salt)).collect();
-                let commit = (last + count)
-                    .saturating_sub(uncommitted)
-                    .max(core.log.hard_state().commit);
+                let commit = (last + count).saturating_sub(uncommitted).max(core.log.hard_state().commit);
                 (es, HardState { term, vote: 1, commit })
             }
             Op::Replace { back, count } => {
                 let commit = core.log.hard_state().commit;
                 let from = (last + 1).saturating_sub(back).max(commit + 1);
-                let es: Vec<Entry> = (0..count)
-                    .map(|i| entry(from + i, term + 1, 100 + i as usize, salt))
-                    .collect();
-                (
-                    es,
-                    HardState {
-                        term: term + 1,
-                        vote: 1,
-                        commit,
-                    },
-                )
+                let es: Vec<Entry> = (0..count).map(|i| entry(from + i, term + 1, 100 + i as usize, salt)).collect();
+                (es, HardState { term: term + 1, vote: 1, commit })
             }
             Op::Checkpoint => {
                 oracle.attempted_root = core.roots.current().generation + 1;
@@ -190,9 +156,7 @@ fn run(core: &mut Core, ops: &[Op], oracle: &mut Oracle, salt: u64) {
                 }
                 let root = core.roots.current();
                 oracle.flushed_root = root.generation;
-                oracle
-                    .payloads
-                    .insert(root.generation, (root.payload.applied_index, root.payload.applied_term));
+                oracle.payloads.insert(root.generation, (root.payload.applied_index, root.payload.applied_term));
                 continue;
             }
         };
@@ -236,10 +200,7 @@ fn check(core: &Core, oracle: &Oracle) -> Result<(), String> {
     }
     if let Some(&(applied, term)) = oracle.payloads.get(&current.generation) {
         if (current.payload.applied_index, current.payload.applied_term) != (applied, term) {
-            return Err(format!(
-                "root {} payload differs from what was committed",
-                current.generation
-            ));
+            return Err(format!("root {} payload differs from what was committed", current.generation));
         }
     }
     // Log: the acknowledged log, plus possibly a prefix of the in-flight batch.
@@ -282,90 +243,34 @@ fn check(core: &Core, oracle: &Oracle) -> Result<(), String> {
 fn script() -> Vec<Op> {
     use Op::*;
     vec![
-        Append {
-            count: 2,
-            size: 100,
-            uncommitted: 0,
-        },
-        Append {
-            count: 1,
-            size: 6000,
-            uncommitted: 1,
-        },
+        Append { count: 2, size: 100, uncommitted: 0 },
+        Append { count: 1, size: 6000, uncommitted: 1 },
         Replace { back: 1, count: 2 },
         Checkpoint,
-        Append {
-            count: 3,
-            size: 3000,
-            uncommitted: 0,
-        },
+        Append { count: 3, size: 3000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 1,
-            size: 9000,
-            uncommitted: 0,
-        },
-        Append {
-            count: 2,
-            size: 10,
-            uncommitted: 2,
-        },
+        Append { count: 1, size: 9000, uncommitted: 0 },
+        Append { count: 2, size: 10, uncommitted: 2 },
         Replace { back: 2, count: 1 },
         Checkpoint,
-        Append {
-            count: 4,
-            size: 4000,
-            uncommitted: 0,
-        },
+        Append { count: 4, size: 4000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 2,
-            size: 8000,
-            uncommitted: 0,
-        },
+        Append { count: 2, size: 8000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 1,
-            size: 12000,
-            uncommitted: 0,
-        },
+        Append { count: 1, size: 12000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 3,
-            size: 5000,
-            uncommitted: 0,
-        },
+        Append { count: 3, size: 5000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 2,
-            size: 9000,
-            uncommitted: 1,
-        },
+        Append { count: 2, size: 9000, uncommitted: 1 },
         Replace { back: 1, count: 1 },
         Checkpoint,
-        Append {
-            count: 3,
-            size: 7000,
-            uncommitted: 0,
-        },
+        Append { count: 3, size: 7000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 1,
-            size: 20000,
-            uncommitted: 0,
-        },
+        Append { count: 1, size: 20000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 4,
-            size: 2000,
-            uncommitted: 0,
-        },
+        Append { count: 4, size: 2000, uncommitted: 0 },
         Checkpoint,
-        Append {
-            count: 2,
-            size: 11000,
-            uncommitted: 0,
-        },
+        Append { count: 2, size: 11000, uncommitted: 0 },
         Checkpoint,
     ]
 }
@@ -376,35 +281,15 @@ fn fresh(seed: u64) -> Core {
 
 /// After a crash and recovery the core must accept writes and recover them again.
 fn continue_after(mut core: Core, salt: u64) -> Result<(), String> {
-    let mut oracle = Oracle {
-        hard_state: core.log.hard_state().clone(),
-        ..Oracle::start(&core)
-    };
+    let mut oracle = Oracle { hard_state: core.log.hard_state().clone(), ..Oracle::start(&core) };
     let first = core.log.first_index();
-    for e in raft::Storage::entries(
-        &core.log,
-        first,
-        core.log.last_index() + 1,
-        None,
-        raft::GetEntriesContext::empty(false),
-    )
-    .map_err(|e| e.to_string())?
+    for e in
+        raft::Storage::entries(&core.log, first, core.log.last_index() + 1, None, raft::GetEntriesContext::empty(false))
+            .map_err(|e| e.to_string())?
     {
         oracle.log.insert(e.index, (e.term, e.data));
     }
-    run(
-        &mut core,
-        &[
-            Op::Append {
-                count: 2,
-                size: 700,
-                uncommitted: 0,
-            },
-            Op::Checkpoint,
-        ],
-        &mut oracle,
-        salt,
-    );
+    run(&mut core, &[Op::Append { count: 2, size: 700, uncommitted: 0 }, Op::Checkpoint], &mut oracle, salt);
     let disk = core.disk.clone();
     drop(core);
     disk.crash(CrashPolicy::DropAll);
@@ -417,15 +302,8 @@ fn script_without_crash_wraps_the_ring_and_recovers_exactly() {
     let mut core = fresh(0);
     let mut oracle = Oracle::start(&core);
     run(&mut core, &script(), &mut oracle, 0);
-    assert!(
-        oracle.in_flight.is_empty() && oracle.full == 0,
-        "no append may fail without a crash"
-    );
-    assert!(
-        core.log.head() > 2 * LOG_BLOCKS,
-        "the script must wrap the ring (head {})",
-        core.log.head()
-    );
+    assert!(oracle.in_flight.is_empty() && oracle.full == 0, "no append may fail without a crash");
+    assert!(core.log.head() > 2 * LOG_BLOCKS, "the script must wrap the ring (head {})", core.log.head());
     assert_eq!(core.roots.current().generation, 2 + 12, "one root per checkpoint");
     let disk = core.disk.clone();
     drop(core);
@@ -489,10 +367,7 @@ fn random_ops(rng: &mut Rng, len: usize) -> Vec<Op> {
                 size: [0, 10, 500, 4000, 9000][rng.below(5) as usize],
                 uncommitted: rng.below(3),
             },
-            6 => Op::Replace {
-                back: 1 + rng.below(3),
-                count: 1 + rng.below(3),
-            },
+            6 => Op::Replace { back: 1 + rng.below(3), count: 1 + rng.below(3) },
             _ => Op::Checkpoint,
         })
         .collect()
@@ -521,10 +396,7 @@ fn seeded_random_crash_runs() {
         random_run(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         return;
     }
-    let seeds: u64 = std::env::var("RBLK_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+    let seeds: u64 = std::env::var("RBLK_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
     for seed in 0..seeds {
         if let Err(e) = random_run(seed) {
             panic!("seed {seed} failed (replay with RBLK_SIM_SEED={seed}): {e}");
@@ -544,16 +416,7 @@ fn damaged_current_root_falls_back_and_loses_nothing() {
         // Fill the ring: every block not retained for the backup root gets reused.
         let full = oracle.full;
         while oracle.full == full {
-            run(
-                &mut core,
-                &[Op::Append {
-                    count: 1,
-                    size: 3000,
-                    uncommitted: 0,
-                }],
-                &mut oracle,
-                0,
-            );
+            run(&mut core, &[Op::Append { count: 1, size: 3000, uncommitted: 0 }], &mut oracle, 0);
         }
         let current = core.roots.current().clone();
         let backup = core.roots.backup().cloned().expect("backup");
@@ -561,17 +424,10 @@ fn damaged_current_root_falls_back_and_loses_nothing() {
         drop(core);
         disk.flip_random_bit(u64::from(current.slot) * BLOCK, u64::from(current.slot + 1) * BLOCK);
         let core = Core::open(disk).unwrap_or_else(|e| panic!("prefix {prefix}: {e}"));
-        assert_eq!(
-            core.roots.current(),
-            &backup,
-            "prefix {prefix}: fell back to the backup"
-        );
+        assert_eq!(core.roots.current(), &backup, "prefix {prefix}: fell back to the backup");
         assert_eq!(core.log.first_index(), backup.payload.applied_index + 1);
-        let want: Vec<(u64, (u64, Vec<u8>))> = oracle
-            .log
-            .range(core.log.first_index()..)
-            .map(|(i, v)| (*i, v.clone()))
-            .collect();
+        let want: Vec<(u64, (u64, Vec<u8>))> =
+            oracle.log.range(core.log.first_index()..).map(|(i, v)| (*i, v.clone())).collect();
         let got: Vec<(u64, (u64, Vec<u8>))> = raft::Storage::entries(
             &core.log,
             core.log.first_index(),

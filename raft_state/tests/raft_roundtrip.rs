@@ -16,31 +16,18 @@ fn logger() -> Logger {
 }
 
 fn region() -> LogRegion {
-    LogRegion {
-        start: 3,
-        blocks: 256,
-        volume_id: VOL,
-    }
+    LogRegion { start: 3, blocks: 256, volume_id: VOL }
 }
 
 fn open_node(dev: &Arc<dyn Device>, anchor: &Anchor, applied: u64) -> RawNode<LogStore> {
     let dev = dev.clone();
     let store = LogStore::open(dev, region(), anchor, logger()).expect("open log");
-    let config = Config {
-        id: 1,
-        election_tick: 10,
-        heartbeat_tick: 3,
-        applied,
-        ..Default::default()
-    };
+    let config = Config { id: 1, election_tick: 10, heartbeat_tick: 3, applied, ..Default::default() };
     RawNode::new(&config, store, &logger()).expect("raw node")
 }
 
 fn genesis() -> Anchor {
-    Anchor::genesis(ConfState {
-        voters: vec![1],
-        ..Default::default()
-    })
+    Anchor::genesis(ConfState { voters: vec![1], ..Default::default() })
 }
 
 /// The ready loop of a single node: persist (one append per ready), advance, apply.
@@ -49,10 +36,7 @@ fn drive(node: &mut RawNode<LogStore>, applied: &mut Vec<Entry>) -> Option<HardS
     let mut persisted = None;
     while node.has_ready() {
         let mut rd = node.ready();
-        assert!(
-            rd.messages().is_empty() && rd.persisted_messages().is_empty(),
-            "single node sends nothing"
-        );
+        assert!(rd.messages().is_empty() && rd.persisted_messages().is_empty(), "single node sends nothing");
         assert!(rd.snapshot().is_empty());
         applied.extend(rd.take_committed_entries());
         let entries = rd.take_entries();
@@ -104,9 +88,8 @@ fn round_trip(disk: Arc<dyn Device>) {
     let mut node = open_node(&disk, &genesis(), 0);
     elect(&mut node, &mut applied);
     let mut persisted = None;
-    let proposals: Vec<Vec<u8>> = (0..50u32)
-        .map(|i| format!("write {i}").repeat(1 + i as usize % 40).into_bytes())
-        .collect();
+    let proposals: Vec<Vec<u8>> =
+        (0..50u32).map(|i| format!("write {i}").repeat(1 + i as usize % 40).into_bytes()).collect();
     for (i, p) in proposals.iter().enumerate() {
         node.propose(vec![], p.clone()).expect("propose");
         if i % 7 == 0 {
@@ -115,17 +98,11 @@ fn round_trip(disk: Arc<dyn Device>) {
     }
     persisted = drive(&mut node, &mut applied).or(persisted);
     let persisted = persisted.expect("something was persisted");
-    assert_eq!(
-        data_of(&applied),
-        proposals,
-        "every proposal committed and applied in order"
-    );
+    assert_eq!(data_of(&applied), proposals, "every proposal committed and applied in order");
 
     let store = node.store();
     let (hs, first, last) = (store.hard_state().clone(), store.first_index(), store.last_index());
-    let log = store
-        .entries(first, last + 1, None, GetEntriesContext::empty(false))
-        .expect("entries");
+    let log = store.entries(first, last + 1, None, GetEntriesContext::empty(false)).expect("entries");
     assert!(hs.commit == last && hs.term >= 1);
     // raft-rs learns the commit index after persisting (LightReady), so the disk's lags.
     assert!(persisted.commit < hs.commit && persisted.term == hs.term);
@@ -136,22 +113,13 @@ fn round_trip(disk: Arc<dyn Device>) {
     let store = node.store();
     assert_eq!(store.initial_state().expect("state").hard_state, persisted);
     assert_eq!((store.first_index(), store.last_index()), (first, last));
-    assert_eq!(
-        store
-            .entries(first, last + 1, None, GetEntriesContext::empty(false))
-            .expect("entries"),
-        log
-    );
+    assert_eq!(store.entries(first, last + 1, None, GetEntriesContext::empty(false)).expect("entries"), log);
     drop(node);
 
     // With a root that applied everything (the applied state proves the commit), the restart
     // starts from it: the log is compacted to it and the commit index is the root's.
     let term_last = log.last().map(|e| e.term).expect("entries");
-    let anchor = Anchor {
-        applied_index: last,
-        applied_term: term_last,
-        ..genesis()
-    };
+    let anchor = Anchor { applied_index: last, applied_term: term_last, ..genesis() };
     let node = open_node(&disk, &anchor, last);
     let store = node.store();
     assert_eq!(store.hard_state().commit, last);
@@ -160,12 +128,7 @@ fn round_trip(disk: Arc<dyn Device>) {
     let mut node = open_node(&disk, &genesis(), persisted.commit);
     let store = node.store();
     assert_eq!((store.first_index(), store.last_index()), (first, last));
-    assert_eq!(
-        store
-            .entries(first, last + 1, None, GetEntriesContext::empty(false))
-            .expect("entries"),
-        log
-    );
+    assert_eq!(store.entries(first, last + 1, None, GetEntriesContext::empty(false)).expect("entries"), log);
 
     // The restarted node is elected in a later term and keeps committing.
     let mut more = Vec::new();

@@ -28,11 +28,7 @@ use super::{check_io, AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 // BLKGETSIZE64 is `_IOR(0x12, 114, size_t)` in <linux/fs.h>, yet the kernel stores a u64
 // through the pointer. `ioctl_read!` would derive the request code from the data type (u64),
 // which is wrong where size_t is 4 bytes; so the code is built from size_t and the data is u64.
-nix::ioctl_read_bad!(
-    blk_get_size64,
-    nix::request_code_read!(0x12, 114, std::mem::size_of::<libc::size_t>()),
-    u64
-);
+nix::ioctl_read_bad!(blk_get_size64, nix::request_code_read!(0x12, 114, std::mem::size_of::<libc::size_t>()), u64);
 
 /// A raw sector device on a regular file or a block device; see the module docs.
 pub struct FileDevice {
@@ -57,13 +53,7 @@ impl FileDevice {
         let name = path.display().to_string();
         if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK) {
             let msg = format!("size {size_bytes} is not a non-zero multiple of {BLOCK_SIZE} bytes");
-            return Err(io_error(
-                "create",
-                &name,
-                0,
-                0,
-                io::Error::new(io::ErrorKind::InvalidInput, msg),
-            ));
+            return Err(io_error("create", &name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
         }
         let file = OpenOptions::new()
             .write(true)
@@ -72,10 +62,7 @@ impl FileDevice {
             .map_err(|e| io_error("create", &name, 0, 0, e))?;
         // The file's length and its directory entry are made durable here, so a format that
         // flushes only through the device (fdatasync) cannot lose the file itself.
-        let made = file
-            .set_len(size_bytes)
-            .and_then(|()| file.sync_all())
-            .and_then(|()| sync_parent_dir(path));
+        let made = file.set_len(size_bytes).and_then(|()| file.sync_all()).and_then(|()| sync_parent_dir(path));
         drop(file);
         if let Err(e) = made {
             // Best effort: do not leave a half-made image behind; the error reported is the first.
@@ -90,13 +77,7 @@ impl FileDevice {
     pub fn from_fd(fd: OwnedFd, name: String) -> Result<FileDevice, DeviceError> {
         let file = File::from(fd);
         let size = device_size(&file, &name)?;
-        let mut dev = FileDevice {
-            file,
-            name,
-            direct: false,
-            size,
-            poisoned: AtomicBool::new(false),
-        };
+        let mut dev = FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false) };
         dev.direct = dev.try_set_direct()?;
         Ok(dev)
     }
@@ -117,13 +98,8 @@ impl FileDevice {
             match open_rw(path, libc::O_DIRECT) {
                 Ok(file) => {
                     let size = device_size(&file, &name)?;
-                    let dev = FileDevice {
-                        file,
-                        name: name.clone(),
-                        direct: true,
-                        size,
-                        poisoned: AtomicBool::new(false),
-                    };
+                    let dev =
+                        FileDevice { file, name: name.clone(), direct: true, size, poisoned: AtomicBool::new(false) };
                     if dev.probe_direct()? {
                         return Ok(dev);
                     }
@@ -135,13 +111,7 @@ impl FileDevice {
         }
         let file = open_rw(path, 0).map_err(|e| io_error("open", &name, 0, 0, e))?;
         let size = device_size(&file, &name)?;
-        Ok(FileDevice {
-            file,
-            name,
-            direct: false,
-            size,
-            poisoned: AtomicBool::new(false),
-        })
+        Ok(FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false) })
     }
 
     /// Turns on O_DIRECT on the descriptor; returns whether it is on. EINVAL (from fcntl or
@@ -173,9 +143,7 @@ impl FileDevice {
     }
 
     fn poisoned_error(&self) -> DeviceError {
-        DeviceError::Poisoned {
-            device: self.name.clone(),
-        }
+        DeviceError::Poisoned { device: self.name.clone() }
     }
 
     /// Records a write or flush failure: from now on the device refuses writes and flushes.
@@ -201,9 +169,7 @@ impl Device for FileDevice {
         // under us) is UnexpectedEof, never zeros.
         let result = if self.needs_bounce(buf) {
             let mut bounce = AlignedBuf::for_bytes(buf.len());
-            self.file
-                .read_exact_at(&mut bounce, offset)
-                .map(|()| buf.copy_from_slice(&bounce))
+            self.file.read_exact_at(&mut bounce, offset).map(|()| buf.copy_from_slice(&bounce))
         } else {
             self.file.read_exact_at(buf, offset)
         };
@@ -246,13 +212,7 @@ impl fmt::Debug for FileDevice {
 }
 
 fn io_error(op: &'static str, device: &str, offset: u64, len: usize, source: io::Error) -> DeviceError {
-    DeviceError::Io {
-        op,
-        device: device.to_owned(),
-        offset,
-        len,
-        source,
-    }
+    DeviceError::Io { op, device: device.to_owned(), offset, len, source }
 }
 
 fn open_rw(path: &Path, flags: i32) -> io::Result<File> {
@@ -284,24 +244,12 @@ fn device_size(file: &File, name: &str) -> Result<u64, DeviceError> {
         bytes
     } else {
         let msg = format!("{file_type:?} is neither a regular file nor a block device");
-        return Err(io_error(
-            "open",
-            name,
-            0,
-            0,
-            io::Error::new(io::ErrorKind::InvalidInput, msg),
-        ));
+        return Err(io_error("open", name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
     };
     let size = bytes - bytes % BLOCK;
     if size == 0 {
         let msg = format!("{bytes} bytes is smaller than one {BLOCK_SIZE}-byte block");
-        return Err(io_error(
-            "open",
-            name,
-            0,
-            0,
-            io::Error::new(io::ErrorKind::InvalidInput, msg),
-        ));
+        return Err(io_error("open", name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
     }
     Ok(size)
 }
@@ -334,9 +282,7 @@ mod tests {
     }
 
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i / 4096) as u8)
-            .collect()
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i / 4096) as u8).collect()
     }
 
     /// Writes and reads back through `dev` with aligned and misaligned (in memory) buffers.
@@ -416,10 +362,7 @@ mod tests {
         assert!(matches!(err, DeviceError::Io { .. }), "{err:?}");
         // A missing path.
         let tmp = TempPath::new("missing");
-        assert!(matches!(
-            FileDevice::open(&tmp.0),
-            Err(DeviceError::Io { op: "open", .. })
-        ));
+        assert!(matches!(FileDevice::open(&tmp.0), Err(DeviceError::Io { op: "open", .. })));
     }
 
     #[test]
@@ -445,31 +388,13 @@ mod tests {
         let tmp = TempPath::new("range");
         let dev = FileDevice::create(&tmp.0, 4 * BLOCK).unwrap();
         let mut buf = AlignedBuf::blocks(1);
-        assert!(matches!(
-            dev.read_at(512, &mut buf),
-            Err(DeviceError::Misaligned { op: "read", .. })
-        ));
-        assert!(matches!(
-            dev.write_at(512, &buf),
-            Err(DeviceError::Misaligned { op: "write", .. })
-        ));
-        assert!(matches!(
-            dev.write_at(0, &buf[..100]),
-            Err(DeviceError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            dev.read_at(4 * BLOCK, &mut buf),
-            Err(DeviceError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            dev.write_at(4 * BLOCK, &buf),
-            Err(DeviceError::OutOfRange { .. })
-        ));
+        assert!(matches!(dev.read_at(512, &mut buf), Err(DeviceError::Misaligned { op: "read", .. })));
+        assert!(matches!(dev.write_at(512, &buf), Err(DeviceError::Misaligned { op: "write", .. })));
+        assert!(matches!(dev.write_at(0, &buf[..100]), Err(DeviceError::Misaligned { .. })));
+        assert!(matches!(dev.read_at(4 * BLOCK, &mut buf), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(dev.write_at(4 * BLOCK, &buf), Err(DeviceError::OutOfRange { .. })));
         let mut two = AlignedBuf::blocks(2);
-        assert!(matches!(
-            dev.read_at(3 * BLOCK, &mut two),
-            Err(DeviceError::OutOfRange { .. })
-        ));
+        assert!(matches!(dev.read_at(3 * BLOCK, &mut two), Err(DeviceError::OutOfRange { .. })));
         // Refused requests do not poison: nothing was issued.
         dev.write_at(3 * BLOCK, &buf).unwrap();
         dev.flush().unwrap();
@@ -481,12 +406,7 @@ mod tests {
     fn read_past_eof_of_shrunk_file_is_an_error() {
         let tmp = TempPath::new("shrunk");
         let dev = FileDevice::create(&tmp.0, 4 * BLOCK).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&tmp.0)
-            .unwrap()
-            .set_len(2 * BLOCK)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&tmp.0).unwrap().set_len(2 * BLOCK).unwrap();
         let mut buf = AlignedBuf::blocks(1);
         dev.read_at(BLOCK, &mut buf).unwrap();
         for (offset, blocks) in [(2 * BLOCK, 1), (BLOCK, 2)] {
@@ -509,13 +429,7 @@ mod tests {
         assert_eq!(dev.size(), 4 * BLOCK);
         let buf = AlignedBuf::blocks(1);
         match dev.write_at(BLOCK, &buf) {
-            Err(DeviceError::Io {
-                op: "write",
-                device,
-                offset,
-                len,
-                source,
-            }) => {
+            Err(DeviceError::Io { op: "write", device, offset, len, source }) => {
                 assert_eq!((device.as_str(), offset, len), ("read-only test fd", BLOCK, BLOCK_SIZE));
                 assert_eq!(source.raw_os_error(), Some(libc::EBADF));
             }
@@ -582,17 +496,9 @@ mod tests {
         const SIZE: u64 = 64 << 20;
         let tmp = TempPath::new("loop");
         drop(FileDevice::create(&tmp.0, SIZE).unwrap());
-        let out = Command::new("losetup")
-            .arg("-f")
-            .arg("--show")
-            .arg(&tmp.0)
-            .output()
-            .unwrap();
+        let out = Command::new("losetup").arg("-f").arg("--show").arg(&tmp.0).output().unwrap();
         if !out.status.success() {
-            let reason = format!(
-                "losetup -f --show failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            let reason = format!("losetup -f --show failed: {}", String::from_utf8_lossy(&out.stderr).trim());
             return skip_or_fail(&reason);
         }
         let guard = LoopGuard(String::from_utf8_lossy(&out.stdout).trim().to_owned());

@@ -44,12 +44,7 @@ pub enum DeviceError {
     #[error("{op} at byte {offset} (+{len}) is not {BLOCK_SIZE}-byte aligned")]
     Misaligned { op: &'static str, offset: u64, len: usize },
     #[error("{op} at byte {offset} (+{len}) is beyond the device end ({size} bytes)")]
-    OutOfRange {
-        op: &'static str,
-        offset: u64,
-        len: usize,
-        size: u64,
-    },
+    OutOfRange { op: &'static str, offset: u64, len: usize, size: u64 },
     #[error("{device} is poisoned by an earlier write or flush error; restart to recover")]
     Poisoned { device: String },
     #[error("simulated crash: the device is down until the test recovers it")]
@@ -102,17 +97,12 @@ impl AlignedBuf {
     pub fn blocks(blocks: usize) -> Self {
         let len = blocks * BLOCK_SIZE;
         if len == 0 {
-            return Self {
-                ptr: NonNull::<BlockAligned>::dangling().cast(),
-                len: 0,
-            };
+            return Self { ptr: NonNull::<BlockAligned>::dangling().cast(), len: 0 };
         }
         let layout = Self::layout(len);
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len }
     }
 
@@ -187,18 +177,9 @@ mod tests {
     #[test]
     fn check_io_rejects_misaligned_and_out_of_range() {
         assert!(check_io("read", 0, BLOCK_SIZE, 2 * BLOCK).is_ok());
-        assert!(matches!(
-            check_io("read", 1, BLOCK_SIZE, 2 * BLOCK),
-            Err(DeviceError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            check_io("read", 0, 100, 2 * BLOCK),
-            Err(DeviceError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            check_io("read", BLOCK, 2 * BLOCK_SIZE, 2 * BLOCK),
-            Err(DeviceError::OutOfRange { .. })
-        ));
+        assert!(matches!(check_io("read", 1, BLOCK_SIZE, 2 * BLOCK), Err(DeviceError::Misaligned { .. })));
+        assert!(matches!(check_io("read", 0, 100, 2 * BLOCK), Err(DeviceError::Misaligned { .. })));
+        assert!(matches!(check_io("read", BLOCK, 2 * BLOCK_SIZE, 2 * BLOCK), Err(DeviceError::OutOfRange { .. })));
         assert!(matches!(
             check_io("read", u64::MAX - 4095, BLOCK_SIZE, 2 * BLOCK),
             Err(DeviceError::Misaligned { .. }) | Err(DeviceError::OutOfRange { .. })

@@ -33,12 +33,8 @@ impl WriteFate {
         let mut fates = vec![WriteFate::Keep, WriteFate::Drop];
         if sectors > 1 {
             let half = sectors / 2;
-            fates.push(WriteFate::Torn {
-                kept: (0..sectors).map(|i| i < half).collect(),
-            });
-            fates.push(WriteFate::Torn {
-                kept: (0..sectors).map(|i| i >= half).collect(),
-            });
+            fates.push(WriteFate::Torn { kept: (0..sectors).map(|i| i < half).collect() });
+            fates.push(WriteFate::Torn { kept: (0..sectors).map(|i| i >= half).collect() });
         }
         fates
     }
@@ -123,10 +119,7 @@ impl SimDisk {
 
     /// A disk whose durable content is `image`.
     pub fn from_image(image: Vec<u8>, seed: u64) -> Self {
-        assert!(
-            image.len().is_multiple_of(super::BLOCK_SIZE),
-            "image must be whole blocks"
-        );
+        assert!(image.len().is_multiple_of(super::BLOCK_SIZE), "image must be whole blocks");
         let size = image.len() as u64;
         let state = State {
             volatile: image.clone(),
@@ -141,10 +134,7 @@ impl SimDisk {
             poisoned: false,
             trace: Vec::new(),
         };
-        Self {
-            size,
-            state: Mutex::new(state),
-        }
+        Self { size, state: Mutex::new(state) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -237,9 +227,7 @@ impl SimDisk {
                     match s.rng.below(3) {
                         0 => WriteFate::Keep,
                         1 => WriteFate::Drop,
-                        _ => WriteFate::Torn {
-                            kept: (0..sectors).map(|_| s.rng.chance(1, 2)).collect(),
-                        },
+                        _ => WriteFate::Torn { kept: (0..sectors).map(|_| s.rng.chance(1, 2)).collect() },
                     }
                 }
             };
@@ -317,40 +305,25 @@ impl Device for SimDisk {
         check_io("write", offset, buf.len(), self.size)?;
         let mut s = self.lock();
         if s.poisoned {
-            return Err(DeviceError::Poisoned {
-                device: "simdisk".into(),
-            });
+            return Err(DeviceError::Poisoned { device: "simdisk".into() });
         }
         Self::count_op(&mut s)?;
         s.trace.push(TraceOp::Write { offset, len: buf.len() });
         let mut target = offset;
-        if let Some(i) = s
-            .faults
-            .iter()
-            .position(|f| matches!(f, SimFault::WriteError { offset: o } if *o == offset))
-        {
+        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::WriteError { offset: o } if *o == offset)) {
             s.faults.remove(i);
             s.poisoned = true;
             let at = offset as usize;
             s.volatile[at..at + buf.len()].copy_from_slice(buf);
-            s.pending.push(Pending {
-                offset,
-                data: buf.to_vec(),
-            });
+            s.pending.push(Pending { offset, data: buf.to_vec() });
             return Err(eio("write", offset, buf.len()));
         }
-        if let Some(i) = s
-            .faults
-            .iter()
-            .position(|f| matches!(f, SimFault::LoseWrite { offset: o } if *o == offset))
-        {
+        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::LoseWrite { offset: o } if *o == offset)) {
             s.faults.remove(i);
             return Ok(());
         }
-        if let Some(i) = s
-            .faults
-            .iter()
-            .position(|f| matches!(f, SimFault::MisdirectWrite { from, .. } if *from == offset))
+        if let Some(i) =
+            s.faults.iter().position(|f| matches!(f, SimFault::MisdirectWrite { from, .. } if *from == offset))
         {
             if let SimFault::MisdirectWrite { to, .. } = s.faults.remove(i) {
                 check_io("misdirected write", to, buf.len(), self.size)?;
@@ -362,19 +335,14 @@ impl Device for SimDisk {
         s.read_errors.retain(|&b| b < target || b >= end);
         let at = target as usize;
         s.volatile[at..at + buf.len()].copy_from_slice(buf);
-        s.pending.push(Pending {
-            offset: target,
-            data: buf.to_vec(),
-        });
+        s.pending.push(Pending { offset: target, data: buf.to_vec() });
         Ok(())
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
         let mut s = self.lock();
         if s.poisoned {
-            return Err(DeviceError::Poisoned {
-                device: "simdisk".into(),
-            });
+            return Err(DeviceError::Poisoned { device: "simdisk".into() });
         }
         Self::count_op(&mut s)?;
         s.trace.push(TraceOp::Flush);
@@ -487,18 +455,11 @@ mod tests {
         disk.write_at(3 * BLOCK, &[0x88; B]).unwrap();
         let kept = vec![false, true, false, false, true, true, false, true];
         // The third write has no entry: it is kept.
-        disk.crash(CrashPolicy::Fates(vec![
-            WriteFate::Torn { kept: kept.clone() },
-            WriteFate::Drop,
-        ]));
+        disk.crash(CrashPolicy::Fates(vec![WriteFate::Torn { kept: kept.clone() }, WriteFate::Drop]));
         let image = disk.durable_image();
         for (j, sector) in block_of(&image, 1).chunks(SECTOR_SIZE).enumerate() {
             let want = if kept[j] { 0x50 + j as u8 } else { 0xAA };
-            assert!(
-                sector.iter().all(|&b| b == want),
-                "sector {j}: want {want:#x}, got {:#x}",
-                sector[0]
-            );
+            assert!(sector.iter().all(|&b| b == want), "sector {j}: want {want:#x}, got {:#x}", sector[0]);
         }
         assert_eq!(block_of(&image, 0), [0xAA; B]);
         assert_eq!(block_of(&image, 2), [0xAA; B]);
@@ -523,10 +484,7 @@ mod tests {
         for (seed, image) in images.iter().enumerate() {
             assert_eq!(&random_crash_image(seed as u64), image, "seed {seed}");
         }
-        assert!(
-            images.iter().any(|image| *image != images[0]),
-            "every seed gave the same crash"
-        );
+        assert!(images.iter().any(|image| *image != images[0]), "every seed gave the same crash");
     }
 
     #[test]
@@ -538,11 +496,7 @@ mod tests {
             disk.crash_after_ops(Some(n));
             let mut done = 0;
             for i in 0..8u64 {
-                let result = if i % 3 == 2 {
-                    disk.flush()
-                } else {
-                    disk.write_at((i % 4) * BLOCK, &[i as u8; B])
-                };
+                let result = if i % 3 == 2 { disk.flush() } else { disk.write_at((i % 4) * BLOCK, &[i as u8; B]) };
                 match result {
                     Ok(()) => {
                         assert_eq!(done, i, "an op succeeded after the crash (n = {n})");
@@ -575,9 +529,7 @@ mod tests {
     #[test]
     fn read_error_fails_overlapping_reads_until_the_block_is_written() {
         let disk = SimDisk::new(4 * BLOCK, 11);
-        disk.inject(SimFault::ReadError {
-            offset: 2 * BLOCK + 100,
-        });
+        disk.inject(SimFault::ReadError { offset: 2 * BLOCK + 100 });
         let mut one = vec![0; B];
         let mut two = vec![0; 2 * B];
         assert!(is_eio(&disk.read_at(2 * BLOCK, &mut one).unwrap_err(), "read"));
@@ -635,10 +587,7 @@ mod tests {
     #[test]
     fn misdirected_write_lands_at_the_other_offset() {
         let disk = SimDisk::new(4 * BLOCK, 19);
-        disk.inject(SimFault::MisdirectWrite {
-            from: BLOCK,
-            to: 3 * BLOCK,
-        });
+        disk.inject(SimFault::MisdirectWrite { from: BLOCK, to: 3 * BLOCK });
         disk.write_at(BLOCK, &[9; B]).unwrap();
         assert_eq!(read(&disk, BLOCK, B), [0; B]);
         assert_eq!(read(&disk, 3 * BLOCK, B), [9; B]);
@@ -704,15 +653,9 @@ mod tests {
         disk.flush().unwrap();
         let want = [
             TraceOp::Write { offset: 0, len: B },
-            TraceOp::Write {
-                offset: BLOCK,
-                len: 2 * B,
-            },
+            TraceOp::Write { offset: BLOCK, len: 2 * B },
             TraceOp::Flush,
-            TraceOp::Write {
-                offset: 3 * BLOCK,
-                len: B,
-            },
+            TraceOp::Write { offset: 3 * BLOCK, len: B },
             TraceOp::Flush,
         ];
         assert_eq!(disk.trace(), want);

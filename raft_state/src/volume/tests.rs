@@ -26,11 +26,7 @@ struct Harness {
 impl Harness {
     fn format(seed: u64) -> Harness {
         let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, seed));
-        let opts = FormatOptions {
-            volume_bytes: VOLUME_BLOCKS * BLOCK,
-            log_blocks: LOG_BLOCKS,
-            volume_id: VOL,
-        };
+        let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
         Volume::format(&*disk, None, opts).expect("format");
         Harness::open(disk).expect("open")
     }
@@ -38,12 +34,7 @@ impl Harness {
     fn open(disk: Arc<SimDisk>) -> Result<Harness, VolumeError> {
         let (volume, store) = Volume::open(disk.clone(), None, logger())?;
         let term = store.hard_state().term + 1;
-        Ok(Harness {
-            disk,
-            volume,
-            store,
-            term,
-        })
+        Ok(Harness { disk, volume, store, term })
     }
 
     /// What a single-node Raft group does with a proposal: persist it (durable = committed),
@@ -53,20 +44,9 @@ impl Harness {
             self.volume.checkpoint(&mut self.store).map_err(|e| e.to_string())?;
         }
         let index = self.store.last_index() + 1;
-        let entry = Entry {
-            index,
-            term: self.term,
-            data: cmd.encode(),
-            ..Default::default()
-        };
-        let hs = HardState {
-            term: self.term,
-            vote: 1,
-            commit: index,
-        };
-        self.store
-            .append(std::slice::from_ref(&entry), Some(&hs))
-            .map_err(|e| e.to_string())?;
+        let entry = Entry { index, term: self.term, data: cmd.encode(), ..Default::default() };
+        let hs = HardState { term: self.term, vote: 1, commit: index };
+        self.store.append(std::slice::from_ref(&entry), Some(&hs)).map_err(|e| e.to_string())?;
         self.volume.apply(&entry).map_err(|e| e.to_string())
     }
 
@@ -131,20 +111,11 @@ fn random_commands_match_the_model_across_checkpoints_and_reopens() {
                 h = Harness::open(disk).expect("reopen");
             }
             if rng.chance(1, 5) {
-                assert!(
-                    h.read_all().expect("read") == model,
-                    "seed {seed} step {step}: content differs"
-                );
+                assert!(h.read_all().expect("read") == model, "seed {seed} step {step}: content differs");
             }
         }
-        assert!(
-            h.read_all().expect("read") == model,
-            "seed {seed}: final content differs"
-        );
-        assert!(
-            h.volume.roots().current().generation > 10,
-            "seed {seed}: checkpoints happened"
-        );
+        assert!(h.read_all().expect("read") == model, "seed {seed}: final content differs");
+        assert!(h.volume.roots().current().generation > 10, "seed {seed}: checkpoints happened");
     }
 }
 
@@ -157,10 +128,7 @@ fn crashes_recover_an_acknowledged_prefix() {
         crash_run(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         return;
     }
-    let seeds: u64 = std::env::var("RBLK_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+    let seeds: u64 = std::env::var("RBLK_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
     for seed in 0..seeds {
         if let Err(e) = crash_run(seed) {
             panic!("seed {seed} failed (replay with RBLK_SIM_SEED={seed}): {e}");
@@ -225,23 +193,13 @@ fn damaged_data_block_fails_only_its_reads() {
     h.propose(&Command::Write { offset: 0, data: &data }).expect("write");
     h.volume.checkpoint(&mut h.store).expect("checkpoint");
     let ptr = h.volume.map.get(&*h.disk, 1).expect("get").expect("mapped");
-    h.disk.inject(SimFault::BitFlip {
-        offset: ptr.block * BLOCK + 100,
-        bit: 1,
-    });
+    h.disk.inject(SimFault::BitFlip { offset: ptr.block * BLOCK + 100, bit: 1 });
     let mut buf = vec![0u8; BLOCK_SIZE];
     h.volume.read(0, &mut buf).expect("block 0 is intact");
     assert!(buf.iter().all(|&b| b == 0x5A));
-    assert!(matches!(
-        h.volume.read(BLOCK, &mut buf),
-        Err(VolumeError::Tree(TreeError::HashMismatch { .. }))
-    ));
+    assert!(matches!(h.volume.read(BLOCK, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
     // Overwriting the damaged block heals it.
-    h.propose(&Command::Write {
-        offset: BLOCK,
-        data: &data[..BLOCK_SIZE],
-    })
-    .expect("rewrite");
+    h.propose(&Command::Write { offset: BLOCK, data: &data[..BLOCK_SIZE] }).expect("rewrite");
     h.volume.read(BLOCK, &mut buf).expect("healed");
 }
 
@@ -250,40 +208,14 @@ fn out_of_range_and_replayed_entries() {
     let mut h = Harness::format(2);
     let data = vec![1u8; 512];
     let end = VOLUME_BLOCKS * BLOCK;
-    assert!(matches!(
-        h.volume.read(end, &mut [0u8; 512]),
-        Err(VolumeError::OutOfRange { .. })
-    ));
-    let entry = Entry {
-        index: 1,
-        term: 1,
-        data: Command::Write {
-            offset: 512,
-            data: &data,
-        }
-        .encode(),
-        ..Default::default()
-    };
+    assert!(matches!(h.volume.read(end, &mut [0u8; 512]), Err(VolumeError::OutOfRange { .. })));
+    let entry =
+        Entry { index: 1, term: 1, data: Command::Write { offset: 512, data: &data }.encode(), ..Default::default() };
     assert_eq!(h.volume.apply(&entry).expect("apply"), Applied::Done);
-    assert_eq!(
-        h.volume.apply(&entry).expect("again"),
-        Applied::Done,
-        "at-least-once is safe"
-    );
+    assert_eq!(h.volume.apply(&entry).expect("again"), Applied::Done, "at-least-once is safe");
     assert_eq!(h.volume.applied_index(), 1);
-    let beyond = Entry {
-        index: 2,
-        term: 1,
-        data: Command::Trim {
-            offset: end,
-            length: 512,
-        }
-        .encode(),
-        ..Default::default()
-    };
+    let beyond =
+        Entry { index: 2, term: 1, data: Command::Trim { offset: end, length: 512 }.encode(), ..Default::default() };
     assert!(matches!(h.volume.apply(&beyond), Err(VolumeError::OutOfRange { .. })));
-    assert!(
-        matches!(h.volume.read(0, &mut [0u8; 512]), Err(VolumeError::Poisoned)),
-        "fail-stop"
-    );
+    assert!(matches!(h.volume.read(0, &mut [0u8; 512]), Err(VolumeError::Poisoned)), "fail-stop");
 }
