@@ -8,7 +8,11 @@
 //!   root reaches it.
 //! - A block that a durable root reaches is *deferred* when freed: it stays marked in the next
 //!   root, and the checkpoint after that releases it.
-//! - Bitmap blocks are loaded on demand (next-fit cursor); opening reads none of them.
+//! - Bitmap blocks are loaded on demand (next-fit cursor); opening reads none of them. Clean
+//!   ones are dropped again beyond a bound, so memory follows the working set.
+//! - The count of blocks in use is kept exactly and recorded in every root, so free space is
+//!   known without reading the bitmaps, and `metadata_bound` says how many blocks the next
+//!   checkpoint of the allocator may need at most (the caller keeps them in reserve).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -18,6 +22,8 @@ use crate::tree::{self, BlockTree, Ptr, TreeError, TreeKind, TreeRef};
 
 /// Data blocks covered by one bitmap block.
 pub const BITS_PER_BITMAP: u64 = 8 * BLOCK;
+/// Clean bitmap blocks kept in memory by default (4 KiB each).
+pub const DEFAULT_BITMAP_CACHE: usize = 256;
 
 /// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +34,8 @@ pub enum AllocError {
     OutOfRegion { block: u64 },
     #[error("block {block} is freed but was not in use: the allocator and the tree disagree")]
     DoubleFree { block: u64 },
+    #[error("the root says {used} blocks are in use, but the data region has only {blocks}")]
+    BadUsedCount { used: u64, blocks: u64 },
     #[error("allocator tree")]
     Tree(#[from] TreeError),
     #[error("bitmap block I/O failed at block {block}")]
@@ -51,6 +59,11 @@ pub struct Allocator {
     data_blocks: u64,
     tree: BlockTree,
     loaded: BTreeMap<u64, Bitmap>,
+    /// Clean entries of `loaded`, and how many of them to keep.
+    clean_loaded: usize,
+    bitmap_cache: usize,
+    /// Blocks marked in use.
+    used: u64,
     /// Next block (relative to the region) the next-fit search tries.
     cursor: u64,
     /// Blocks allocated since the last checkpoint: no durable root reaches them.
@@ -69,32 +82,40 @@ impl Allocator {
     /// The allocator of a freshly formatted volume: everything free.
     pub fn new(volume_id: [u8; 16], data_start: u64, data_blocks: u64) -> Result<Self, AllocError> {
         let tree = BlockTree::new(TreeKind::Allocator, volume_id, Self::tree_height(data_blocks))?;
-        Ok(Self::with_tree(tree, data_start, data_blocks, Vec::new()))
+        Ok(Self::with_tree(tree, data_start, data_blocks, 0, Vec::new()))
     }
 
-    /// The allocator a root names. `release` is what the next checkpoint releases: the blocks
-    /// the backup root reaches and the current does not (see [`Allocator::release_set`]).
+    /// The allocator a root names, with `used` blocks in use. `release` is what the next
+    /// checkpoint releases: the blocks the backup root reaches and the current does not (see
+    /// [`Allocator::release_set`]).
     pub fn open(
         volume_id: [u8; 16],
         data_start: u64,
         data_blocks: u64,
         at: TreeRef,
+        used: u64,
         release: Vec<u64>,
     ) -> Result<Self, AllocError> {
         let height = Self::tree_height(data_blocks);
         if at.height != height {
             return Err(TreeError::BadHeight { height: at.height }.into());
         }
+        if used > data_blocks {
+            return Err(AllocError::BadUsedCount { used, blocks: data_blocks });
+        }
         let tree = BlockTree::open(TreeKind::Allocator, volume_id, at)?;
-        Ok(Self::with_tree(tree, data_start, data_blocks, release))
+        Ok(Self::with_tree(tree, data_start, data_blocks, used, release))
     }
 
-    fn with_tree(tree: BlockTree, data_start: u64, data_blocks: u64, release: Vec<u64>) -> Self {
+    fn with_tree(tree: BlockTree, data_start: u64, data_blocks: u64, used: u64, release: Vec<u64>) -> Self {
         Self {
             data_start,
             data_blocks,
             tree,
             loaded: BTreeMap::new(),
+            clean_loaded: 0,
+            bitmap_cache: DEFAULT_BITMAP_CACHE,
+            used,
             cursor: 0,
             fresh: HashSet::new(),
             deferred: Vec::new(),
@@ -115,13 +136,52 @@ impl Allocator {
         Ok(out)
     }
 
+    /// Keeps at most `bitmaps` clean bitmap blocks and `nodes` allocator tree nodes in memory.
+    pub fn set_cache_capacity(&mut self, bitmaps: usize, nodes: usize) {
+        self.bitmap_cache = bitmaps.max(1);
+        self.tree.set_cache_capacity(nodes);
+    }
+
+    /// Bitmap blocks held in memory now (clean and dirty).
+    pub fn loaded_bitmaps(&self) -> usize {
+        self.loaded.len()
+    }
+
+    /// Blocks of the data region marked in use (including blocks whose release waits for a
+    /// checkpoint).
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.data_blocks - self.used
+    }
+
+    /// The most blocks a checkpoint of the allocator can need: every bitmap block and every
+    /// node of its tree written anew.
+    pub fn metadata_bound(&self) -> u64 {
+        let mut total = 0;
+        let mut level = self.data_blocks.div_ceil(BITS_PER_BITMAP);
+        for _ in 0..=self.tree.height() {
+            total += level;
+            level = level.div_ceil(tree::FANOUT);
+        }
+        total
+    }
+
     fn bitmap(&mut self, dev: &dyn Device, index: u64) -> Result<&mut Bitmap, AllocError> {
         if !self.loaded.contains_key(&index) {
+            if self.clean_loaded >= self.bitmap_cache {
+                // Dirty blocks stay until the checkpoint writes them; clean ones are on disk.
+                self.loaded.retain(|_, m| m.dirty);
+                self.clean_loaded = 0;
+            }
             let mut bits = AlignedBuf::blocks(1);
             if let Some(ptr) = self.tree.get(dev, index)? {
                 tree::read_verified(dev, ptr, &mut bits)?;
             }
             self.loaded.insert(index, Bitmap { bits, dirty: false });
+            self.clean_loaded += 1;
         }
         // Inserted just above when missing.
         self.loaded.get_mut(&index).ok_or(AllocError::NoSpace)
@@ -151,7 +211,15 @@ impl Allocator {
             return Err(AllocError::DoubleFree { block });
         }
         map.bits[bit / 8] ^= mask;
-        map.dirty = true;
+        let was_clean = !std::mem::replace(&mut map.dirty, true);
+        if was_clean {
+            self.clean_loaded -= 1;
+        }
+        if used {
+            self.used += 1;
+        } else {
+            self.used -= 1;
+        }
         Ok(())
     }
 
@@ -227,6 +295,7 @@ impl Allocator {
             let map = self.loaded.get_mut(&index).ok_or(AllocError::NoSpace)?;
             dev.write_at(block * BLOCK, &map.bits).map_err(|source| AllocError::Device { block, source })?;
             map.dirty = false;
+            self.clean_loaded += 1;
             let ptr = Ptr { block, hash: hash::data_block(&map.bits) };
             self.tree.set(dev, index, Some(ptr))?;
         }
@@ -295,6 +364,7 @@ mod tests {
             a.free(&disk, b).expect("free");
         }
         let at2 = a.checkpoint(&disk).expect("checkpoint 2"); // root 2 does not; root 1 is backup
+        let used2 = a.used();
         for _ in 0..blocks {
             match a.allocate(&disk) {
                 Ok(b) => assert!(!kept[..5].contains(&b), "block {b} reused while the backup reaches it"),
@@ -310,8 +380,8 @@ mod tests {
             (at1, at2),
         )
         .expect("release");
-        let mut b =
-            Allocator::open(VOL, start, blocks, at2, kept[..5].iter().copied().chain(release).collect()).expect("open");
+        let mut b = Allocator::open(VOL, start, blocks, at2, used2, kept[..5].iter().copied().chain(release).collect())
+            .expect("open");
         for &k in &kept[..5] {
             assert!(b.is_used(&disk, k).expect("bit"), "still marked in root 2");
         }
@@ -340,6 +410,10 @@ mod tests {
             let (start, blocks) = (50, 500 + rng.below(BITS_PER_BITMAP));
             let disk = SimDisk::new((start + blocks) * BLOCK, seed);
             let mut a = Allocator::new(VOL, start, blocks).expect("new");
+            if seed % 2 == 1 {
+                // Caches of one entry: bitmap blocks and nodes are dropped and read again.
+                a.set_cache_capacity(1, 1);
+            }
             let mut live: Vec<u64> = Vec::new(); // blocks the "volume" uses
             let empty = TreeRef { block: 0, hash: [0; 32], height: 1 };
             let mut roots = vec![(a.tree_ref_for_test(), live.clone())];
@@ -366,16 +440,25 @@ mod tests {
                         let release =
                             Allocator::release_set(VOL, &disk, (empty, empty), (backup_at, at)).expect("diff");
                         let backup_only: Vec<u64> = backup_live.iter().copied().filter(|b| !live.contains(b)).collect();
-                        let mut b =
-                            Allocator::open(VOL, start, blocks, at, backup_only.into_iter().chain(release).collect())
-                                .expect("open");
+                        let mut b = Allocator::open(
+                            VOL,
+                            start,
+                            blocks,
+                            at,
+                            a.used,
+                            backup_only.into_iter().chain(release).collect(),
+                        )
+                        .expect("open");
+                        let mut marked = 0;
                         for block in start..start + blocks {
                             let used = a.is_used(&disk, block).expect("bit");
+                            marked += u64::from(used);
                             assert_eq!(used, b.is_used(&disk, block).expect("bit"), "seed {seed}: block {block}");
                             if reach.contains(&block) {
                                 assert!(used, "seed {seed}: block {block} reachable but free");
                             }
                         }
+                        assert_eq!(marked, a.used(), "seed {seed}: the used count is exact");
                         let mut ra = a.release.clone();
                         let mut rb = b.release.clone();
                         ra.sort_unstable();

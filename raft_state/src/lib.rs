@@ -13,6 +13,7 @@
 //! The byte layout of every structure is in `docs/format.md`.
 
 pub mod alloc;
+pub mod cache;
 pub mod command;
 pub mod device;
 pub mod hash;

@@ -61,7 +61,8 @@ const CHECKSUM_AT: usize = BLOCK_SIZE - 32;
 /// | 272 | 8 | alloc_root |
 /// | 280 | 32 | alloc_hash |
 /// | 312 | 512 | conf_state (prost `eraftpb.ConfState`, `conf_state_len` bytes, rest zero) |
-/// | 824 | 3240 | reserved (zero) |
+/// | 824 | 8 | used_blocks (data-region blocks marked in use by this root's allocator) |
+/// | 832 | 3232 | reserved (zero) |
 /// | 4064 | 32 | checksum = H_root_checksum(bytes 0..4064) |
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -93,7 +94,8 @@ struct RawRoot {
     alloc_root: U64,
     alloc_hash: [u8; 32],
     conf_state: [u8; CONF_STATE_BYTES],
-    reserved: [u8; 3240],
+    used_blocks: U64,
+    reserved: [u8; 3232],
     checksum: [u8; 32],
 }
 
@@ -114,6 +116,8 @@ pub struct RootPayload {
     pub tree_hash: Hash,
     pub alloc_root: u64,
     pub alloc_hash: Hash,
+    /// Data-region blocks this root's allocator marks in use.
+    pub used_blocks: u64,
 }
 
 /// A decoded, verified root.
@@ -281,7 +285,8 @@ impl Root {
             alloc_root: U64::new(p.alloc_root),
             alloc_hash: p.alloc_hash,
             conf_state,
-            reserved: [0; 3240],
+            used_blocks: U64::new(p.used_blocks),
+            reserved: [0; 3232],
             checksum: [0; 32],
         };
         let mut buf = AlignedBuf::blocks(1);
@@ -369,6 +374,7 @@ impl Root {
                 tree_hash: raw.tree_hash,
                 alloc_root: raw.alloc_root.get(),
                 alloc_hash: raw.alloc_hash,
+                used_blocks: raw.used_blocks.get(),
             },
         })
     }
@@ -625,6 +631,7 @@ mod tests {
             tree_hash: [n as u8; 32],
             alloc_root: n + 200,
             alloc_hash: [!(n as u8); 32],
+            used_blocks: n * 7 + 3,
         }
     }
 

@@ -20,9 +20,12 @@
 //! - A subtree with no entries has no node: it is an empty entry in its parent. Unwritten and
 //!   trimmed blocks therefore cost no space (thin provisioning).
 
+use std::sync::{Arc, Mutex};
+
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::cache::ClockCache;
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 use crate::hash::{self, Hash};
 
@@ -35,6 +38,8 @@ pub const FANOUT: u64 = 64;
 const FANOUT_BITS: u32 = 6;
 /// The tallest tree: 64^10 blocks is far beyond any device.
 pub const MAX_HEIGHT: u32 = 10;
+/// Clean nodes a tree keeps in memory by default (about 3 KiB each): 4096 leaves map 1 GiB.
+pub const DEFAULT_NODE_CACHE: usize = 4096;
 
 /// Which tree a node belongs to; part of every node, so trees never mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +140,11 @@ struct Node {
     slots: Vec<Slot>,
 }
 
+/// Verified clean nodes by block address, with the hash they were verified against.
+type NodeCache = Mutex<Nodes>;
+type Nodes = ClockCache<u64, (Hash, u32, Arc<Node>)>;
+
 /// A copy-on-write Merkle tree; see the module docs.
-#[derive(Debug)]
 pub struct BlockTree {
     kind: TreeKind,
     volume_id: [u8; 16],
@@ -144,6 +152,20 @@ pub struct BlockTree {
     root: Slot,
     /// Blocks of clean nodes replaced by dirty copies since the last `take_freed`.
     freed: Vec<u64>,
+    /// Dirty nodes, counted as they are made (they stay dirty until `flush`).
+    dirty: u64,
+    /// Bounded: memory follows the working set, not the size of the tree.
+    cache: NodeCache,
+}
+
+impl std::fmt::Debug for BlockTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockTree")
+            .field("kind", &self.kind)
+            .field("height", &self.height)
+            .field("dirty", &self.is_dirty())
+            .finish()
+    }
 }
 
 impl BlockTree {
@@ -167,7 +189,18 @@ impl BlockTree {
             return Err(TreeError::BadHeight { height: at.height });
         }
         let root = if at.block == 0 { Slot::Empty } else { Slot::Clean(Ptr { block: at.block, hash: at.hash }) };
-        Ok(Self { kind, volume_id, height: at.height, root, freed: Vec::new() })
+        let cache = Mutex::new(ClockCache::new(DEFAULT_NODE_CACHE));
+        Ok(Self { kind, volume_id, height: at.height, root, freed: Vec::new(), dirty: 0, cache })
+    }
+
+    /// Keeps at most `nodes` clean nodes in memory (dirty nodes stay until `flush`).
+    pub fn set_cache_capacity(&mut self, nodes: usize) {
+        self.cache = Mutex::new(ClockCache::new(nodes));
+    }
+
+    /// Clean nodes held in the cache now.
+    pub fn cached_nodes(&self) -> usize {
+        lock(&self.cache).len()
     }
 
     /// How many indexes the tree maps.
@@ -201,22 +234,39 @@ impl BlockTree {
     pub fn get(&self, dev: &dyn Device, index: u64) -> Result<Option<Ptr>, TreeError> {
         self.check_index(index)?;
         let mut level = self.height - 1;
-        let mut slot = self.root.clone();
+        // Dirty nodes are walked in place; the first clean node hands over to `get_clean`.
+        let mut slot = &self.root;
         loop {
-            let node = match slot {
+            match slot {
                 Slot::Empty => return Ok(None),
-                Slot::Clean(ptr) => self.load(dev, ptr, level)?,
-                Slot::Dirty(node) => *node,
-            };
-            let child = node.slots[Self::position(index, level)].clone();
-            if level == 0 {
-                return Ok(match child {
-                    Slot::Clean(ptr) => Some(ptr),
-                    _ => None,
-                });
+                Slot::Clean(ptr) => return self.get_clean(dev, *ptr, level, index),
+                Slot::Dirty(node) => {
+                    let child = &node.slots[Self::position(index, level)];
+                    if level == 0 {
+                        return Ok(match child {
+                            Slot::Clean(ptr) => Some(*ptr),
+                            _ => None,
+                        });
+                    }
+                    slot = child;
+                    level -= 1;
+                }
             }
-            slot = child;
-            level -= 1;
+        }
+    }
+
+    /// `get` below a clean node: every node on the rest of the path is clean.
+    fn get_clean(&self, dev: &dyn Device, mut ptr: Ptr, mut level: u32, index: u64) -> Result<Option<Ptr>, TreeError> {
+        loop {
+            let node = Self::cached(&self.cache, self.kind, self.volume_id, dev, ptr, level)?;
+            match node.slots[Self::position(index, level)] {
+                Slot::Clean(child) if level == 0 => return Ok(Some(child)),
+                Slot::Clean(child) => {
+                    ptr = child;
+                    level -= 1;
+                }
+                _ => return Ok(None),
+            }
         }
     }
 
@@ -234,11 +284,13 @@ impl BlockTree {
                         return Ok(None);
                     }
                     *slot = Slot::Dirty(Box::new(Node { slots: vec![Slot::Empty; FANOUT as usize] }));
+                    self.dirty += 1;
                 }
                 Slot::Clean(ptr) => {
-                    let node = Self::load_node(self.kind, self.volume_id, dev, *ptr, level)?;
+                    let node = Self::cached(&self.cache, self.kind, self.volume_id, dev, *ptr, level)?;
                     self.freed.push(ptr.block);
-                    *slot = Slot::Dirty(Box::new(node));
+                    *slot = Slot::Dirty(Box::new((*node).clone()));
+                    self.dirty += 1;
                 }
                 Slot::Dirty(_) => {}
             }
@@ -268,6 +320,7 @@ impl BlockTree {
         let mut buf = AlignedBuf::blocks(1);
         let top = self.height - 1;
         let ptr = Self::flush_slot(self.kind, self.volume_id, &mut self.root, top, dev, alloc, &mut buf)?;
+        self.dirty = 0;
         Ok(match ptr {
             Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
             None => TreeRef { block: 0, hash: [0; 32], height: self.height },
@@ -336,13 +389,7 @@ impl BlockTree {
 
     /// Dirty nodes `flush` would write (before any of them became empty).
     pub fn dirty_nodes(&self) -> u64 {
-        fn count(slot: &Slot) -> u64 {
-            match slot {
-                Slot::Dirty(node) => 1 + node.slots.iter().map(count).sum::<u64>(),
-                _ => 0,
-            }
-        }
-        count(&self.root)
+        self.dirty
     }
 
     /// Every block (nodes and the blocks leaves point to) reachable from `old` but not from
@@ -401,8 +448,25 @@ impl BlockTree {
         Ok(())
     }
 
-    fn load(&self, dev: &dyn Device, ptr: Ptr, level: u32) -> Result<Node, TreeError> {
-        Self::load_node(self.kind, self.volume_id, dev, ptr, level)
+    /// The clean node at `ptr`, from the cache or read and verified.
+    fn cached(
+        cache: &NodeCache,
+        kind: TreeKind,
+        volume_id: [u8; 16],
+        dev: &dyn Device,
+        ptr: Ptr,
+        level: u32,
+    ) -> Result<Arc<Node>, TreeError> {
+        if let Some((hash, at_level, node)) = lock(cache).get(&ptr.block) {
+            // A reused block address holds other content: only the same hash (and the level
+            // it was verified at) is a hit.
+            if hash == ptr.hash && at_level == level {
+                return Ok(node);
+            }
+        }
+        let node = Arc::new(Self::load_node(kind, volume_id, dev, ptr, level)?);
+        lock(cache).insert(ptr.block, (ptr.hash, level, node.clone()));
+        Ok(node)
     }
 
     fn load_node(
@@ -441,6 +505,12 @@ impl BlockTree {
             .collect();
         Ok(Node { slots })
     }
+}
+
+fn lock(cache: &NodeCache) -> std::sync::MutexGuard<'_, Nodes> {
+    // The cache holds only verified copies of disk content: a panic elsewhere cannot leave it
+    // inconsistent, so a poisoned lock is still good to use.
+    cache.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the data block `ptr` names into `buf` (one block) and verifies it against the hash
@@ -509,6 +579,12 @@ mod tests {
     /// root; freed node blocks are exactly those no longer reachable.
     #[test]
     fn random_updates_match_a_model_across_flushes() {
+        fn count_dirty(slot: &Slot) -> u64 {
+            match slot {
+                Slot::Dirty(node) => 1 + node.slots.iter().map(count_dirty).sum::<u64>(),
+                _ => 0,
+            }
+        }
         for seed in 0..40u64 {
             let disk = SimDisk::new(40_000 * BLOCK, seed);
             let mut rng = Rng::new(seed);
@@ -529,6 +605,7 @@ mod tests {
                     None => model.remove(&index),
                 };
                 assert_eq!(old, want_old, "seed {seed} step {step}");
+                assert_eq!(tree.dirty_nodes(), count_dirty(&tree.root), "seed {seed} step {step}");
                 if rng.chance(1, 20) {
                     assert_eq!(tree.dirty_nodes() > 0, tree.is_dirty());
                     let before = reachable(&disk, at);
@@ -550,6 +627,9 @@ mod tests {
                     old_at = at;
                     assert!(!tree.is_dirty());
                     tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+                    if seed % 2 == 1 {
+                        tree.set_cache_capacity(2);
+                    }
                 }
                 if rng.chance(1, 10) {
                     for probe in 0..span.min(200) {
@@ -564,6 +644,23 @@ mod tests {
                 assert_eq!(reopened.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
             }
         }
+    }
+
+    /// A block address reused for another node must not be served from the cache.
+    #[test]
+    fn cache_hits_need_the_same_hash() {
+        let disk = SimDisk::new(64 * BLOCK, 0);
+        let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, 1).expect("tree");
+        tree.set(&disk, 3, Some(ptr(1))).expect("set");
+        tree.flush(&disk, &mut || Ok(20)).expect("flush");
+        assert_eq!(tree.get(&disk, 3).expect("get"), Some(ptr(1)));
+        assert_eq!(tree.cached_nodes(), 1);
+        tree.set(&disk, 3, Some(ptr(2))).expect("set");
+        assert_eq!(tree.take_freed(), vec![20]);
+        // The new version goes to the same block, as a reuse after two checkpoints would.
+        tree.flush(&disk, &mut || Ok(20)).expect("flush");
+        assert_eq!(tree.get(&disk, 3).expect("get"), Some(ptr(2)), "not the cached old node");
+        assert_eq!(tree.cached_nodes(), 1, "replaced in place");
     }
 
     #[test]

@@ -10,17 +10,21 @@
 //! - `open` finds the current root, opens both trees, recomputes what the next checkpoint
 //!   releases, opens the log at the root's position and replays the committed entries after
 //!   the root's applied index. Recovery writes nothing, so a crash during it changes nothing.
+//! - Free space: data blocks are handed out only while enough stay free for the next
+//!   checkpoint's metadata (the dirty block-map nodes, the allocator's worst case, and a slack
+//!   for trims), so a full volume fails writes with `NoSpace` but can always checkpoint, read,
+//!   trim and — once trimmed blocks are released two checkpoints later — write again.
 //! - After any I/O error in apply or checkpoint the volume is poisoned (fail-stop): the driver
 //!   stops and the supervisor restarts it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use raft::eraftpb::{ConfState, Entry, EntryType};
 use slog::{info, warn, Logger};
 
 use crate::alloc::{AllocError, Allocator};
-use crate::command::{Command, CommandError};
+use crate::command::Command;
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::layout::{Geometry, GeometryError};
@@ -47,12 +51,6 @@ pub enum VolumeError {
         #[source]
         source: DeviceError,
     },
-    #[error("entry {index} holds no valid command")]
-    Command {
-        index: u64,
-        #[source]
-        source: CommandError,
-    },
     #[error("range {offset}+{length} is beyond the volume's {size} bytes")]
     OutOfRange { offset: u64, length: u64, size: u64 },
     #[error("volume size {0} is not a positive multiple of 4096")]
@@ -63,6 +61,12 @@ pub enum VolumeError {
     Poisoned,
 }
 
+/// Paths of block-map nodes kept free for trims on a full volume between two checkpoints.
+const TRIM_SLACK_PATHS: u64 = 64;
+/// Below this many times the data reserve, space is short: a freed durable block asks for the
+/// two checkpoints that release it.
+const LOW_SPACE_FACTOR: u64 = 2;
+
 /// What applying an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -71,6 +75,53 @@ pub enum Applied {
     /// The data region ran out of free blocks. As NBD permits for a failed write, part of the
     /// range may hold the new data; the rest is unchanged.
     NoSpace,
+    /// The entry holds no valid command (undecodable, or a range beyond the volume): nothing
+    /// was changed. The driver validates requests before proposing them, so this is a bug
+    /// upstream; it is applied as a no-op rather than poisoning the volume, because a committed
+    /// entry is replayed at every open and would otherwise make the volume unopenable.
+    Invalid,
+}
+
+/// When to checkpoint (`should_checkpoint`), and how much to cache.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Checkpoint once this many bytes of log were written since the current root. Capped at
+    /// a quarter of the ring: the ring must hold what the backup root needs (two intervals)
+    /// and leave room for appends while a checkpoint runs.
+    pub checkpoint_log_bytes: u64,
+    /// Checkpoint when this long has passed since the last one and something was applied.
+    pub checkpoint_interval: Duration,
+    /// Clean block-map nodes kept in memory (about 3 KiB each).
+    pub node_cache: usize,
+    /// Clean allocator bitmap blocks kept in memory (4 KiB each).
+    pub bitmap_cache: usize,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        Self {
+            checkpoint_log_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(30),
+            node_cache: tree::DEFAULT_NODE_CACHE,
+            bitmap_cache: crate::alloc::DEFAULT_BITMAP_CACHE,
+        }
+    }
+}
+
+/// Counters for `rblk inspect` and the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub volume_blocks: u64,
+    pub data_blocks: u64,
+    /// Data-region blocks in use (data, tree nodes, bitmaps, and blocks waiting for release).
+    pub used_blocks: u64,
+    /// Free blocks a data write may take now (what the metadata reserve leaves).
+    pub writable_blocks: u64,
+    pub dirty_nodes: u64,
+    pub cached_nodes: usize,
+    pub loaded_bitmaps: usize,
+    pub applied_index: u64,
+    pub root_applied_index: u64,
 }
 
 /// The volume; see the module docs.
@@ -84,6 +135,10 @@ pub struct Volume {
     applied_index: u64,
     applied_term: u64,
     conf_state: ConfState,
+    options: VolumeOptions,
+    last_checkpoint: Instant,
+    /// Checkpoints still wanted to release freed blocks while space is short (see `put`).
+    space_pressure: u8,
     poisoned: bool,
     log: Logger,
 }
@@ -144,6 +199,16 @@ impl Volume {
         root_dev: Option<Arc<dyn Device>>,
         log: Logger,
     ) -> Result<(Volume, LogStore), VolumeError> {
+        Self::open_with(dev, root_dev, VolumeOptions::default(), log)
+    }
+
+    /// `open` with options.
+    pub fn open_with(
+        dev: Arc<dyn Device>,
+        root_dev: Option<Arc<dyn Device>>,
+        options: VolumeOptions,
+        log: Logger,
+    ) -> Result<(Volume, LogStore), VolumeError> {
         let started = Instant::now();
         let separate_roots = root_dev.is_some();
         let root_dev = root_dev.unwrap_or_else(|| dev.clone());
@@ -176,9 +241,17 @@ impl Volume {
                 Vec::new()
             }
         };
-        let map = BlockTree::open(TreeKind::BlockMap, volume_id, tree_ref(&current))?;
-        let alloc =
-            Allocator::open(volume_id, geometry.data_start, geometry.data_blocks, alloc_ref(&current), release)?;
+        let mut map = BlockTree::open(TreeKind::BlockMap, volume_id, tree_ref(&current))?;
+        map.set_cache_capacity(options.node_cache);
+        let mut alloc = Allocator::open(
+            volume_id,
+            geometry.data_start,
+            geometry.data_blocks,
+            alloc_ref(&current),
+            current.payload.used_blocks,
+            release,
+        )?;
+        alloc.set_cache_capacity(options.bitmap_cache, options.node_cache / 16 + 1);
         let p = &current.payload;
         let anchor = Anchor {
             scan_from: p.log_tail,
@@ -200,6 +273,9 @@ impl Volume {
             applied_index: p.applied_index,
             applied_term: p.applied_term,
             conf_state: p.conf_state.clone(),
+            options,
+            last_checkpoint: Instant::now(),
+            space_pressure: 0,
             poisoned: false,
             log,
         };
@@ -239,6 +315,33 @@ impl Volume {
         &self.roots
     }
 
+    pub fn stats(&self) -> VolumeStats {
+        VolumeStats {
+            volume_blocks: self.geometry.volume_blocks,
+            data_blocks: self.geometry.data_blocks,
+            used_blocks: self.alloc.used(),
+            writable_blocks: self.alloc.free_blocks().saturating_sub(self.data_reserve()),
+            dirty_nodes: self.map.dirty_nodes(),
+            cached_nodes: self.map.cached_nodes(),
+            loaded_bitmaps: self.alloc.loaded_bitmaps(),
+            applied_index: self.applied_index,
+            root_applied_index: self.roots.current().payload.applied_index,
+        }
+    }
+
+    /// Blocks the next checkpoint may need for metadata if one more block is remapped: the
+    /// block map's dirty nodes plus one path, and the allocator's worst case.
+    fn metadata_need(&self) -> u64 {
+        self.map.dirty_nodes() + u64::from(self.map.height()) + self.alloc.metadata_bound()
+    }
+
+    /// Free blocks a data write leaves untouched: the metadata need and a slack so that trims
+    /// on a full volume (each dirties at most two paths of nodes that stay non-empty) go on
+    /// working until the next checkpoint.
+    fn data_reserve(&self) -> u64 {
+        self.metadata_need() + TRIM_SLACK_PATHS * u64::from(self.map.height())
+    }
+
     fn check(&self) -> Result<(), VolumeError> {
         if self.poisoned {
             return Err(VolumeError::Poisoned);
@@ -262,11 +365,22 @@ impl Volume {
         }
         let outcome = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => Ok(Applied::Done),
-            EntryType::EntryNormal => {
-                let cmd = Command::decode(&entry.data)
-                    .map_err(|source| VolumeError::Command { index: entry.index, source })?;
-                self.run(&cmd)
-            }
+            EntryType::EntryNormal => match Command::decode(&entry.data) {
+                Ok(cmd) => {
+                    let (offset, length) = cmd.range();
+                    match self.check_range(offset, length) {
+                        Ok(()) => self.run(&cmd),
+                        Err(e) => {
+                            warn!(self.log, "entry not applied"; "index" => entry.index, "error" => %e);
+                            Ok(Applied::Invalid)
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(self.log, "entry not applied"; "index" => entry.index, "error" => %e);
+                    Ok(Applied::Invalid)
+                }
+            },
             // A single-node group never changes its membership; the conf state stays.
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                 warn!(self.log, "ignoring a configuration change entry"; "index" => entry.index);
@@ -288,7 +402,6 @@ impl Volume {
 
     fn run(&mut self, cmd: &Command<'_>) -> Result<Applied, VolumeError> {
         let (offset, length) = cmd.range();
-        self.check_range(offset, length)?;
         let end = offset + length;
         let mut block = AlignedBuf::blocks(1);
         let mut at = offset;
@@ -329,6 +442,13 @@ impl Volume {
 
     /// Maps virtual block `vb` to a fresh copy of `content`, or unmaps it.
     fn put(&mut self, vb: u64, content: Option<&[u8]>) -> Result<(), VolumeError> {
+        let free = self.alloc.free_blocks();
+        let reserve = if content.is_some() { 1 + self.data_reserve() } else { self.metadata_need() };
+        if free < reserve {
+            // Checkpoints release what earlier trims freed; ask for them.
+            self.space_pressure = 2;
+            return Err(AllocError::NoSpace.into());
+        }
         let target = match content {
             None => None,
             Some(bytes) => {
@@ -339,6 +459,10 @@ impl Volume {
         };
         if let Some(old) = self.map.set(&*self.dev, vb, target)? {
             self.alloc.free(&*self.dev, old.block)?;
+            if free < LOW_SPACE_FACTOR * reserve {
+                // A durable block freed now is reusable only after two checkpoints.
+                self.space_pressure = 2;
+            }
         }
         Ok(())
     }
@@ -370,12 +494,29 @@ impl Volume {
         Ok(())
     }
 
-    /// Whether the log asks for a checkpoint: a quarter of the ring in use. The ring retains
-    /// what the backup root needs (two checkpoint intervals), so this keeps it at most half
-    /// full and bounds recovery work by the interval.
+    /// Whether a checkpoint is due: the log written since the current root reached the
+    /// configured size (at most a quarter of the ring, which bounds recovery work and keeps
+    /// the ring at most half full with what the backup needs), or the interval passed with
+    /// something applied, or space is short and freed blocks wait for release.
     pub fn should_checkpoint(&self, store: &LogStore) -> bool {
-        let (used, total) = store.usage();
-        used * 4 >= total
+        let root = &self.roots.current().payload;
+        let (_, ring_blocks) = store.usage();
+        let limit = (self.options.checkpoint_log_bytes / BLOCK).clamp(1, (ring_blocks / 4).max(1));
+        let since_root = store.head().saturating_sub(root.log_tail);
+        let pending = self.applied_index > root.applied_index || self.map.is_dirty();
+        since_root >= limit
+            || (pending && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
+            || self.space_pressure > 0
+    }
+
+    /// Clean shutdown: checkpoints what was applied since the current root, so the next open
+    /// replays nothing.
+    pub fn close(mut self, store: &mut LogStore) -> Result<(), VolumeError> {
+        if self.applied_index > self.roots.current().payload.applied_index || self.map.is_dirty() {
+            self.checkpoint(store)?;
+        }
+        info!(self.log, "volume closed"; "applied" => self.applied_index, "generation" => self.roots.current().generation);
+        Ok(())
     }
 
     /// Makes everything applied so far the new current root and compacts the log to what the
@@ -383,8 +524,12 @@ impl Volume {
     pub fn checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
         self.check()?;
         let result = self.try_checkpoint(store);
-        if result.is_err() {
-            self.poisoned = true;
+        match &result {
+            Ok(()) => {
+                self.last_checkpoint = Instant::now();
+                self.space_pressure = self.space_pressure.saturating_sub(1);
+            }
+            Err(_) => self.poisoned = true,
         }
         result
     }
@@ -414,6 +559,7 @@ impl Volume {
             tree_hash: map_ref.hash,
             alloc_root: alloc_ref.block,
             alloc_hash: alloc_ref.hash,
+            used_blocks: self.alloc.used(),
         };
         self.roots.commit(&*self.root_dev, payload)?;
         if let Some(backup) = self.roots.backup() {

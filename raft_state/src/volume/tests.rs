@@ -220,8 +220,13 @@ fn out_of_range_and_replayed_entries() {
     assert_eq!(h.volume.applied_index(), 1);
     let beyond =
         Entry { index: 2, term: 1, data: Command::Trim { offset: end, length: 512 }.encode(), ..Default::default() };
-    assert!(matches!(h.volume.apply(&beyond), Err(VolumeError::OutOfRange { .. })));
-    assert!(matches!(h.volume.read(0, &mut [0u8; 512]), Err(VolumeError::Poisoned)), "fail-stop");
+    assert_eq!(h.volume.apply(&beyond).expect("apply"), Applied::Invalid);
+    let garbage = Entry { index: 3, term: 1, data: b"not a command".to_vec(), ..Default::default() };
+    assert_eq!(h.volume.apply(&garbage).expect("apply"), Applied::Invalid);
+    assert_eq!(h.volume.applied_index(), 3, "invalid entries are applied as no-ops");
+    let mut buf = [0u8; 1024];
+    h.volume.read(0, &mut buf).expect("still serving");
+    assert_eq!(&buf[512..], &data[..]);
 }
 
 /// The short workload of the exhaustive test: on a 16-block log ring every step checkpoints
@@ -384,4 +389,93 @@ fn corruption_matrix() {
         Err(VolumeError::Log(LogError::CorruptMiddle { .. })) => {}
         other => panic!("damaged needed log record: expected a refusal, got {:?}", other.map(|_| ())),
     }
+}
+
+/// A thin volume (virtual size beyond the data region) filled up: writes fail with NoSpace,
+/// while reads, checkpoints, trims and reopening keep working; once trimmed blocks are
+/// released (two checkpoints, which space pressure asks for), writes succeed again.
+#[test]
+fn a_full_volume_fails_writes_and_stays_usable() {
+    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 9));
+    let virtual_blocks = 4 * DISK_BLOCKS;
+    let opts = FormatOptions { volume_bytes: virtual_blocks * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
+    Volume::format(&*disk, None, opts).expect("format");
+    let mut h = Harness::open(disk).expect("open");
+    let data_blocks = h.volume.stats().data_blocks;
+    let mut model: Vec<Option<u8>> = vec![None; virtual_blocks as usize];
+    let block_of = |v: u8| vec![v; BLOCK_SIZE];
+    // Fill: one block per write until three in a row fail (a NoSpace asks for checkpoints,
+    // which may release a few metadata blocks for more writes).
+    let mut written = 0u64;
+    let mut failed_in_a_row = 0;
+    while failed_in_a_row < 3 {
+        let v = (written % 251) as u8 + 1;
+        match h.propose(&Command::Write { offset: written * BLOCK, data: &block_of(v) }).expect("propose") {
+            Applied::Done => {
+                model[written as usize] = Some(v);
+                written += 1;
+                failed_in_a_row = 0;
+            }
+            Applied::NoSpace => failed_in_a_row += 1,
+            Applied::Invalid => panic!("invalid"),
+        }
+        assert!(written < virtual_blocks, "the data region never filled");
+    }
+    assert!(written > data_blocks / 2, "only {written} of {data_blocks} blocks were writable");
+    assert_eq!(h.volume.stats().writable_blocks, 0);
+    // Full: checkpoints work, and writes keep failing without changing anything.
+    for _ in 0..3 {
+        h.volume.checkpoint(&mut h.store).expect("checkpoint while full");
+        let at = written * BLOCK;
+        assert_eq!(h.propose(&Command::Write { offset: at, data: &block_of(7) }).expect("propose"), Applied::NoSpace);
+    }
+    let check = |h: &Harness, model: &[Option<u8>]| {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for (vb, want) in model.iter().enumerate() {
+            h.volume.read(vb as u64 * BLOCK, &mut buf).expect("read");
+            let want = want.unwrap_or(0);
+            assert!(buf.iter().all(|&b| b == want), "block {vb}: want {want}, got {}", buf[0]);
+        }
+    };
+    check(&h, &model);
+    // Trim every other written block, with a sub-block trim in the mix.
+    for vb in (0..written).step_by(2) {
+        assert_eq!(h.propose(&Command::Trim { offset: vb * BLOCK, length: BLOCK }).expect("trim"), Applied::Done);
+        model[vb as usize] = None;
+    }
+    check(&h, &model);
+    // Reopen (clean close) at this point: the used count comes back from the root.
+    let used = {
+        let disk = h.disk.clone();
+        let Harness { volume, mut store, .. } = h;
+        volume.close(&mut store).expect("close");
+        let used = {
+            let (v, _) = Volume::open(disk.clone(), None, logger()).expect("reopen");
+            v.stats().used_blocks
+        };
+        h = Harness::open(disk).expect("reopen");
+        used
+    };
+    assert_eq!(h.volume.stats().used_blocks, used);
+    assert_eq!(h.volume.stats().root_applied_index, h.volume.applied_index(), "closed cleanly: no replay");
+    check(&h, &model);
+    // Writes succeed again into the trimmed space (the first may still find it unreleased).
+    let mut rewritten = 0;
+    for vb in (0..written).step_by(2) {
+        match h.propose(&Command::Write { offset: vb * BLOCK, data: &block_of(9) }).expect("propose") {
+            Applied::Done => {
+                model[vb as usize] = Some(9);
+                rewritten += 1;
+            }
+            Applied::NoSpace => {}
+            Applied::Invalid => panic!("invalid"),
+        }
+    }
+    assert!(rewritten >= written / 2 - 4, "only {rewritten} of {} trimmed blocks were writable again", written / 2);
+    check(&h, &model);
+    let disk = h.disk.clone();
+    drop(h);
+    disk.crash(CrashPolicy::Random);
+    let h = Harness::open(disk).expect("open after crash");
+    check(&h, &model);
 }
