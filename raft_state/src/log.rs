@@ -696,8 +696,17 @@ impl raft::Storage for LogStore {
         }
         let from = (low - self.snapshot_index - 1) as usize;
         let to = (high - self.snapshot_index - 1) as usize;
-        let mut out: Vec<Entry> = self.entries.range(from..to).cloned().collect();
-        raft::util::limit_size(&mut out, max_size.into());
+        // raft's rule: at least one entry, then as many as fit in `max_size` bytes.
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for e in self.entries.range(from..to) {
+            size += e.encoded_len() as u64;
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(e.clone());
+        }
         Ok(out)
     }
 

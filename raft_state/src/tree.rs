@@ -317,68 +317,20 @@ impl BlockTree {
         dev: &dyn Device,
         alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
     ) -> Result<TreeRef, TreeError> {
-        let mut buf = AlignedBuf::blocks(1);
-        let top = self.height - 1;
-        let ptr = Self::flush_slot(self.kind, self.volume_id, &mut self.root, top, dev, alloc, &mut buf)?;
+        let mut flusher = Flusher {
+            kind: self.kind,
+            volume_id: self.volume_id,
+            cache: &self.cache,
+            dev,
+            alloc,
+            buf: AlignedBuf::blocks(1),
+        };
+        let ptr = flusher.flush_slot(&mut self.root, self.height - 1)?;
         self.dirty = 0;
         Ok(match ptr {
             Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
             None => TreeRef { block: 0, hash: [0; 32], height: self.height },
         })
-    }
-
-    fn flush_slot(
-        kind: TreeKind,
-        volume_id: [u8; 16],
-        slot: &mut Slot,
-        level: u32,
-        dev: &dyn Device,
-        alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
-        buf: &mut AlignedBuf,
-    ) -> Result<Option<Ptr>, TreeError> {
-        let node = match slot {
-            Slot::Empty => return Ok(None),
-            Slot::Clean(ptr) => return Ok(Some(*ptr)),
-            Slot::Dirty(node) => node,
-        };
-        let mut entries = [RawEntry { block: U64::new(0), hash: [0; 32] }; FANOUT as usize];
-        let mut used = 0u32;
-        for (i, child) in node.slots.iter_mut().enumerate() {
-            let ptr = if level == 0 {
-                match child {
-                    Slot::Clean(ptr) => Some(*ptr),
-                    _ => None,
-                }
-            } else {
-                Self::flush_slot(kind, volume_id, child, level - 1, dev, alloc, buf)?
-            };
-            if let Some(p) = ptr {
-                entries[i] = RawEntry { block: U64::new(p.block), hash: p.hash };
-                used += 1;
-            }
-        }
-        if used == 0 {
-            *slot = Slot::Empty;
-            return Ok(None);
-        }
-        let block = alloc()?;
-        let raw = RawNode {
-            magic: NODE_MAGIC,
-            format_version: U32::new(NODE_FORMAT_VERSION),
-            level: U32::new(level),
-            volume_id,
-            block: U64::new(block),
-            kind: U32::new(kind as u32),
-            used: U32::new(used),
-            reserved: [0; 16],
-            entries,
-            padding: [0; 1472],
-        };
-        buf.copy_from_slice(raw.as_bytes());
-        dev.write_at(block * BLOCK, buf).map_err(|source| TreeError::Device { block, source })?;
-        let ptr = Ptr { block, hash: hash::tree_node(buf) };
-        *slot = Slot::Clean(ptr);
-        Ok(Some(ptr))
     }
 
     /// Node blocks replaced since the last call: unreachable from the tree `flush` returns,
@@ -504,6 +456,67 @@ impl BlockTree {
             })
             .collect();
         Ok(Node { slots })
+    }
+}
+
+/// What `BlockTree::flush` needs on its way down the tree.
+struct Flusher<'a> {
+    kind: TreeKind,
+    volume_id: [u8; 16],
+    cache: &'a NodeCache,
+    dev: &'a dyn Device,
+    alloc: &'a mut dyn FnMut() -> Result<u64, TreeError>,
+    buf: AlignedBuf,
+}
+
+impl Flusher<'_> {
+    fn flush_slot(&mut self, slot: &mut Slot, level: u32) -> Result<Option<Ptr>, TreeError> {
+        let node = match slot {
+            Slot::Empty => return Ok(None),
+            Slot::Clean(ptr) => return Ok(Some(*ptr)),
+            Slot::Dirty(node) => node,
+        };
+        let mut entries = [RawEntry { block: U64::new(0), hash: [0; 32] }; FANOUT as usize];
+        let mut used = 0u32;
+        for (i, child) in node.slots.iter_mut().enumerate() {
+            let ptr = if level == 0 {
+                match child {
+                    Slot::Clean(ptr) => Some(*ptr),
+                    _ => None,
+                }
+            } else {
+                self.flush_slot(child, level - 1)?
+            };
+            if let Some(p) = ptr {
+                entries[i] = RawEntry { block: U64::new(p.block), hash: p.hash };
+                used += 1;
+            }
+        }
+        if used == 0 {
+            *slot = Slot::Empty;
+            return Ok(None);
+        }
+        let block = (self.alloc)()?;
+        let raw = RawNode {
+            magic: NODE_MAGIC,
+            format_version: U32::new(NODE_FORMAT_VERSION),
+            level: U32::new(level),
+            volume_id: self.volume_id,
+            block: U64::new(block),
+            kind: U32::new(self.kind as u32),
+            used: U32::new(used),
+            reserved: [0; 16],
+            entries,
+            padding: [0; 1472],
+        };
+        self.buf.copy_from_slice(raw.as_bytes());
+        self.dev.write_at(block * BLOCK, &self.buf).map_err(|source| TreeError::Device { block, source })?;
+        let ptr = Ptr { block, hash: hash::tree_node(&self.buf) };
+        // The node just written is the working set: keep it (its children are all clean now).
+        if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
+            lock(self.cache).insert(block, (ptr.hash, level, Arc::new(*node)));
+        }
+        Ok(Some(ptr))
     }
 }
 

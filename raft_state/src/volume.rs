@@ -61,6 +61,8 @@ pub enum VolumeError {
     Poisoned,
 }
 
+/// Bytes of entries replay copies out of the log at a time.
+const REPLAY_CHUNK_BYTES: u64 = 4 << 20;
 /// Paths of block-map nodes kept free for trims on a full volume between two checkpoints.
 const TRIM_SLACK_PATHS: u64 = 64;
 /// Below this many times the data reserve, space is short: a freed durable block asks for the
@@ -100,7 +102,7 @@ pub struct VolumeOptions {
 impl Default for VolumeOptions {
     fn default() -> Self {
         Self {
-            checkpoint_log_bytes: 64 << 20,
+            checkpoint_log_bytes: 16 << 20,
             checkpoint_interval: Duration::from_secs(30),
             node_cache: tree::DEFAULT_NODE_CACHE,
             bitmap_cache: crate::alloc::DEFAULT_BITMAP_CACHE,
@@ -281,12 +283,13 @@ impl Volume {
         };
         let commit = store.hard_state().commit;
         let mut replayed = 0u64;
-        if commit > volume.applied_index {
+        // In chunks: the log holds the entries already, so a second full copy is not needed.
+        while volume.applied_index < commit {
             let entries = raft::Storage::entries(
                 &store,
                 volume.applied_index + 1,
                 commit + 1,
-                None,
+                REPLAY_CHUNK_BYTES,
                 raft::GetEntriesContext::empty(false),
             )
             .map_err(|e| VolumeError::Log(LogError::BadAnchor(format!("committed entries unavailable: {e}"))))?;
