@@ -4,7 +4,11 @@
 //! ```text
 //! log region (n blocks), addressed by vblock = lap * n + block; block = vblock % n
 //!
-//!  record  := header (256 bytes) payload padding-to-4KiB
+//!  record  := sector+            (its blocks, 8 sectors each)
+//!  sector  := data (504 bytes) tag tag    (tag = first 4 bytes of the header checksum in
+//!                                          the record's first sector, their complement in
+//!                                          every other sector)
+//!  data of the sectors, concatenated := header (256 bytes) payload zero-padding
 //!  header  := magic version volume_id vblock batch_start blocks entry_count payload_len
 //!             first_index term vote commit prev_checksum payload_checksum header_checksum
 //!  payload := entry*             (each a length-delimited prost `eraftpb::Entry`)
@@ -23,7 +27,11 @@
 //! - Recovery (Protocol-Aware Recovery, FAST 2018): the scan follows the chain from the root's
 //!   `log_tail`. At the first bad record it looks ahead: a valid record of a *later* batch
 //!   means a flushed record was damaged, and opening refuses; otherwise the bad record was the
-//!   torn tail of the last, unflushed batch and is dropped.
+//!   torn tail of the last, unflushed batch and is dropped — unless every sector of it carries
+//!   its tag: then the whole record reached the media and was damaged later, and opening
+//!   refuses. Sectors are written atomically (the media assumption), so a torn write leaves
+//!   some sector with older content and another tag, while a damaged sector keeps at least
+//!   one copy of its tag (`docs/format.md`, "torn or damaged").
 //! - Compaction only moves the in-memory start; ring space before the retained position is
 //!   reused. Which position must be retained is decided by the roots (see `docs/format.md`).
 
@@ -37,7 +45,7 @@ use slog::{debug, info, warn, Logger};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
+use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE, SECTOR_SIZE};
 use crate::hash::{self, Hash};
 
 /// Magic at the start of every log record.
@@ -46,11 +54,15 @@ pub const LOG_MAGIC: [u8; 8] = *b"RBLKLOG\0";
 pub const LOG_FORMAT_VERSION: u32 = 1;
 /// Bytes of the record header; the payload starts right after it.
 pub const HEADER_SIZE: usize = 256;
+/// Record data bytes in each 512-byte sector; the last 8 hold the record's tag twice.
+const SECTOR_DATA: usize = SECTOR_SIZE - 8;
+/// Record data bytes in each block.
+const BLOCK_DATA: usize = BLOCK_SIZE / SECTOR_SIZE * SECTOR_DATA;
 /// The largest record, in blocks. A batch larger than this is split into several records;
 /// it also bounds how far recovery looks past a bad record.
 pub const MAX_RECORD_BLOCKS: u64 = 512;
 /// The largest encoded entry a record can hold.
-pub const MAX_ENTRY_BYTES: usize = MAX_RECORD_BLOCKS as usize * BLOCK_SIZE - HEADER_SIZE - 16;
+pub const MAX_ENTRY_BYTES: usize = MAX_RECORD_BLOCKS as usize * BLOCK_DATA - HEADER_SIZE - 16;
 
 /// The on-disk record header. Byte offsets (all integers little-endian):
 ///
@@ -159,6 +171,11 @@ pub enum LogError {
          {next}: committed entries would be lost, refusing to open"
     )]
     CorruptMiddle { vblock: u64, lap: u64, why: String, next: u64 },
+    #[error(
+        "the last log record, at block {vblock}, was written completely but is damaged ({why}): \
+         acknowledged entries would be lost, refusing to open"
+    )]
+    CorruptTail { vblock: u64, why: String },
     #[error("the log ends at block {end} but the root saw it reach block {expected}: refusing to open")]
     ShortLog { end: u64, expected: u64 },
     #[error("log record at block {vblock} has unsupported format version {version}")]
@@ -405,7 +422,7 @@ impl LogStore {
         // Stale records of the same lap beyond the head all belong to batches that started at
         // or before it (recovery only ever drops part of the last batch), so they do not count.
         let mut cursor = match &problem {
-            RecordProblem::Payload { blocks } => torn_at + blocks,
+            RecordProblem::Payload { blocks, .. } => torn_at + blocks,
             _ => torn_at + 1,
         };
         let mut window_end = cursor + MAX_RECORD_BLOCKS;
@@ -430,8 +447,45 @@ impl LogStore {
                 Err(_) => cursor += 1,
             }
         }
+        if self.written_whole(reader, torn_at, &problem)? {
+            return Err(LogError::CorruptTail { vblock: torn_at, why: problem.to_string() });
+        }
         warn!(self.log, "dropped torn log tail"; "vblock" => torn_at, "why" => problem.to_string());
         Ok(())
+    }
+
+    /// Whether every sector of the bad record at `vblock` was written by that record (then it
+    /// is damaged, not torn). With a valid header the tag is known; with a damaged one, the
+    /// first block decides: its other seven sectors agree on a body tag and the header sector
+    /// still carries a copy of the matching header tag (so the block is a record's first).
+    fn written_whole(&self, reader: &mut RingReader, vblock: u64, problem: &RecordProblem) -> Result<bool, LogError> {
+        let read = |reader: &mut RingReader, blocks: u64| -> Result<Vec<u8>, LogError> {
+            let bytes = reader
+                .blocks(&*self.dev, vblock, blocks)
+                .map_err(|source| LogError::Device { what: "read log record", source })?;
+            Ok(bytes.to_vec())
+        };
+        match problem {
+            RecordProblem::Payload { blocks, tag } => {
+                let bytes = read(reader, *blocks)?;
+                let body = body_tag(*tag);
+                Ok(bytes
+                    .chunks(SECTOR_SIZE)
+                    .enumerate()
+                    .all(|(i, sector)| sector_tags(sector).contains(if i == 0 { tag } else { &body })))
+            }
+            RecordProblem::Header(HeaderProblem::Magic | HeaderProblem::Checksum | HeaderProblem::Shape(_)) => {
+                let bytes = read(reader, 1)?;
+                let mut sectors = bytes.chunks(SECTOR_SIZE);
+                let header_tags = sector_tags(sectors.next().unwrap_or_default());
+                let [body, again] = sector_tags(&bytes[SECTOR_SIZE..]);
+                let agreed = body == again && body != NO_TAG && sectors.all(|s| sector_tags(s) == [body, body]);
+                Ok(agreed && header_tags.contains(&body_tag(body)))
+            }
+            // Another volume's or lap's record, a newer format, or a complete record that does
+            // not chain: nothing of this record reached the media there.
+            RecordProblem::Header(_) | RecordProblem::Chain => Ok(false),
+        }
     }
 
     fn truncate_from(&mut self, index: u64) {
@@ -503,7 +557,7 @@ impl LogStore {
     /// the current head.
     fn encode_batch(&self, entries: &[Entry], hs: &HardState) -> Result<(AlignedBuf, Vec<Span>, Hash), LogError> {
         // Group entries into records by encoded size.
-        let record_room = MAX_RECORD_BLOCKS as usize * BLOCK_SIZE - HEADER_SIZE;
+        let record_room = MAX_RECORD_BLOCKS as usize * BLOCK_DATA - HEADER_SIZE;
         let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, payload bytes)
         let (mut start, mut bytes) = (0, 0);
         for (i, e) in entries.iter().enumerate() {
@@ -519,16 +573,18 @@ impl LogStore {
             bytes += framed;
         }
         groups.push((start, entries.len(), bytes));
-        let total_blocks: usize = groups.iter().map(|&(_, _, b)| (HEADER_SIZE + b).div_ceil(BLOCK_SIZE)).sum();
+        let total_blocks: usize = groups.iter().map(|&(_, _, b)| (HEADER_SIZE + b).div_ceil(BLOCK_DATA)).sum();
         let mut buf = AlignedBuf::blocks(total_blocks);
         let mut spans = Vec::with_capacity(groups.len());
         let mut prev = self.last_checksum;
         let mut at = 0usize;
         let mut vblock = self.head;
+        let mut record = Vec::new();
         for (start, end, payload_len) in groups {
-            let blocks = (HEADER_SIZE + payload_len).div_ceil(BLOCK_SIZE);
-            let record = &mut buf[at..at + blocks * BLOCK_SIZE];
-            let mut payload = &mut record[HEADER_SIZE..HEADER_SIZE + payload_len];
+            let blocks = (HEADER_SIZE + payload_len).div_ceil(BLOCK_DATA);
+            record.clear();
+            record.resize(HEADER_SIZE + payload_len, 0);
+            let mut payload = &mut record[HEADER_SIZE..];
             for e in &entries[start..end] {
                 // Cannot fail: the slice was sized from encoded_len.
                 e.encode_length_delimited(&mut payload)
@@ -561,6 +617,7 @@ impl LogStore {
             record[..HEADER_SIZE].copy_from_slice(raw.as_bytes());
             let checksum = hash::log_header_checksum(&record[..CHECKED_HEADER]);
             record[CHECKED_HEADER..HEADER_SIZE].copy_from_slice(&checksum);
+            seal(&record, &mut buf[at..at + blocks * BLOCK_SIZE], tag_of(&checksum));
             prev = checksum;
             spans.push(Span {
                 vblock,
@@ -735,9 +792,10 @@ impl raft::Storage for LogStore {
 #[derive(Debug)]
 enum RecordProblem {
     Header(HeaderProblem),
-    /// The header is valid (so its length is known) but the payload is not.
+    /// The header is valid (so its length and tag are known) but the payload is not.
     Payload {
         blocks: u64,
+        tag: [u8; 4],
     },
     /// Valid, but it does not follow the record before it.
     Chain,
@@ -816,7 +874,7 @@ fn parse_header(bytes: &[u8], vblock: u64, volume_id: [u8; 16]) -> Result<Header
     if raw.header_size.get() as usize != HEADER_SIZE
         || blocks == 0
         || blocks > MAX_RECORD_BLOCKS
-        || HEADER_SIZE as u64 + payload_len > blocks * BLOCK
+        || HEADER_SIZE as u64 + payload_len > blocks * BLOCK_DATA as u64
         || raw.batch_start.get() > vblock
     {
         return Err(HeaderProblem::Shape(format!("{blocks} blocks, payload {payload_len}")));
@@ -866,12 +924,67 @@ fn read_record(
     let bytes = reader
         .blocks(dev, vblock, header.blocks)
         .map_err(|source| LogError::Device { what: "read log record", source })?;
-    let payload = &bytes[HEADER_SIZE..HEADER_SIZE + header.payload_len];
-    if hash::log_payload_checksum(&volume_id, vblock, payload) != header.payload_checksum {
-        return Ok(Err(RecordProblem::Payload { blocks: header.blocks }));
+    let payload = gather(bytes, HEADER_SIZE, header.payload_len);
+    if hash::log_payload_checksum(&volume_id, vblock, &payload) != header.payload_checksum {
+        return Ok(Err(RecordProblem::Payload { blocks: header.blocks, tag: tag_of(&header.checksum) }));
     }
-    let payload = payload.to_vec();
     Ok(Ok((header, payload)))
+}
+
+/// A tag no record has: what never-written (zeroed) sectors carry.
+const NO_TAG: [u8; 4] = [0; 4];
+
+/// The tag a record writes into its first sector; the others carry `body_tag` of it, so the
+/// first block of a record is told apart from a block in the middle of one.
+fn tag_of(header_checksum: &Hash) -> [u8; 4] {
+    let tag = [header_checksum[0], header_checksum[1], header_checksum[2], header_checksum[3]];
+    if tag == NO_TAG || body_tag(tag) == NO_TAG {
+        [1, 0, 0, 0]
+    } else {
+        tag
+    }
+}
+
+/// The tag of a record's sectors after the first: the complement of its first sector's.
+fn body_tag(tag: [u8; 4]) -> [u8; 4] {
+    tag.map(|b| !b)
+}
+
+/// The two tag copies at the end of a sector.
+fn sector_tags(sector: &[u8]) -> [[u8; 4]; 2] {
+    let mut out = [NO_TAG; 2];
+    if sector.len() >= SECTOR_SIZE {
+        out[0].copy_from_slice(&sector[SECTOR_DATA..SECTOR_DATA + 4]);
+        out[1].copy_from_slice(&sector[SECTOR_DATA + 4..SECTOR_SIZE]);
+    }
+    out
+}
+
+/// Lays the record data `data` out in sectors of `out` (whole blocks), each ending with its
+/// tag twice (`tag` in the first, `body_tag` in the rest); the data's tail is zero-padded.
+fn seal(data: &[u8], out: &mut [u8], first_tag: [u8; 4]) {
+    for (i, sector) in out.chunks_mut(SECTOR_SIZE).enumerate() {
+        let tag = if i == 0 { first_tag } else { body_tag(first_tag) };
+        let from = (i * SECTOR_DATA).min(data.len());
+        let to = ((i + 1) * SECTOR_DATA).min(data.len());
+        sector[..to - from].copy_from_slice(&data[from..to]);
+        sector[to - from..SECTOR_DATA].fill(0);
+        sector[SECTOR_DATA..SECTOR_DATA + 4].copy_from_slice(&tag);
+        sector[SECTOR_DATA + 4..].copy_from_slice(&tag);
+    }
+}
+
+/// `len` bytes of record data from offset `from`, gathered from the sectors of `bytes`.
+fn gather(bytes: &[u8], from: usize, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = from;
+    while out.len() < len {
+        let (sector, within) = (at / SECTOR_DATA, at % SECTOR_DATA);
+        let n = (SECTOR_DATA - within).min(len - out.len());
+        out.extend_from_slice(&bytes[sector * SECTOR_SIZE + within..][..n]);
+        at += n;
+    }
+    out
 }
 
 fn decode_entries(mut payload: &[u8], count: u32) -> Result<Vec<Entry>, String> {
@@ -1081,19 +1194,43 @@ mod tests {
         assert!(matches!(err, LogError::CorruptMiddle { vblock, .. } if vblock == second), "{err}");
     }
 
+    /// The last record, written completely and then damaged, is refused; torn, it is dropped.
     #[test]
-    fn damaged_last_record_is_a_torn_tail_unless_a_root_saw_it() {
-        let d = disk(64);
-        let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
-        s.append(&[entry(1, 1, 10)], Some(&hs(1, 0))).expect("append");
-        s.append(&[entry(2, 1, 10)], Some(&hs(1, 0))).expect("append");
-        let last = s.spans[1].vblock;
-        d.inject(SimFault::BitFlip { offset: (3 + last) * BLOCK + 8, bit: 1 });
-        let r = open(&d, 64, &Anchor::genesis(voters())).expect("torn tail");
-        assert_eq!(r.last_index(), 1);
-        // A root written after both records were durable knows the log reached s.head().
-        let anchor = Anchor { durable_head: s.head(), ..Anchor::genesis(voters()) };
-        assert!(matches!(open(&d, 64, &anchor), Err(LogError::ShortLog { .. })));
+    fn damaged_last_record_is_refused_and_a_torn_one_dropped() {
+        let setup = |len: usize| {
+            let d = disk(64);
+            let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
+            s.append(&[entry(1, 1, 10)], Some(&hs(1, 0))).expect("append");
+            s.append(&[entry(2, 1, len)], Some(&hs(1, 0))).expect("append");
+            let last = (3 + s.spans[1].vblock) * BLOCK;
+            (d, last, s.head())
+        };
+        // Damage to its header or payload (in the first sector, a later one, a later block).
+        for (len, offset) in [(10, 8), (10, 40), (200, 300), (9000, 600), (9000, 5000), (9000, 8192 + 100)] {
+            let (d, last, _) = setup(len);
+            d.inject(SimFault::BitFlip { offset: last + offset, bit: 3 });
+            let err = open(&d, 64, &Anchor::genesis(voters())).map(|_| ()).expect_err("damage is refused");
+            assert!(matches!(err, LogError::CorruptTail { .. }), "offset {offset}: {err}");
+        }
+        // Damage to padding or a tag copy loses nothing: the record still validates.
+        for (len, offset) in [(10, 2000), (10, 504), (10, 4095), (9000, 8192 + 511)] {
+            let (d, last, _) = setup(len);
+            d.inject(SimFault::BitFlip { offset: last + offset, bit: 3 });
+            assert_eq!(open(&d, 64, &Anchor::genesis(voters())).expect("open").last_index(), 2, "offset {offset}");
+        }
+        // Torn: one sector holding record data kept its old content (zeros here).
+        for (len, sector) in [(3000, 0), (3000, 3), (3000, 6), (9000, 9), (9000, 17)] {
+            let (d, last, head) = setup(len);
+            let mut image = d.durable_image();
+            let at = (last + sector * 512) as usize;
+            image[at..at + 512].fill(0);
+            let d = Arc::new(SimDisk::from_image(image, 1));
+            let r = open(&d, 64, &Anchor::genesis(voters())).expect("a torn tail is dropped");
+            assert_eq!(r.last_index(), 1, "sector {sector}");
+            // A root written after the record was durable knows the log reached the head.
+            let anchor = Anchor { durable_head: head, ..Anchor::genesis(voters()) };
+            assert!(matches!(open(&d, 64, &anchor), Err(LogError::ShortLog { .. })));
+        }
     }
 
     #[test]
@@ -1194,7 +1331,7 @@ mod tests {
             let h = parse_header(&buf, 0, VOL).expect("parse");
             prop_assert_eq!(h.checksum, last);
             prop_assert_eq!(h.entry_count as usize, n);
-            prop_assert_eq!(decode_entries(&buf[HEADER_SIZE..HEADER_SIZE + h.payload_len], h.entry_count).expect("decode"), es);
+            prop_assert_eq!(decode_entries(&gather(&buf, HEADER_SIZE, h.payload_len), h.entry_count).expect("decode"), es);
             prop_assert!(parse_header(&buf, 1, VOL).is_err(), "bound to its position");
             buf[flip / 8] ^= 1 << (flip % 8);
             prop_assert!(parse_header(&buf, 0, VOL).is_err());
