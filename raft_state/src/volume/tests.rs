@@ -389,6 +389,23 @@ fn corruption_matrix() {
         Err(VolumeError::Log(LogError::CorruptMiddle { .. })) => {}
         other => panic!("damaged needed log record: expected a refusal, got {:?}", other.map(|_| ())),
     }
+
+    // The log tail: the last record, acknowledged, then damaged (its header, then its
+    // payload). Dropping it as if torn would lose an acknowledged write silently.
+    for offset in [100, 700] {
+        let (mut h, _) = corruption_fixture();
+        let before = h.store.head();
+        let data = vec![0xA5u8; 2 * BLOCK_SIZE];
+        assert_eq!(h.propose(&Command::Write { offset: 0, data: &data }).expect("write"), Applied::Done);
+        let disk = h.disk.clone();
+        drop(h);
+        let at = (3 + before % LOG_BLOCKS) * BLOCK + offset;
+        disk.inject(SimFault::BitFlip { offset: at, bit: 5 });
+        match Harness::open(disk) {
+            Err(VolumeError::Log(LogError::CorruptTail { .. })) => {}
+            other => panic!("damaged last log record: expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    }
 }
 
 /// A thin volume (virtual size beyond the data region) filled up: writes fail with NoSpace,
