@@ -6,9 +6,14 @@
 //!   overwrite, backup and current slot;
 //! - [`log`]: the Raft log (`raft::Storage`) kept as a ring of checksummed records on raw
 //!   sectors;
-//! - [`tree`]: the copy-on-write Merkle tree that maps virtual blocks to physical blocks;
+//! - [`tree`]: the copy-on-write Merkle tree that maps virtual blocks to physical blocks
+//!   (and allocator bitmap indexes to bitmap blocks), with a bounded node [`cache`];
+//! - [`alloc`]: the free-space bitmaps and the two-root reuse rule;
+//! - [`command`]: the block commands carried in Raft entries;
+//! - [`volume`]: the state machine: apply, checkpoint, open and recover;
 //! - [`layout`]: the geometry that places the regions;
-//! - [`hash`]: the domain-separated BLAKE3 hashes all formats use.
+//! - [`hash`]: the domain-separated BLAKE3 hashes all formats use;
+//! - [`rng`]: the small seeded generator the simulations use.
 //!
 //! The byte layout of every structure is in `docs/format.md`.
 
