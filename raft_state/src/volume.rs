@@ -61,6 +61,8 @@ pub enum VolumeError {
     Poisoned,
 }
 
+/// Whole blocks of one write placed at a time (bounds the placement list).
+const MAX_RUN_BLOCKS: u64 = 256;
 /// Bytes of entries replay copies out of the log at a time.
 const REPLAY_CHUNK_BYTES: u64 = 4 << 20;
 /// Paths of block-map nodes kept free for trims on a full volume between two checkpoints.
@@ -411,18 +413,18 @@ impl Volume {
         while at < end {
             let vb = at / BLOCK;
             let within = (at % BLOCK) as usize;
-            let n = ((BLOCK - at % BLOCK).min(end - at)) as usize;
+            let mut n = ((BLOCK - at % BLOCK).min(end - at)) as usize;
             let whole = within == 0 && n == BLOCK_SIZE;
             let result = match cmd {
+                Command::Write { data, .. } if whole => {
+                    // A run of whole blocks at once: consecutive blocks go out in one write.
+                    n = ((end - at) / BLOCK).min(MAX_RUN_BLOCKS) as usize * BLOCK_SIZE;
+                    self.put_whole(vb, &data[(at - offset) as usize..][..n])
+                }
                 Command::Write { data, .. } => {
-                    let src = &data[(at - offset) as usize..][..n];
-                    if whole {
-                        self.put(vb, Some(src))
-                    } else {
-                        self.read_block(vb, &mut block)?;
-                        block[within..within + n].copy_from_slice(src);
-                        self.put(vb, Some(&block))
-                    }
+                    self.read_block(vb, &mut block)?;
+                    block[within..within + n].copy_from_slice(&data[(at - offset) as usize..][..n]);
+                    self.put(vb, Some(&block))
                 }
                 Command::Trim { .. } | Command::WriteZeroes { .. } => {
                     if whole {
@@ -460,9 +462,51 @@ impl Volume {
                 Some(Ptr { block, hash: hash::data_block(bytes) })
             }
         };
+        self.map_block(vb, target)
+    }
+
+    /// Maps the whole blocks from `first_vb` on to fresh copies of `data`. The blocks are
+    /// allocated first, so physically consecutive ones are written with one write. On
+    /// `NoSpace` the blocks placed so far are still mapped (a failed write may change part of
+    /// its range).
+    fn put_whole(&mut self, first_vb: u64, data: &[u8]) -> Result<(), VolumeError> {
+        let count = data.len() / BLOCK_SIZE;
+        let height = u64::from(self.map.height());
+        let mut placed: Vec<u64> = Vec::with_capacity(count);
+        let mut outcome = Ok(());
+        while placed.len() < count {
+            // Every block placed but not yet mapped may still dirty a path of the map.
+            let reserve = 1 + self.data_reserve() + placed.len() as u64 * height;
+            if self.alloc.free_blocks() < reserve {
+                self.space_pressure = 2;
+                outcome = Err(AllocError::NoSpace.into());
+                break;
+            }
+            placed.push(self.alloc.allocate(&*self.dev)?);
+        }
+        let mut i = 0;
+        while i < placed.len() {
+            let mut j = i + 1;
+            while j < placed.len() && placed[j] == placed[j - 1] + 1 {
+                j += 1;
+            }
+            let block = placed[i];
+            let bytes = &data[i * BLOCK_SIZE..j * BLOCK_SIZE];
+            self.dev.write_at(block * BLOCK, bytes).map_err(|source| VolumeError::Device { block, source })?;
+            i = j;
+        }
+        for (i, &block) in placed.iter().enumerate() {
+            let hash = hash::data_block(&data[i * BLOCK_SIZE..][..BLOCK_SIZE]);
+            self.map_block(first_vb + i as u64, Some(Ptr { block, hash }))?;
+        }
+        outcome
+    }
+
+    /// Points `vb` at `target` (or unmaps it) and frees the block it pointed at.
+    fn map_block(&mut self, vb: u64, target: Option<Ptr>) -> Result<(), VolumeError> {
         if let Some(old) = self.map.set(&*self.dev, vb, target)? {
             self.alloc.free(&*self.dev, old.block)?;
-            if free < LOW_SPACE_FACTOR * reserve {
+            if self.alloc.free_blocks() < LOW_SPACE_FACTOR * (1 + self.data_reserve()) {
                 // A durable block freed now is reusable only after two checkpoints.
                 self.space_pressure = 2;
             }
