@@ -523,3 +523,60 @@ fn large_unaligned_write_reads_back() {
     drop(store);
     check(&Harness::open(disk).expect("reopen"));
 }
+
+/// Checkpoints fall due by log bytes since the root and by time (with something applied),
+/// and memory stays within the cache bounds however much of the volume is read.
+#[test]
+fn checkpoint_triggers_and_bounded_caches() {
+    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 4));
+    let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
+    Volume::format(&*disk, None, opts).expect("format");
+    let options = VolumeOptions {
+        checkpoint_log_bytes: 8 * BLOCK,
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        node_cache: 2,
+        bitmap_cache: 1,
+    };
+    let (volume, store) = Volume::open_with(disk.clone(), None, options.clone(), logger()).expect("open");
+    let mut h = Harness { disk: disk.clone(), volume, store, term: 2 };
+    assert!(!h.volume.should_checkpoint(&h.store), "nothing written yet");
+    let data = vec![7u8; BLOCK_SIZE];
+    let mut writes = 0;
+    let index_before = h.volume.stats().root_applied_index;
+    while h.volume.stats().root_applied_index == index_before {
+        assert!(writes < 8, "8 blocks of log must trigger a checkpoint");
+        h.propose(&Command::Write { offset: writes * BLOCK, data: &data }).expect("write");
+        writes += 1;
+    }
+    assert!(writes >= 3, "a checkpoint came only after about 8 blocks of log ({writes} writes)");
+    // By time: due once the interval has passed and something was applied.
+    let (volume, store) = {
+        let Harness { volume, mut store, .. } = h;
+        volume.close(&mut store).expect("close");
+        drop(store);
+        let quick = VolumeOptions { checkpoint_interval: std::time::Duration::ZERO, ..options };
+        Volume::open_with(disk.clone(), None, quick, logger()).expect("open")
+    };
+    let mut h = Harness { disk, volume, store, term: 3 };
+    assert!(!h.volume.should_checkpoint(&h.store), "nothing applied since the root");
+    let index = h.store.last_index() + 1;
+    let entry =
+        Entry { index, term: 3, data: Command::Trim { offset: 0, length: BLOCK }.encode(), ..Default::default() };
+    h.store.append(std::slice::from_ref(&entry), Some(&HardState { term: 3, vote: 1, commit: index })).expect("append");
+    h.volume.apply(&entry).expect("apply");
+    assert!(h.volume.should_checkpoint(&h.store), "interval passed with something applied");
+    // Caches: every block of the volume read, the clean nodes held stay within the bound.
+    for vb in 0..VOLUME_BLOCKS {
+        h.propose(&Command::Write { offset: vb * BLOCK, data: &data }).expect("write");
+    }
+    h.volume.checkpoint(&mut h.store).expect("checkpoint");
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for vb in 0..VOLUME_BLOCKS {
+        h.volume.read(vb * BLOCK, &mut buf).expect("read");
+        assert!(buf.iter().all(|&b| b == 7));
+    }
+    let stats = h.volume.stats();
+    assert!(stats.cached_nodes <= 2, "{stats:?}");
+    assert!(stats.loaded_bitmaps <= 1, "{stats:?}");
+    assert_eq!(stats.dirty_nodes, 0);
+}
