@@ -79,6 +79,11 @@ pub enum Applied {
     /// The data region ran out of free blocks. As NBD permits for a failed write, part of the
     /// range may hold the new data; the rest is unchanged.
     NoSpace,
+    /// Some blocks of the range could not be read (damaged or unreadable old content that a
+    /// partial write must merge with, or a damaged block-map node on the way) and were left as
+    /// they were; the rest was applied. The client gets an I/O error; reads of those blocks
+    /// keep failing until they are overwritten whole.
+    Damaged,
     /// The entry holds no valid command (undecodable, or a range beyond the volume): nothing
     /// was changed. The driver validates requests before proposing them, so this is a bug
     /// upstream; it is applied as a no-op rather than poisoning the volume, because a committed
@@ -410,6 +415,7 @@ impl Volume {
         let end = offset + length;
         let mut block = AlignedBuf::blocks(1);
         let mut at = offset;
+        let mut damaged = false;
         while at < end {
             let vb = at / BLOCK;
             let within = (at % BLOCK) as usize;
@@ -422,27 +428,47 @@ impl Volume {
                     self.put_whole(vb, &data[(at - offset) as usize..][..n])
                 }
                 Command::Write { data, .. } => {
-                    self.read_block(vb, &mut block)?;
-                    block[within..within + n].copy_from_slice(&data[(at - offset) as usize..][..n]);
-                    self.put(vb, Some(&block))
+                    self.patch(vb, &mut block, within..within + n, Some(&data[(at - offset) as usize..][..n]))
                 }
+                Command::Trim { .. } | Command::WriteZeroes { .. } if whole => self.put(vb, None),
                 Command::Trim { .. } | Command::WriteZeroes { .. } => {
-                    if whole {
-                        self.put(vb, None)
-                    } else {
-                        self.read_block(vb, &mut block)?;
-                        block[within..within + n].fill(0);
-                        self.put(vb, Some(&block))
-                    }
+                    self.patch(vb, &mut block, within..within + n, None)
                 }
             };
             match result {
                 Err(VolumeError::Alloc(AllocError::NoSpace)) => return Ok(Applied::NoSpace),
+                // Damage is an error for this request, not for the volume: poisoning would
+                // replay the same entry into the same damage at every open.
+                Err(VolumeError::Tree(
+                    e @ (TreeError::HashMismatch { .. }
+                    | TreeError::BadNode { .. }
+                    | TreeError::Device { source: DeviceError::Io { .. }, .. }),
+                )) => {
+                    warn!(self.log, "block not written: its old content or map node is unreadable";
+                        "block" => vb, "error" => %e);
+                    damaged = true;
+                }
                 other => other?,
             }
             at += n as u64;
         }
-        Ok(Applied::Done)
+        Ok(if damaged { Applied::Damaged } else { Applied::Done })
+    }
+
+    /// Read-modify-write of the bytes `range` of block `vb`: `src` there, or zeros.
+    fn patch(
+        &mut self,
+        vb: u64,
+        block: &mut AlignedBuf,
+        range: std::ops::Range<usize>,
+        src: Option<&[u8]>,
+    ) -> Result<(), VolumeError> {
+        self.read_block(vb, block)?;
+        match src {
+            Some(src) => block[range].copy_from_slice(src),
+            None => block[range].fill(0),
+        }
+        self.put(vb, Some(block))
     }
 
     /// Maps virtual block `vb` to a fresh copy of `content`, or unmaps it.
@@ -462,7 +488,12 @@ impl Volume {
                 Some(Ptr { block, hash: hash::data_block(bytes) })
             }
         };
-        self.map_block(vb, target)
+        let mapped = self.map_block(vb, target);
+        if let (Err(VolumeError::Tree(_)), Some(fresh)) = (&mapped, target) {
+            // Not mapped (a damaged node on the path): the fresh copy goes back.
+            self.alloc.free(&*self.dev, fresh.block)?;
+        }
+        mapped
     }
 
     /// Maps the whole blocks from `first_vb` on to fresh copies of `data`. The blocks are
@@ -497,7 +528,18 @@ impl Volume {
         }
         for (i, &block) in placed.iter().enumerate() {
             let hash = hash::data_block(&data[i * BLOCK_SIZE..][..BLOCK_SIZE]);
-            self.map_block(first_vb + i as u64, Some(Ptr { block, hash }))?;
+            match self.map_block(first_vb + i as u64, Some(Ptr { block, hash })) {
+                Ok(()) => {}
+                // A damaged map node on this block's path: the block stays as it was, the
+                // fresh copy goes back (run() reports the damage).
+                Err(e @ VolumeError::Tree(_)) => {
+                    self.alloc.free(&*self.dev, block)?;
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         outcome
     }

@@ -438,6 +438,11 @@ impl Run {
                 self.oracle.record(first, count, id, false);
                 Ok(false)
             }
+            // Unreadable old content (a read error or damage) left some blocks as they were.
+            Outcome::Applied(Applied::Damaged) if self.read_error || self.damaged => {
+                self.oracle.record(first, count, id, false);
+                Ok(false)
+            }
             Outcome::Applied(other) => Err(format!("unexpected {other:?} on a volume that cannot fill")),
             // Committed: replay will apply it (on a thin volume it may hit NoSpace again).
             Outcome::CommittedNotApplied => {

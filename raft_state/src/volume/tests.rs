@@ -202,6 +202,18 @@ fn damaged_data_block_fails_only_its_reads() {
     h.volume.read(0, &mut buf).expect("block 0 is intact");
     assert!(buf.iter().all(|&b| b == 0x5A));
     assert!(matches!(h.volume.read(BLOCK, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
+    // A partial write into it cannot merge with the damaged content: that block stays as it
+    // was and the request reports the damage; the rest of the request is applied and the
+    // volume keeps serving — also after a restart that replays the same entry.
+    let patch = vec![0x11u8; BLOCK_SIZE + 512];
+    assert_eq!(h.propose(&Command::Write { offset: 512, data: &patch }).expect("write"), Applied::Damaged);
+    let disk = h.disk.clone();
+    drop(h);
+    disk.crash(CrashPolicy::DropAll);
+    let mut h = Harness::open(disk).expect("the damaged entry replays without poisoning");
+    h.volume.read(0, &mut buf).expect("block 0 took the write");
+    assert!(buf[..512].iter().all(|&b| b == 0x5A) && buf[512..].iter().all(|&b| b == 0x11));
+    assert!(matches!(h.volume.read(BLOCK, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
     // Overwriting the damaged block heals it.
     h.propose(&Command::Write { offset: BLOCK, data: &data[..BLOCK_SIZE] }).expect("rewrite");
     h.volume.read(BLOCK, &mut buf).expect("healed");
@@ -434,7 +446,7 @@ fn a_full_volume_fails_writes_and_stays_usable() {
                 failed_in_a_row = 0;
             }
             Applied::NoSpace => failed_in_a_row += 1,
-            Applied::Invalid => panic!("invalid"),
+            Applied::Invalid | Applied::Damaged => panic!("unexpected outcome"),
         }
         assert!(written < virtual_blocks, "the data region never filled");
     }
@@ -485,7 +497,7 @@ fn a_full_volume_fails_writes_and_stays_usable() {
                 rewritten += 1;
             }
             Applied::NoSpace => {}
-            Applied::Invalid => panic!("invalid"),
+            Applied::Invalid | Applied::Damaged => panic!("unexpected outcome"),
         }
     }
     assert!(rewritten >= written / 2 - 4, "only {rewritten} of {} trimmed blocks were writable again", written / 2);
