@@ -576,7 +576,10 @@ impl Volume {
             let at = offset + done as u64;
             let within = (at % BLOCK) as usize;
             let n = (BLOCK_SIZE - within).min(buf.len() - done);
-            self.read_block(at / BLOCK, &mut block)?;
+            if let Err(e) = self.read_block(at / BLOCK, &mut block) {
+                warn!(self.log, "read failed"; "block" => at / BLOCK, "error" => %e);
+                return Err(e);
+            }
             buf[done..done + n].copy_from_slice(&block[within..within + n]);
             done += n;
         }
