@@ -1,6 +1,480 @@
-//! Typed configuration (not yet built).
+//! rblk's configuration: a TOML file parsed into typed structs, with a default for every
+//! option, validated before anything uses it.
 //!
-//! This crate will parse rblk's TOML configuration into typed structs with a default for every
-//! option (log region size, checkpoint triggers, heartbeat and restart policy, unprivileged
-//! uid/gid, log level), validate it, and report errors that name the key and what is wrong.
-//! Example files will live beside it.
+//! Precedence: built-in defaults < the config file < command-line flags. This crate gives the
+//! first two (`Config::default`, `Config::load`); the `run` crate applies flags on top of the
+//! loaded `Config` and calls `Config::validate` again. A file need only name what it changes
+//! (`examples/minimal.toml`); `examples/rblk.toml` lists every option at its default, and
+//! `Config::to_toml_string` writes the full effective configuration (`rblk serve
+//! --print-config`) in a form that loads back to the same `Config`.
+//!
+//! Sections, with defaults:
+//!
+//! - `[volume]` — what is served. `image = "rblk.img"` (regular file or block device),
+//!   `root_device = ""` (optional separate device for the three root blocks; `""` keeps them
+//!   on the image), `size = "1G"` (client-visible size when `rblk serve` formats a missing
+//!   image; a multiple of 4096), `log_size = "64M"` (Raft log ring at format; a multiple of
+//!   4096, at least 64K). `size` and `log_size` matter only at format: an existing image
+//!   keeps the geometry it was formatted with.
+//! - `[server]` — the NBD endpoint. `socket = "rblk.sock"`, `max_connections = 64`,
+//!   `read_only = false`.
+//! - `[checkpoint]` — when committed writes are folded into a new root, which bounds replay
+//!   at restart. `log_bytes = "16M"` of log since the last checkpoint (at least 4K; the
+//!   storage caps it at a quarter of the ring), or `interval = "30s"` after the last one with
+//!   something applied.
+//! - `[cache]` — memory. `nodes = 4096` block-map nodes (about 3 KiB each), `bitmaps = 256`
+//!   allocator bitmap blocks (4 KiB each); 0 caches nothing.
+//! - `[raft]` — the embedded Raft node. `tick = "100ms"`, `election_ticks = 10`,
+//!   `heartbeat_ticks = 3` (election must exceed heartbeat), `max_batch = "4M"` bytes of
+//!   proposals persisted by one log append (the group-commit bound).
+//! - `[supervisor]` — keeping the driver alive. The driver beats every `heartbeat = "500ms"`;
+//!   after `heartbeat_timeout = "5s"` of silence the supervisor kills and restarts it,
+//!   backing off from `restart_backoff = "100ms"`, doubling up to `restart_backoff_max =
+//!   "5s"`; after `crash_loop_restarts = 5` restarts within `crash_loop_window = "30s"` it
+//!   gives up. Started as root, the driver runs as `user = "nobody"`, `group = "nogroup"`
+//!   (names or numeric ids, e.g. `"65534"`).
+//! - `[log]` — `level = "info"`: one of trace, debug, info, warning, error, critical. The
+//!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
+//!
+//! Sizes are whole bytes, written as a TOML integer (`4096`) or a string with a binary unit
+//! (`"64K"`, `"16M"`, `"1G"`, `"2T"`); durations are strings with a unit (`"500ms"`, `"30s"`,
+//! `"5m"`, `"1h"`); see `parse_size` and `parse_duration`. Relative paths are used as written,
+//! that is relative to the working directory of the process, not to the config file.
+//!
+//! Errors name the key and what is wrong, and where in the file:
+//! `rblk.toml:12:12: checkpoint.interval: expected a duration like 30s, 500ms or 5m, got
+//! "fast"`. Unknown keys and sections are errors (a misspelt key silently left at its
+//! default would be worse).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod error;
+mod units;
+
+pub use error::{ConfigError, Location};
+pub use units::{format_duration, format_size, parse_duration, parse_size};
+use units::{serde_duration, serde_size};
+
+/// The block size of the store: sizes of on-disk regions are multiples of it.
+pub const BLOCK: u64 = 4096;
+/// The smallest Raft log ring (16 blocks; the storage refuses fewer).
+pub const MIN_LOG_SIZE: u64 = 64 << 10;
+/// The longest unix socket path `bind` takes on Linux (`sun_path` is 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The whole configuration; see the crate docs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub volume: VolumeConfig,
+    pub server: ServerConfig,
+    pub checkpoint: CheckpointConfig,
+    pub cache: CacheConfig,
+    pub raft: RaftConfig,
+    pub supervisor: SupervisorConfig,
+    pub log: LogConfig,
+}
+
+/// `[volume]`: the image served and how `rblk serve` formats a missing one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Path of the image: a regular file or a block device. Default `rblk.img`.
+    #[serde(with = "serde_path")]
+    pub image: PathBuf,
+    /// Separate device holding the three root blocks; `None` (written `""`) keeps them in the
+    /// image's first three blocks. Default none.
+    #[serde(with = "serde_optional_path")]
+    pub root_device: Option<PathBuf>,
+    /// Size the clients see, in bytes, when `rblk serve` formats a missing image (a positive
+    /// multiple of 4096; may exceed the image: the volume is thin). Default 1 GiB.
+    #[serde(with = "serde_size")]
+    pub size: u64,
+    /// Length of the Raft log ring in bytes, at format (a multiple of 4096, at least 64 KiB).
+    /// Default 64 MiB.
+    #[serde(with = "serde_size")]
+    pub log_size: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self { image: PathBuf::from("rblk.img"), root_device: None, size: 1 << 30, log_size: 64 << 20 }
+    }
+}
+
+/// `[server]`: the NBD endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
+    #[serde(with = "serde_path")]
+    pub socket: PathBuf,
+    /// Client connections served at once (at least 1). Default 64.
+    pub max_connections: usize,
+    /// Refuse writes, trims and zeroing. Default false.
+    pub read_only: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { socket: PathBuf::from("rblk.sock"), max_connections: 64, read_only: false }
+    }
+}
+
+/// `[checkpoint]`: when applied writes are made durable in a new root (maps onto
+/// `VolumeOptions::checkpoint_log_bytes` and `checkpoint_interval`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Checkpoint once this many bytes of log were written since the last checkpoint (at least
+    /// 4 KiB; the storage caps it at a quarter of the ring). Default 16 MiB.
+    #[serde(with = "serde_size")]
+    pub log_bytes: u64,
+    /// Checkpoint once this long has passed since the last one and something was applied
+    /// (0 checkpoints after every apply). Default 30 s.
+    #[serde(with = "serde_duration")]
+    pub interval: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { log_bytes: 16 << 20, interval: Duration::from_secs(30) }
+    }
+}
+
+/// `[cache]`: clean metadata kept in memory (maps onto `VolumeOptions::node_cache` and
+/// `bitmap_cache`). 0 caches nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Block-map nodes (about 3 KiB each). Default 4096 (about 12 MiB).
+    pub nodes: usize,
+    /// Allocator bitmap blocks (4 KiB each). Default 256 (1 MiB).
+    pub bitmaps: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { nodes: 4096, bitmaps: 256 }
+    }
+}
+
+/// `[raft]`: the embedded single-node Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Length of one Raft tick (positive). Default 100 ms.
+    #[serde(with = "serde_duration")]
+    pub tick: Duration,
+    /// Ticks without a leader before an election (more than `heartbeat_ticks`). Default 10.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats (at least 1). Default 3.
+    pub heartbeat_ticks: usize,
+    /// Bytes of proposals persisted by one log append at most: the group-commit bound (at
+    /// least 4 KiB; a single larger proposal still goes alone). Default 4 MiB.
+    #[serde(with = "serde_size")]
+    pub max_batch: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 3, max_batch: 4 << 20 }
+    }
+}
+
+/// `[supervisor]`: liveness, restart policy and the driver's privileges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// The driver beats this often (positive). Default 500 ms.
+    #[serde(with = "serde_duration")]
+    pub heartbeat: Duration,
+    /// Silence after which the supervisor kills and restarts the driver (longer than
+    /// `heartbeat`). Default 5 s.
+    #[serde(with = "serde_duration")]
+    pub heartbeat_timeout: Duration,
+    /// Wait before the first restart, doubled for each further one (positive). Default 100 ms.
+    #[serde(with = "serde_duration")]
+    pub restart_backoff: Duration,
+    /// The longest wait between restarts (at least `restart_backoff`). Default 5 s.
+    #[serde(with = "serde_duration")]
+    pub restart_backoff_max: Duration,
+    /// Give up after this many restarts (at least 1) ... Default 5.
+    pub crash_loop_restarts: u32,
+    /// ... within this window (positive). Default 30 s.
+    #[serde(with = "serde_duration")]
+    pub crash_loop_window: Duration,
+    /// User (name or numeric uid) the driver runs as when started as root. Default `nobody`.
+    pub user: String,
+    /// Group (name or numeric gid) the driver runs as when started as root. Default `nogroup`.
+    pub group: String,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(5),
+            restart_backoff: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(5),
+            crash_loop_restarts: 5,
+            crash_loop_window: Duration::from_secs(30),
+            user: "nobody".to_owned(),
+            group: "nogroup".to_owned(),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// The least severe level logged. Default `info`. `RBLK_LOG` overrides it.
+    pub level: LogLevel,
+}
+
+/// A log level, least to most severe (slog's levels). Written in lower case; `warn` is
+/// accepted for `warning`, and case does not matter when parsing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl LogLevel {
+    pub const ALL: [LogLevel; 6] =
+        [LogLevel::Trace, LogLevel::Debug, LogLevel::Info, LogLevel::Warning, LogLevel::Error, LogLevel::Critical];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Error => "error",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+impl std::fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+
+    /// Parses `info`, `WARN`, ... (for the file and for `RBLK_LOG`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        if lower == "warn" {
+            return Ok(Self::Warning);
+        }
+        Self::ALL
+            .into_iter()
+            .find(|l| l.as_str() == lower)
+            .ok_or_else(|| format!("expected one of trace, debug, info, warning, error, critical, got {s:?}"))
+    }
+}
+
+impl Serialize for LogLevel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration; keys it does not name keep their defaults.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::parse(text, None)
+    }
+
+    /// Reads, parses and validates the file at `path`; errors name the file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, Some(path))
+    }
+
+    fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| ConfigError::syntax(&e, text, file))?;
+        let config = Config::deserialize(de).map_err(|e| ConfigError::value(&e, text, file))?;
+        config.validate().map_err(|e| e.locate(text, file))?;
+        Ok(config)
+    }
+
+    /// The full effective configuration as TOML, every key written; `from_toml_str` reads it
+    /// back to an equal `Config`. Paths that are not UTF-8 (possible only from command-line
+    /// flags) are written lossily.
+    pub fn to_toml_string(&self) -> String {
+        // Every value is a string, integer or bool inside a table, so serializing cannot fail.
+        toml::to_string(self).expect("a Config always serializes to TOML")
+    }
+
+    /// Checks the rules each option states (see the field docs); the error names the first key
+    /// that breaks one. Both loaders call it; call it again after applying command-line flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::invalid(key, message));
+        let size = format_size;
+        let dur = format_duration;
+
+        let v = &self.volume;
+        if v.image.as_os_str().is_empty() {
+            return invalid("volume.image", "must not be empty".into());
+        }
+        if let Some(root) = &v.root_device {
+            if root.as_os_str().is_empty() {
+                return invalid("volume.root_device", "must be a path, or \"\" for none".into());
+            }
+            if *root == v.image {
+                return invalid(
+                    "volume.root_device",
+                    "must differ from volume.image (\"\" keeps the roots on the image)".into(),
+                );
+            }
+        }
+        if v.size == 0 || !v.size.is_multiple_of(BLOCK) {
+            return invalid("volume.size", format!("must be a positive multiple of 4096, got {}", size(v.size)));
+        }
+        if !v.log_size.is_multiple_of(BLOCK) || v.log_size < MIN_LOG_SIZE {
+            return invalid(
+                "volume.log_size",
+                format!("must be a multiple of 4096 and at least 64K, got {}", size(v.log_size)),
+            );
+        }
+
+        let s = &self.server;
+        let socket_len = s.socket.as_os_str().len();
+        if socket_len == 0 {
+            return invalid("server.socket", "must not be empty".into());
+        }
+        if socket_len > MAX_SOCKET_PATH {
+            return invalid(
+                "server.socket",
+                format!("is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}"),
+            );
+        }
+        if s.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1, got 0".into());
+        }
+
+        let c = &self.checkpoint;
+        if c.log_bytes < BLOCK {
+            return invalid("checkpoint.log_bytes", format!("must be at least 4K, got {}", size(c.log_bytes)));
+        }
+
+        let r = &self.raft;
+        if r.tick.is_zero() {
+            return invalid("raft.tick", "must be positive, got 0s".into());
+        }
+        if r.heartbeat_ticks == 0 {
+            return invalid("raft.heartbeat_ticks", "must be at least 1, got 0".into());
+        }
+        if r.election_ticks <= r.heartbeat_ticks {
+            return invalid(
+                "raft.election_ticks",
+                format!("must be greater than raft.heartbeat_ticks ({}), got {}", r.heartbeat_ticks, r.election_ticks),
+            );
+        }
+        if r.max_batch < BLOCK {
+            return invalid("raft.max_batch", format!("must be at least 4K, got {}", size(r.max_batch)));
+        }
+
+        let sv = &self.supervisor;
+        if sv.heartbeat.is_zero() {
+            return invalid("supervisor.heartbeat", "must be positive, got 0s".into());
+        }
+        if sv.heartbeat_timeout <= sv.heartbeat {
+            return invalid(
+                "supervisor.heartbeat_timeout",
+                format!(
+                    "must be longer than supervisor.heartbeat ({}), got {}",
+                    dur(sv.heartbeat),
+                    dur(sv.heartbeat_timeout)
+                ),
+            );
+        }
+        if sv.restart_backoff.is_zero() {
+            return invalid("supervisor.restart_backoff", "must be positive, got 0s".into());
+        }
+        if sv.restart_backoff_max < sv.restart_backoff {
+            return invalid(
+                "supervisor.restart_backoff_max",
+                format!(
+                    "must be at least supervisor.restart_backoff ({}), got {}",
+                    dur(sv.restart_backoff),
+                    dur(sv.restart_backoff_max)
+                ),
+            );
+        }
+        if sv.crash_loop_restarts == 0 {
+            return invalid("supervisor.crash_loop_restarts", "must be at least 1, got 0".into());
+        }
+        if sv.crash_loop_window.is_zero() {
+            return invalid("supervisor.crash_loop_window", "must be positive, got 0s".into());
+        }
+        for (key, name, what) in [("supervisor.user", &sv.user, "user"), ("supervisor.group", &sv.group, "group")] {
+            if !is_principal(name) {
+                return invalid(key, format!("expected a {what} name or numeric id like \"65534\", got {name:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A plausible user or group name or id: not empty, no separators `/etc/passwd` could not
+/// hold. Whether it exists is checked when the supervisor drops privileges.
+fn is_principal(name: &str) -> bool {
+    !name.is_empty() && !name.chars().any(|c| c == ':' || c == '/' || c.is_whitespace() || c.is_control())
+}
+
+/// Paths are written as strings; a path that is not UTF-8 is written lossily (TOML holds
+/// only UTF-8).
+mod serde_path {
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&path.to_string_lossy())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        String::deserialize(d).map(PathBuf::from)
+    }
+}
+
+/// An optional path, `""` meaning none (TOML has no null).
+mod serde_optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&path.as_deref().map(|p| p.to_string_lossy()).unwrap_or_default())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+    }
+}
