@@ -1,0 +1,659 @@
+//! The server's side of NBD, as pieces the driver composes: the fixed newstyle handshake, then
+//! per request [`read_request`] → [`check_request`] → (the driver serves it) → [`write_reply`].
+//!
+//! There is one export; whatever name a client asks for reaches it. The transmission flags are
+//! a function of the [`Export`] alone, and [`check_request`] follows the same flags, so what is
+//! advertised is exactly what is accepted.
+
+use std::fmt;
+use std::io::{Read, Write};
+
+use zerocopy::big_endian::U32;
+use zerocopy::IntoBytes;
+
+use crate::wire::*;
+use crate::{flush, read_full, read_raw, write_all, SessionError};
+
+/// Option data longer than this ends the session: the longest legal option here (`NBD_OPT_GO`
+/// with a 4096-byte name and a handful of information requests) is far shorter, and reading an
+/// attacker's gigabytes to skip them is not worth it (proto.md "Termination of the session
+/// during option haggling": a server MAY hard-disconnect a client it deems a denial of service).
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+
+/// What the server offers: one export and its size constraints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// Size in bytes; a multiple of `min_block`.
+    pub size: u64,
+    pub read_only: bool,
+    /// Smallest addressable length and alignment (a power of 2, at most 64 KiB).
+    pub min_block: u32,
+    /// Size and alignment for efficient I/O (a power of 2, at least `min_block` and 512).
+    pub preferred_block: u32,
+    /// Largest READ or WRITE payload accepted (at least `preferred_block`).
+    pub max_block: u32,
+    /// Flush and FUA are visible across all connections when answered (`NBD_FLAG_CAN_MULTI_CONN`).
+    pub multi_conn: bool,
+    /// Shown to humans by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: Option<String>,
+}
+
+impl Export {
+    /// An export of `size` bytes with 512-byte sectors, 4 KiB preferred blocks and 32 MiB
+    /// payloads, writable, single-connection, without description.
+    pub fn new(size: u64) -> Self {
+        Export {
+            size,
+            read_only: false,
+            min_block: 512,
+            preferred_block: 4096,
+            max_block: PAYLOAD_DOS_LIMIT,
+            multi_conn: false,
+            description: None,
+        }
+    }
+
+    /// The transmission flags advertised for this export. A read-only export does not offer
+    /// TRIM, WRITE_ZEROES or FUA: it cannot do them, and the spec forbids advertising what the
+    /// server does not support (proto.md "Transmission flags").
+    pub fn transmission_flags(&self) -> u16 {
+        let mut flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
+        if self.read_only {
+            flags |= NBD_FLAG_READ_ONLY;
+        } else {
+            flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+        }
+        if self.multi_conn {
+            flags |= NBD_FLAG_CAN_MULTI_CONN;
+        }
+        flags
+    }
+
+    /// The write payload [`read_request`] should accept: payloads up to 32 MiB SHOULD NOT be
+    /// taken for a denial of service even above `max_block` (proto.md "Size constraints"), so
+    /// such a write is read and refused with `NBD_EINVAL` instead of dropping the connection.
+    pub fn payload_limit(&self) -> u32 {
+        self.max_block.max(PAYLOAD_DOS_LIMIT)
+    }
+
+    /// Checks the rules of proto.md "Size constraints" and "Conventions" (strings).
+    pub fn validate(&self) -> Result<(), SessionError> {
+        let bad = |why: String| Err(SessionError::BadExport(why));
+        if !self.min_block.is_power_of_two() || self.min_block > MAX_MIN_BLOCK {
+            return bad(format!("minimum block {} is not a power of 2 up to {MAX_MIN_BLOCK}", self.min_block));
+        }
+        if !self.preferred_block.is_power_of_two() || self.preferred_block < self.min_block.max(512) {
+            return bad(format!(
+                "preferred block {} is not a power of 2 at least the minimum block {} and 512",
+                self.preferred_block, self.min_block
+            ));
+        }
+        if self.max_block < self.preferred_block {
+            return bad(format!(
+                "maximum payload {} is below the preferred block {}",
+                self.max_block, self.preferred_block
+            ));
+        }
+        if !self.size.is_multiple_of(u64::from(self.min_block)) {
+            return bad(format!("size {} is not a multiple of the minimum block {}", self.size, self.min_block));
+        }
+        if let Some(d) = &self.description {
+            if d.len() > MAX_STRING || d.contains('\0') {
+                return bad(format!("description is longer than {MAX_STRING} bytes or contains NUL"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the handshake settled when transmission starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The name the client asked for (any name reaches the one export); lossy UTF-8.
+    pub export_name: String,
+    /// The transmission flags sent to the client.
+    pub flags: u16,
+    /// The client set `NBD_FLAG_C_NO_ZEROES`.
+    pub client_no_zeroes: bool,
+    /// The client entered with `NBD_OPT_GO` and requested `NBD_INFO_BLOCK_SIZE`, so it has
+    /// promised to honour the size constraints (proto.md `NBD_INFO_BLOCK_SIZE`). Otherwise
+    /// (e.g. `NBD_OPT_EXPORT_NAME`) it may not know them; [`check_request`] refuses what breaks
+    /// them either way.
+    pub block_size_requested: bool,
+}
+
+/// Server side of the fixed newstyle handshake (proto.md "Fixed newstyle negotiation", "Option
+/// types"), with no TLS.
+///
+/// Answers `NBD_OPT_GO` and `NBD_OPT_INFO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` and
+/// `NBD_INFO_DESCRIPTION` when the export has one), `NBD_OPT_EXPORT_NAME` (honouring
+/// `NBD_FLAG_C_NO_ZEROES`), `NBD_OPT_LIST` (one export, named "") and `NBD_OPT_ABORT`; any other
+/// option gets `NBD_REP_ERR_UNSUP` and haggling goes on.
+///
+/// Returns `Ok(Some(_))` when transmission starts, `Ok(None)` when the client aborted. An error
+/// means the connection must be dropped.
+pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Option<Negotiated>, SessionError> {
+    export.validate()?;
+    let hello = RawHello {
+        nbd_magic: NBD_MAGIC.into(),
+        opts_magic: NBD_OPTS_MAGIC.into(),
+        handshake_flags: (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).into(),
+    };
+    write_all(stream, hello.as_bytes(), "handshake greeting")?;
+    flush(stream, "handshake greeting")?;
+
+    let client_flags = read_raw::<U32, _>(stream, "client flags")?.get();
+    // The server MUST drop the connection on a client flag it does not know or did not offer
+    // (proto.md "Client flags"). A client without NBD_FLAG_C_FIXED_NEWSTYLE is still served
+    // fixed newstyle, which the spec allows.
+    if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+        return Err(SessionError::Protocol { what: "client flags", why: format!("unknown bits in {client_flags:#x}") });
+    }
+    let client_no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+
+    loop {
+        let header: RawOption = read_raw(stream, "option header")?;
+        if header.magic.get() != NBD_OPTS_MAGIC {
+            return Err(SessionError::BadMagic {
+                what: "option header",
+                found: header.magic.get(),
+                expected: NBD_OPTS_MAGIC,
+            });
+        }
+        let option = header.option.get();
+        let length = header.length.get();
+        if length > MAX_OPTION_DATA {
+            // Tell the client why before hanging up; it may already be gone.
+            send_reply(stream, option, NBD_REP_ERR_TOO_BIG, b"option data too long").ok();
+            return Err(SessionError::OptionTooLong { option, length, max: MAX_OPTION_DATA });
+        }
+        let mut data = vec![0; length as usize];
+        read_full(stream, &mut data, "option data", false)?;
+
+        match option {
+            NBD_OPT_EXPORT_NAME => {
+                let reply = RawExportNameReply { size: export.size.into(), flags: export.transmission_flags().into() };
+                write_all(stream, reply.as_bytes(), "NBD_OPT_EXPORT_NAME reply")?;
+                if !client_no_zeroes {
+                    write_all(stream, &[0; EXPORT_NAME_ZEROES], "NBD_OPT_EXPORT_NAME reply")?;
+                }
+                flush(stream, "NBD_OPT_EXPORT_NAME reply")?;
+                return Ok(Some(Negotiated {
+                    export_name: String::from_utf8_lossy(&data).into_owned(),
+                    flags: export.transmission_flags(),
+                    client_no_zeroes,
+                    block_size_requested: false,
+                }));
+            }
+            NBD_OPT_ABORT => {
+                // The client may close without waiting for the ACK (proto.md NBD_OPT_ABORT), so a
+                // failed send is no error.
+                send_reply(stream, option, NBD_REP_ACK, &[]).ok();
+                return Ok(None);
+            }
+            NBD_OPT_LIST if !data.is_empty() => {
+                send_reply(stream, option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+            }
+            NBD_OPT_LIST => {
+                // NBD_REP_SERVER: name length, name (""), then the description for humans.
+                let mut server = 0u32.to_be_bytes().to_vec();
+                server.extend_from_slice(export.description.as_deref().unwrap_or("").as_bytes());
+                send_reply(stream, option, NBD_REP_SERVER, &server)?;
+                send_reply(stream, option, NBD_REP_ACK, &[])?;
+            }
+            NBD_OPT_INFO | NBD_OPT_GO => match parse_info_request(&data) {
+                Err(why) => send_reply(stream, option, NBD_REP_ERR_INVALID, why.as_bytes())?,
+                Ok((name, requests)) => {
+                    send_export_info(stream, option, export)?;
+                    send_reply(stream, option, NBD_REP_ACK, &[])?;
+                    if option == NBD_OPT_GO {
+                        return Ok(Some(Negotiated {
+                            export_name: String::from_utf8_lossy(name).into_owned(),
+                            flags: export.transmission_flags(),
+                            client_no_zeroes,
+                            block_size_requested: requests.contains(&NBD_INFO_BLOCK_SIZE),
+                        }));
+                    }
+                }
+            },
+            // Includes NBD_OPT_STARTTLS (no TLS here: proto.md "NOTLS mode" allows ERR_UNSUP) and
+            // NBD_OPT_STRUCTURED_REPLY (simple replies only).
+            _ => send_reply(stream, option, NBD_REP_ERR_UNSUP, b"option not supported")?,
+        }
+    }
+}
+
+/// Splits `NBD_OPT_INFO`/`NBD_OPT_GO` data: 32-bit name length, name, 16-bit count, that many
+/// 16-bit information requests, and nothing after.
+fn parse_info_request(data: &[u8]) -> Result<(&[u8], Vec<u16>), &'static str> {
+    let too_short = "option data shorter than its fields";
+    let (name_len, rest) = data.split_first_chunk::<4>().ok_or(too_short)?;
+    let name_len = u32::from_be_bytes(*name_len) as usize;
+    if name_len > rest.len() {
+        return Err("name length beyond the option data");
+    }
+    let (name, rest) = rest.split_at(name_len);
+    let (count, rest) = rest.split_first_chunk::<2>().ok_or(too_short)?;
+    let count = usize::from(u16::from_be_bytes(*count));
+    if rest.len() != 2 * count {
+        return Err("information request count does not match the option length");
+    }
+    let requests = rest.chunks_exact(2).map(|r| u16::from_be_bytes([r[0], r[1]])).collect();
+    Ok((name, requests))
+}
+
+/// The `NBD_REP_INFO` replies for the one export. `NBD_INFO_BLOCK_SIZE` goes out whether or not
+/// it was requested: the spec lets a server send unrequested information (proto.md `NBD_OPT_INFO`)
+/// and our constraints are not the defaults, so a client that reads it can follow them.
+fn send_export_info<S: Write>(stream: &mut S, option: u32, export: &Export) -> Result<(), SessionError> {
+    let info = RawInfoExport {
+        info_type: NBD_INFO_EXPORT.into(),
+        size: export.size.into(),
+        flags: export.transmission_flags().into(),
+    };
+    send_reply(stream, option, NBD_REP_INFO, info.as_bytes())?;
+    let sizes = RawInfoBlockSize {
+        info_type: NBD_INFO_BLOCK_SIZE.into(),
+        min_block: export.min_block.into(),
+        preferred_block: export.preferred_block.into(),
+        max_block: export.max_block.into(),
+    };
+    send_reply(stream, option, NBD_REP_INFO, sizes.as_bytes())?;
+    if let Some(description) = &export.description {
+        let mut info = NBD_INFO_DESCRIPTION.to_be_bytes().to_vec();
+        info.extend_from_slice(description.as_bytes());
+        send_reply(stream, option, NBD_REP_INFO, &info)?;
+    }
+    Ok(())
+}
+
+/// One option reply, written whole and flushed.
+fn send_reply<S: Write>(stream: &mut S, option: u32, reply_type: u32, data: &[u8]) -> Result<(), SessionError> {
+    let header = RawOptionReply {
+        magic: NBD_REP_MAGIC.into(),
+        option: option.into(),
+        reply_type: reply_type.into(),
+        length: (data.len() as u32).into(),
+    };
+    let mut message = header.as_bytes().to_vec();
+    message.extend_from_slice(data);
+    write_all(stream, &message, "option reply")?;
+    flush(stream, "option reply")
+}
+
+/// A transmission request type (proto.md "Request types").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    WriteZeroes,
+    /// Any other type, including ones this server does not offer (`NBD_CMD_CACHE`,
+    /// `NBD_CMD_BLOCK_STATUS`); it carries no payload and is answered `NBD_EINVAL`.
+    Other(u16),
+}
+
+impl Command {
+    pub fn from_wire(command: u16) -> Command {
+        match command {
+            NBD_CMD_READ => Command::Read,
+            NBD_CMD_WRITE => Command::Write,
+            NBD_CMD_DISC => Command::Disc,
+            NBD_CMD_FLUSH => Command::Flush,
+            NBD_CMD_TRIM => Command::Trim,
+            NBD_CMD_WRITE_ZEROES => Command::WriteZeroes,
+            other => Command::Other(other),
+        }
+    }
+
+    pub fn to_wire(self) -> u16 {
+        match self {
+            Command::Read => NBD_CMD_READ,
+            Command::Write => NBD_CMD_WRITE,
+            Command::Disc => NBD_CMD_DISC,
+            Command::Flush => NBD_CMD_FLUSH,
+            Command::Trim => NBD_CMD_TRIM,
+            Command::WriteZeroes => NBD_CMD_WRITE_ZEROES,
+            Command::Other(other) => other,
+        }
+    }
+}
+
+/// One transmission request, framed and decoded but not yet checked against the export.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The client's cookie, echoed in the reply.
+    pub handle: u64,
+    pub command: Command,
+    /// Command flags (`NBD_CMD_FLAG_*`).
+    pub flags: u16,
+    pub offset: u64,
+    pub length: u32,
+    /// The payload of a WRITE (`length` bytes); empty for every other command.
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("handle", &self.handle)
+            .field("command", &self.command)
+            .field("flags", &self.flags)
+            .field("offset", &self.offset)
+            .field("length", &self.length)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Reads one request (proto.md "Request message"), and the payload of a WRITE.
+///
+/// `max_payload` bounds a WRITE payload; pass [`Export::payload_limit`]. A longer one is
+/// [`SessionError::PayloadTooLong`] and the connection must drop, since skipping it would mean
+/// reading it. End of stream before a request is [`SessionError::Closed`]: the client went away.
+pub fn read_request<R: Read>(r: &mut R, max_payload: u32) -> Result<Request, SessionError> {
+    let raw: RawRequest = read_raw(r, "request header")?;
+    if raw.magic.get() != NBD_REQUEST_MAGIC {
+        return Err(SessionError::BadMagic {
+            what: "request header",
+            found: raw.magic.get().into(),
+            expected: NBD_REQUEST_MAGIC.into(),
+        });
+    }
+    let request = Request {
+        handle: raw.handle.get(),
+        command: Command::from_wire(raw.command.get()),
+        flags: raw.flags.get(),
+        offset: raw.offset.get(),
+        length: raw.length.get(),
+        data: Vec::new(),
+    };
+    // Only a WRITE carries data after the header (proto.md "Request message").
+    if request.command != Command::Write {
+        return Ok(request);
+    }
+    if request.length > max_payload {
+        return Err(SessionError::PayloadTooLong { handle: request.handle, length: request.length, max: max_payload });
+    }
+    let mut data = vec![0; request.length as usize];
+    read_full(r, &mut data, "write payload", false)?;
+    Ok(Request { data, ..request })
+}
+
+/// Writes a simple reply (proto.md "Simple reply message") and flushes it. `data` is the result
+/// of a successful READ; it is sent only when `error` is 0, since a failed read carries no
+/// payload. The caller serialises replies on a shared stream.
+pub fn write_reply<W: Write>(w: &mut W, handle: u64, error: u32, data: &[u8]) -> std::io::Result<()> {
+    let reply = RawSimpleReply { magic: NBD_SIMPLE_REPLY_MAGIC.into(), error: error.into(), handle: handle.into() };
+    w.write_all(reply.as_bytes())?;
+    if error == 0 {
+        w.write_all(data)?;
+    }
+    w.flush()
+}
+
+/// The checks every request needs before it reaches the volume, in the spec's terms (proto.md
+/// "Error values", "Size constraints", "Command flags", "Request types"). Returns the error value
+/// to answer with, or `None` when the request may be served.
+///
+/// In order:
+/// - an unknown command → `NBD_EINVAL`;
+/// - `NBD_CMD_DISC` → `None` (it is never answered);
+/// - a flag not valid for the command under the advertised transmission flags → `NBD_EINVAL`
+///   (FUA on any command when FUA is advertised, NO_HOLE on WRITE_ZEROES, nothing else);
+/// - WRITE, TRIM or WRITE_ZEROES on a read-only export → `NBD_EPERM`;
+/// - FLUSH with a nonzero offset or length → `NBD_EINVAL`; otherwise FLUSH is fine;
+/// - length 0 → `NBD_EINVAL` (the spec leaves it unspecified; refusing keeps degenerate
+///   requests from the volume without disconnecting);
+/// - offset or length not a multiple of the minimum block → `NBD_EINVAL`;
+/// - READ or WRITE longer than the maximum payload → `NBD_EINVAL` (TRIM and WRITE_ZEROES may
+///   exceed it: the client MAY ask, the server SHOULD NOT refuse only for that);
+/// - past the end of the export → `NBD_ENOSPC` for WRITE and WRITE_ZEROES, `NBD_EINVAL` for READ
+///   and TRIM.
+pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
+    let advertised = export.transmission_flags();
+    let fua = if advertised & NBD_FLAG_SEND_FUA != 0 { NBD_CMD_FLAG_FUA } else { 0 };
+    let allowed_flags = match req.command {
+        Command::Other(_) => return Some(NBD_EINVAL),
+        Command::Disc => return None,
+        Command::WriteZeroes => fua | NBD_CMD_FLAG_NO_HOLE,
+        Command::Read | Command::Write | Command::Flush | Command::Trim => fua,
+    };
+    if req.flags & !allowed_flags != 0 {
+        return Some(NBD_EINVAL);
+    }
+    let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && export.read_only {
+        return Some(NBD_EPERM);
+    }
+    if req.command == Command::Flush {
+        // Offset and length of a FLUSH are reserved and MUST be zero (proto.md NBD_CMD_FLUSH).
+        return (req.offset != 0 || req.length != 0).then_some(NBD_EINVAL);
+    }
+    if req.length == 0 {
+        return Some(NBD_EINVAL);
+    }
+    let min = u64::from(export.min_block);
+    if !req.offset.is_multiple_of(min) || !u64::from(req.length).is_multiple_of(min) {
+        return Some(NBD_EINVAL);
+    }
+    if matches!(req.command, Command::Read | Command::Write) && req.length > export.max_block {
+        return Some(NBD_EINVAL);
+    }
+    let fits = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= export.size);
+    if !fits {
+        let past_end =
+            if matches!(req.command, Command::Write | Command::WriteZeroes) { NBD_ENOSPC } else { NBD_EINVAL };
+        return Some(past_end);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export() -> Export {
+        Export { max_block: 64 * 1024, ..Export::new(1 << 20) }
+    }
+
+    fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
+        Request { handle: 7, command, flags, offset, length, data: Vec::new() }
+    }
+
+    fn raw_request(magic: u32, flags: u16, command: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+        let raw = RawRequest {
+            magic: magic.into(),
+            flags: flags.into(),
+            command: command.into(),
+            handle: handle.into(),
+            offset: offset.into(),
+            length: length.into(),
+        };
+        raw.as_bytes().to_vec()
+    }
+
+    // proto.md "Error values": reads and trims past the end are EINVAL, writes (and write
+    // zeroes, "NBD_CMD_WRITE_ZEROES") past the end ENOSPC; unaligned requests EINVAL; writes and
+    // trims on a read-only export EPERM; unknown commands and flags EINVAL.
+    #[test]
+    fn check_request_follows_the_error_values_section() {
+        use Command::*;
+        let rw = export();
+        let ro = Export { read_only: true, ..export() };
+        let size = rw.size;
+        let cases: &[(&str, &Export, Request, Option<u32>)] = &[
+            ("aligned read", &rw, req(Read, 0, 4096, 4096), None),
+            ("read to the very end", &rw, req(Read, 0, size - 512, 512), None),
+            ("read past the end", &rw, req(Read, 0, size - 512, 1024), Some(NBD_EINVAL)),
+            ("read offset+length overflows", &rw, req(Read, 0, u64::MAX - 511, 1024), Some(NBD_EINVAL)),
+            ("read at the end", &rw, req(Read, 0, size, 512), Some(NBD_EINVAL)),
+            ("trim past the end", &rw, req(Trim, 0, size, 512), Some(NBD_EINVAL)),
+            ("write past the end", &rw, req(Write, 0, size, 512), Some(NBD_ENOSPC)),
+            ("write zeroes past the end", &rw, req(WriteZeroes, 0, size - 512, 1024), Some(NBD_ENOSPC)),
+            ("unaligned offset", &rw, req(Read, 0, 100, 512), Some(NBD_EINVAL)),
+            ("unaligned length", &rw, req(Write, 0, 0, 100), Some(NBD_EINVAL)),
+            ("unaligned trim", &rw, req(Trim, 0, 256, 512), Some(NBD_EINVAL)),
+            ("zero-length read", &rw, req(Read, 0, 0, 0), Some(NBD_EINVAL)),
+            ("zero-length write zeroes", &rw, req(WriteZeroes, 0, 0, 0), Some(NBD_EINVAL)),
+            // "Size constraints": READ/WRITE MUST NOT exceed the maximum payload; TRIM and
+            // WRITE_ZEROES MAY, and the server SHOULD NOT refuse them only for that.
+            ("read above max payload", &rw, req(Read, 0, 0, 128 * 1024), Some(NBD_EINVAL)),
+            ("write above max payload", &rw, req(Write, 0, 0, 128 * 1024), Some(NBD_EINVAL)),
+            ("trim above max payload", &rw, req(Trim, 0, 0, 128 * 1024), None),
+            ("write zeroes above max payload", &rw, req(WriteZeroes, 0, 0, 128 * 1024), None),
+            ("write on read-only", &ro, req(Write, 0, 0, 512), Some(NBD_EPERM)),
+            ("trim on read-only", &ro, req(Trim, 0, 0, 512), Some(NBD_EPERM)),
+            ("write zeroes on read-only", &ro, req(WriteZeroes, 0, 0, 512), Some(NBD_EPERM)),
+            ("read on read-only", &ro, req(Read, 0, 0, 512), None),
+            ("flush on read-only", &ro, req(Flush, 0, 0, 0), None),
+            // NBD_CMD_FLUSH: offset and length MUST be zero.
+            ("flush", &rw, req(Flush, 0, 0, 0), None),
+            ("flush with offset", &rw, req(Flush, 0, 512, 0), Some(NBD_EINVAL)),
+            ("flush with length", &rw, req(Flush, 0, 0, 512), Some(NBD_EINVAL)),
+            // "Command flags": FUA is valid on every command once NBD_FLAG_SEND_FUA is
+            // advertised; NO_HOLE only on WRITE_ZEROES; DF, REQ_ONE, FAST_ZERO need flags this
+            // server never advertises.
+            ("write with FUA", &rw, req(Write, NBD_CMD_FLAG_FUA, 0, 512), None),
+            ("flush with FUA", &rw, req(Flush, NBD_CMD_FLAG_FUA, 0, 0), None),
+            ("read with FUA", &rw, req(Read, NBD_CMD_FLAG_FUA, 0, 512), None),
+            ("FUA not advertised (read-only)", &ro, req(Read, NBD_CMD_FLAG_FUA, 0, 512), Some(NBD_EINVAL)),
+            ("write zeroes with NO_HOLE", &rw, req(WriteZeroes, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA, 0, 512), None),
+            ("write with NO_HOLE", &rw, req(Write, NBD_CMD_FLAG_NO_HOLE, 0, 512), Some(NBD_EINVAL)),
+            ("read with DF", &rw, req(Read, NBD_CMD_FLAG_DF, 0, 512), Some(NBD_EINVAL)),
+            ("write zeroes with FAST_ZERO", &rw, req(WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 512), Some(NBD_EINVAL)),
+            ("unknown flag", &rw, req(Read, 1 << 15, 0, 512), Some(NBD_EINVAL)),
+            // "Error values": an unknown command is EINVAL; CACHE and BLOCK_STATUS are not offered.
+            ("cache", &rw, req(Other(NBD_CMD_CACHE), 0, 0, 512), Some(NBD_EINVAL)),
+            ("block status", &rw, req(Other(NBD_CMD_BLOCK_STATUS), 0, 0, 512), Some(NBD_EINVAL)),
+            ("unknown command", &rw, req(Other(0x1234), 0, 0, 512), Some(NBD_EINVAL)),
+            // NBD_CMD_DISC has no reply at all.
+            ("disconnect", &rw, req(Disc, 0xffff, 1, 1), None),
+        ];
+        for (name, export, request, expected) in cases {
+            assert_eq!(check_request(request, export), *expected, "{name}: {request:?}");
+        }
+    }
+
+    #[test]
+    fn transmission_flags_advertise_only_what_is_true() {
+        let rw = Export::new(1 << 20);
+        let flags = rw.transmission_flags();
+        assert_eq!(
+            flags,
+            NBD_FLAG_HAS_FLAGS
+                | NBD_FLAG_SEND_FLUSH
+                | NBD_FLAG_SEND_FUA
+                | NBD_FLAG_SEND_TRIM
+                | NBD_FLAG_SEND_WRITE_ZEROES
+        );
+        let ro = Export { read_only: true, multi_conn: true, ..Export::new(1 << 20) };
+        assert_eq!(
+            ro.transmission_flags(),
+            NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN
+        );
+    }
+
+    // proto.md "Size constraints": minimum block a power of 2 up to 64 KiB; preferred a power of
+    // 2 at least max(minimum, 512); maximum payload at least the preferred block.
+    #[test]
+    fn validate_refuses_exports_the_spec_forbids() {
+        assert!(Export::new(1 << 20).validate().is_ok());
+        let bad = [
+            Export { min_block: 3, ..Export::new(1 << 20) },
+            Export { min_block: 1 << 17, preferred_block: 1 << 17, ..Export::new(1 << 20) },
+            Export { preferred_block: 256, min_block: 256, ..Export::new(1 << 20) },
+            Export { preferred_block: 6000, ..Export::new(1 << 20) },
+            Export { max_block: 2048, ..Export::new(1 << 20) },
+            Export { size: 1000, ..Export::new(0) },
+            Export { description: Some("a\0b".into()), ..Export::new(1 << 20) },
+        ];
+        for export in bad {
+            assert!(matches!(export.validate(), Err(SessionError::BadExport(_))), "{export:?}");
+        }
+    }
+
+    #[test]
+    fn read_request_decodes_a_write_with_its_payload() {
+        let mut bytes = raw_request(NBD_REQUEST_MAGIC, NBD_CMD_FLAG_FUA, NBD_CMD_WRITE, 0xabc, 4096, 4);
+        bytes.extend_from_slice(b"data");
+        bytes.extend_from_slice(&raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, 0xdef, 0, 512));
+        let mut stream = &bytes[..];
+        let write = read_request(&mut stream, 1024).expect("write");
+        assert_eq!(
+            write,
+            Request {
+                handle: 0xabc,
+                command: Command::Write,
+                flags: NBD_CMD_FLAG_FUA,
+                offset: 4096,
+                length: 4,
+                data: b"data".to_vec()
+            }
+        );
+        // A READ carries no payload: the next request follows the header directly.
+        let read = read_request(&mut stream, 1024).expect("read");
+        assert_eq!((read.handle, read.command, read.length, read.data.len()), (0xdef, Command::Read, 512, 0));
+        // Then the stream ends between requests: the client went away.
+        assert!(matches!(read_request(&mut stream, 1024), Err(SessionError::Closed { .. })));
+    }
+
+    #[test]
+    fn read_request_keeps_unknown_commands_for_an_einval_reply() {
+        let bytes = raw_request(NBD_REQUEST_MAGIC, 0, 0x77, 1, 0, 512);
+        let request = read_request(&mut &bytes[..], 1024).expect("request");
+        assert_eq!(request.command, Command::Other(0x77));
+        assert_eq!(check_request(&request, &export()), Some(NBD_EINVAL));
+    }
+
+    #[test]
+    fn read_request_framing_errors_are_errors_not_panics() {
+        // The historic request magic 0x12560953 is reserved, not valid (proto.md "Reserved
+        // Magic values").
+        let bytes = raw_request(0x1256_0953, 0, NBD_CMD_READ, 1, 0, 512);
+        assert!(matches!(read_request(&mut &bytes[..], 1024), Err(SessionError::BadMagic { found: 0x1256_0953, .. })));
+
+        let bytes = raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, 1, 0, 512);
+        assert!(matches!(read_request(&mut &bytes[..20], 1024), Err(SessionError::Truncated { .. })));
+
+        let mut bytes = raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_WRITE, 1, 0, 512);
+        bytes.extend_from_slice(&[0; 100]);
+        assert!(matches!(read_request(&mut &bytes[..], 1024), Err(SessionError::Truncated { what: "write payload" })));
+
+        let bytes = raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_WRITE, 9, 0, 4096);
+        assert!(matches!(
+            read_request(&mut &bytes[..], 1024),
+            Err(SessionError::PayloadTooLong { handle: 9, length: 4096, max: 1024 })
+        ));
+
+        assert!(matches!(read_request(&mut &[][..], 1024), Err(SessionError::Closed { .. })));
+    }
+
+    // proto.md "Simple reply message": magic, error, cookie, then data only for a successful read.
+    #[test]
+    fn write_reply_sends_data_only_on_success() {
+        let mut out = Vec::new();
+        write_reply(&mut out, 0x0102_0304_0506_0708, 0, b"abcd").expect("write");
+        assert_eq!(out, [&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8][..], b"abcd"].concat());
+        let mut out = Vec::new();
+        write_reply(&mut out, 1, NBD_EIO, b"ignored").expect("write");
+        assert_eq!(out, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn parse_info_request_checks_lengths() {
+        let mut data = 3u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"abc");
+        data.extend_from_slice(&2u16.to_be_bytes());
+        data.extend_from_slice(&NBD_INFO_BLOCK_SIZE.to_be_bytes());
+        data.extend_from_slice(&NBD_INFO_NAME.to_be_bytes());
+        assert_eq!(parse_info_request(&data), Ok((&b"abc"[..], vec![NBD_INFO_BLOCK_SIZE, NBD_INFO_NAME])));
+        assert!(parse_info_request(&data[..data.len() - 1]).is_err());
+        assert!(parse_info_request(&[data.as_slice(), &[0]].concat()).is_err());
+        assert!(parse_info_request(&[0, 0, 0, 9, b'a', 0, 0]).is_err());
+        assert!(parse_info_request(&[0, 0, 0]).is_err());
+        assert_eq!(parse_info_request(&[0, 0, 0, 0, 0, 0]), Ok((&b""[..], vec![])));
+    }
+}
