@@ -234,7 +234,7 @@ pub struct Recovered {
     pub records: u64,
     pub entries: u64,
     pub head: u64,
-    /// Blocks of a torn tail that were dropped (0 after a clean stop).
+    /// Whether part of a torn batch was dropped (false after a clean stop).
     pub torn_tail: bool,
 }
 
@@ -349,8 +349,8 @@ impl LogStore {
             out.entries += u64::from(header.entry_count);
         };
         if let Some(problem) = bad {
+            out.torn_tail = problem.is_partial_record();
             self.check_torn_tail(&mut reader, problem, limit)?;
-            out.torn_tail = true;
         }
         if self.head < anchor.durable_head {
             return Err(LogError::ShortLog { end: self.head, expected: anchor.durable_head });
@@ -450,7 +450,9 @@ impl LogStore {
         if self.written_whole(reader, torn_at, &problem)? {
             return Err(LogError::CorruptTail { vblock: torn_at, why: problem.to_string() });
         }
-        warn!(self.log, "dropped torn log tail"; "vblock" => torn_at, "why" => problem.to_string());
+        if problem.is_partial_record() {
+            warn!(self.log, "dropped torn log tail"; "vblock" => torn_at, "why" => problem.to_string());
+        }
         Ok(())
     }
 
@@ -799,6 +801,14 @@ enum RecordProblem {
     },
     /// Valid, but it does not follow the record before it.
     Chain,
+}
+
+impl RecordProblem {
+    /// Whether part of a record is there (a torn batch), rather than zeros, another lap's or
+    /// volume's record, or a complete record that does not chain: where the log just ends.
+    fn is_partial_record(&self) -> bool {
+        matches!(self, Self::Payload { .. } | Self::Header(HeaderProblem::Checksum | HeaderProblem::Shape(_)))
+    }
 }
 
 impl std::fmt::Display for RecordProblem {

@@ -364,6 +364,37 @@ impl BlockTree {
         Ok(out)
     }
 
+    /// Counts the nodes of the tree at `at` and the entries of its leaves (mapped indexes),
+    /// reading and verifying every node: for `rblk inspect`, not for the data path.
+    pub fn census(kind: TreeKind, volume_id: [u8; 16], dev: &dyn Device, at: TreeRef) -> Result<(u64, u64), TreeError> {
+        fn walk(
+            kind: TreeKind,
+            volume_id: [u8; 16],
+            dev: &dyn Device,
+            ptr: Ptr,
+            level: u32,
+            out: &mut (u64, u64),
+        ) -> Result<(), TreeError> {
+            let node = BlockTree::load_node(kind, volume_id, dev, ptr, level)?;
+            out.0 += 1;
+            for child in &node.slots {
+                if let Slot::Clean(child) = child {
+                    if level == 0 {
+                        out.1 += 1;
+                    } else {
+                        walk(kind, volume_id, dev, *child, level - 1, out)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        let mut out = (0, 0);
+        if at.block != 0 {
+            walk(kind, volume_id, dev, Ptr { block: at.block, hash: at.hash }, at.height - 1, &mut out)?;
+        }
+        Ok(out)
+    }
+
     fn diff(
         kind: TreeKind,
         volume_id: [u8; 16],

@@ -163,11 +163,13 @@ impl std::fmt::Debug for Volume {
     }
 }
 
-fn tree_ref(root: &Root) -> TreeRef {
+/// The block map tree a root names.
+pub fn tree_ref(root: &Root) -> TreeRef {
     TreeRef { block: root.payload.tree_root, hash: root.payload.tree_hash, height: root.payload.tree_height }
 }
 
-fn alloc_ref(root: &Root) -> TreeRef {
+/// The allocator tree a root names.
+pub fn alloc_ref(root: &Root) -> TreeRef {
     let height = BlockTree::height_for(root.geometry.data_blocks.div_ceil(crate::alloc::BITS_PER_BITMAP));
     TreeRef { block: root.payload.alloc_root, hash: root.payload.alloc_hash, height }
 }
