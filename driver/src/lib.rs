@@ -1,8 +1,204 @@
-//! The `rblk-driver` process (not yet built).
+//! The `rblk-driver` process: the restartable block driver.
 //!
-//! This crate will hold the restartable driver: it drops privileges, opens the volume from the
-//! file descriptors its supervisor hands over, recovers (three roots → current root →
-//! copy-on-write tree; Raft log → replay of committed entries), runs a single-node Raft group
-//! (raft-rs `RawNode` with group commit on the log store of `raft_state`) and serves NBD block
-//! sessions on the inherited listening socket. Every write is acknowledged only after its Raft
-//! entry is durable. See `docs/format.md` and the README.
+//! It opens the volume (three roots → current root → copy-on-write tree; Raft log → replay of
+//! committed entries), runs a single-node Raft group on the log store, and serves NBD block
+//! sessions on a listening unix socket it is given:
+//!
+//! ```text
+//!  accept thread ──► connection threads (handshake, decode, reads; one reply writer each)
+//!                          │ write / trim / write-zeroes as proposals (≤ 1 MiB each)
+//!                          ▼
+//!                    node thread (RawNode): propose all waiting → ONE log append + flush
+//!                          → apply to the volume → complete → reply
+//! ```
+//!
+//! Promises: a write is acknowledged only after its entry is durable in the log and applied;
+//! reads see every acknowledged write; FLUSH returns at once because nothing acknowledged is
+//! still volatile (which is also why CAN_MULTI_CONN is true). Any I/O error on the log, the
+//! volume or a checkpoint stops the driver with an error (fail-stop); a stop request lets the
+//! node finish what it took, checkpoint, and return `Ok`, so the next start replays nothing.
+
+pub mod conn;
+pub mod node;
+
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+
+use raft_state::device::Device;
+use raft_state::log::LogError;
+use raft_state::volume::{Volume, VolumeError, VolumeOptions};
+use slog::{info, warn, Logger};
+
+pub use node::NodeConfig;
+
+/// Errors that stop the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("volume")]
+    Volume(#[source] VolumeError),
+    #[error("raft log")]
+    Log(#[source] LogError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("I/O")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the driver is told.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub volume: VolumeOptions,
+    pub node: NodeConfig,
+    pub read_only: bool,
+    pub max_connections: usize,
+}
+
+/// NBD block sizes rblk advertises: 512-byte sectors work (read-modify-write below 4 KiB),
+/// 4 KiB is the block the tree maps, 32 MiB the largest request.
+pub const MIN_BLOCK: u32 = 512;
+pub const PREFERRED_BLOCK: u32 = 4096;
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+/// Opens the volume and serves `listener` until `stop` is set (then returns `Ok` after a
+/// final checkpoint) or a fatal error.
+pub fn run(
+    dev: Arc<dyn Device>,
+    root_dev: Option<Arc<dyn Device>>,
+    listener: UnixListener,
+    cfg: DriverConfig,
+    stop: Arc<AtomicBool>,
+    log: Logger,
+) -> Result<(), DriverError> {
+    let (volume, store) =
+        Volume::open_with(dev, root_dev, cfg.volume.clone(), log.new(slog::o!("component" => "volume")))
+            .map_err(DriverError::Volume)?;
+    let export = session::Export {
+        size: volume.size(),
+        read_only: cfg.read_only,
+        min_block: MIN_BLOCK,
+        preferred_block: PREFERRED_BLOCK,
+        max_block: MAX_BLOCK,
+        multi_conn: true,
+        description: Some("rblk volume".into()),
+    };
+    let volume = Arc::new(RwLock::new(volume));
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(conn::Shared {
+        volume: volume.clone(),
+        export,
+        proposals: Mutex::new(tx),
+        connections: AtomicUsize::new(0),
+        log: log.new(slog::o!("component" => "session")),
+    });
+    let accept_shared = shared.clone();
+    let max_connections = cfg.max_connections;
+    std::thread::Builder::new()
+        .name("rblk-accept".into())
+        .spawn(move || accept(listener, accept_shared, max_connections))?;
+    let node_log = log.new(slog::o!("component" => "node"));
+    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), &node_log);
+    // Proposals sent from now on find the channel closed and are dropped unanswered.
+    if let Err(e) = &result {
+        warn!(log, "driver stops on an error"; "error" => error_chain(e));
+    }
+    result
+}
+
+fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: usize) {
+    let mut next_id = 0u64;
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(shared.log, "accept failed"; "error" => %e);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
+        next_id += 1;
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= max_connections {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            warn!(shared.log, "too many connections: refused"; "max" => max_connections);
+            continue;
+        }
+        info!(shared.log, "connection"; "conn" => next_id);
+        let conn_shared = shared.clone();
+        let id = next_id;
+        let spawned =
+            std::thread::Builder::new().name("rblk-conn".into()).spawn(move || conn::serve(stream, conn_shared, id));
+        if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            warn!(shared.log, "cannot start a connection thread"; "error" => %e);
+        }
+    }
+}
+
+/// An error with its sources, for logs and the exit message.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A logger to stderr at `level` (trace, debug, info, warning, error, critical); the
+/// environment variable `RBLK_LOG` overrides it.
+pub fn logger(level: &str) -> Logger {
+    use slog::Drain;
+    let level = std::env::var("RBLK_LOG").unwrap_or_else(|_| level.to_string());
+    let level = level.parse::<slog::Level>().unwrap_or(slog::Level::Info);
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator).build().filter_level(level).fuse();
+    Logger::root(drain, slog::o!())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread started after, and starts a
+/// thread that sets the returned flag when one arrives (the node then stops cleanly). Call it
+/// first thing in `main`, before any other thread exists.
+pub fn stop_on_signals(log: &Logger) -> Result<Arc<AtomicBool>, DriverError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(|e| DriverError::Io(e.into()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let log = log.clone();
+    std::thread::Builder::new().name("rblk-signals".into()).spawn(move || {
+        if let Ok(signal) = set.wait() {
+            info!(log, "stopping"; "signal" => signal.as_str());
+            flag.store(true, Ordering::SeqCst);
+        }
+    })?;
+    Ok(stop)
+}
+
+/// The node settings the configuration gives.
+pub fn node_config(cfg: &config::Config) -> NodeConfig {
+    NodeConfig {
+        tick: cfg.raft.tick,
+        election_tick: cfg.raft.election_ticks,
+        heartbeat_tick: cfg.raft.heartbeat_ticks,
+        max_batch_bytes: cfg.raft.max_batch,
+    }
+}
+
+/// The driver settings the configuration gives.
+pub fn driver_config(cfg: &config::Config) -> DriverConfig {
+    DriverConfig {
+        volume: VolumeOptions {
+            checkpoint_log_bytes: cfg.checkpoint.log_bytes,
+            checkpoint_interval: cfg.checkpoint.interval,
+            node_cache: cfg.cache.nodes,
+            bitmap_cache: cfg.cache.bitmaps,
+        },
+        node: node_config(cfg),
+        read_only: cfg.server.read_only,
+        max_connections: cfg.server.max_connections,
+    }
+}

@@ -1,0 +1,202 @@
+//! One NBD connection: the handshake, then a reader that decodes requests and a writer thread
+//! that sends replies in whatever order they complete.
+//!
+//! Reads are served from the volume at once (they see every acknowledged write: a write is
+//! acknowledged only after it was applied). Writes, trims and write-zeroes become proposals to
+//! the Raft node and are answered when their entries are committed and applied, so every
+//! acknowledged write is durable and FLUSH has nothing left to wait for. A request the node
+//! could not take because the driver is stopping gets no reply at all: the connection drops
+//! and the client resends (an error would be final for QEMU).
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+
+use raft_state::command::Command;
+use raft_state::volume::{Applied, Volume};
+use session::{Export, Request};
+use slog::{debug, info, warn, Logger};
+
+use crate::node::{read_volume, Outcome, Proposal};
+
+/// Largest piece of a write carried by one Raft entry (entries hold a little under 2 MiB).
+pub const MAX_ENTRY_DATA: usize = 1 << 20;
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub volume: Arc<RwLock<Volume>>,
+    pub export: Export,
+    pub proposals: Mutex<Sender<Proposal>>,
+    pub connections: AtomicUsize,
+    pub log: Logger,
+}
+
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Vec<u8>,
+}
+
+/// Serves one connection until the client disconnects, misbehaves, or the driver stops.
+pub fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
+    let log = shared.log.new(slog::o!("conn" => id));
+    if let Err(e) = run(stream, &shared, &log) {
+        // Logged once per connection; other connections and the volume are unaffected.
+        warn!(log, "connection dropped"; "why" => %e);
+    }
+    shared.connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> session::SessionError {
+    move |source| session::SessionError::Io { what, source }
+}
+
+fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), session::SessionError> {
+    let mut hs_stream = stream.try_clone().map_err(io("clone the connection"))?;
+    let Some(_negotiated) = session::handshake(&mut hs_stream, &shared.export)? else {
+        debug!(log, "client ended the negotiation");
+        return Ok(());
+    };
+    debug!(log, "transmission");
+    let (tx, rx) = mpsc::channel::<Reply>();
+    let mut out = stream.try_clone().map_err(io("clone the connection"))?;
+    let writer = std::thread::Builder::new()
+        .name("rblk-reply".into())
+        .spawn(move || {
+            for r in rx {
+                if session::write_reply(&mut out, r.handle, r.error, &r.data).is_err() {
+                    // The client is gone; the reader notices too.
+                    break;
+                }
+            }
+        })
+        .map_err(io("start the reply writer"))?;
+    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io("clone the connection"))?);
+    let result = loop {
+        let req = match session::read_request(&mut reader, shared.export.payload_limit()) {
+            Ok(req) => req,
+            Err(e) => break Err(e),
+        };
+        if let Some(errno) = session::check_request(&req, &shared.export) {
+            let _ = tx.send(Reply { handle: req.handle, error: errno, data: Vec::new() });
+            continue;
+        }
+        match req.command {
+            session::Command::Read => {
+                let mut data = vec![0u8; req.length as usize];
+                let error = match read_volume(&shared.volume).read(req.offset, &mut data) {
+                    Ok(()) => 0,
+                    Err(_) => session::NBD_EIO, // logged by the volume
+                };
+                if error != 0 {
+                    data.clear();
+                }
+                let _ = tx.send(Reply { handle: req.handle, error, data });
+            }
+            session::Command::Write | session::Command::Trim | session::Command::WriteZeroes => {
+                submit(shared, req, tx.clone());
+            }
+            // Every acknowledged write is already durable (committed to the log).
+            session::Command::Flush => {
+                let _ = tx.send(Reply { handle: req.handle, error: 0, data: Vec::new() });
+            }
+            session::Command::Disc => break Ok(()),
+            session::Command::Other(_) => {
+                let _ = tx.send(Reply { handle: req.handle, error: session::NBD_EINVAL, data: Vec::new() });
+            }
+        }
+    };
+    // The writer ends once every reply still owed was sent (completions hold clones of tx).
+    drop(tx);
+    let _ = stream.shutdown(std::net::Shutdown::Read);
+    if writer.join().is_err() {
+        warn!(log, "reply writer panicked");
+    }
+    match result {
+        Err(session::SessionError::Closed { .. }) => {
+            info!(log, "client disconnected");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Turns a write-type request into proposals of at most `MAX_ENTRY_DATA` each; the reply goes
+/// out when all of them are applied, with the worst error among them.
+fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
+    let pieces: Vec<Vec<u8>> = split(&req);
+    let state = Arc::new(Mutex::new(Pending { remaining: pieces.len(), error: 0, stopped: false, tx: Some(tx) }));
+    let handle = req.handle;
+    let proposals = match shared.proposals.lock() {
+        Ok(p) => p.clone(),
+        Err(_) => return,
+    };
+    for data in pieces {
+        let state = state.clone();
+        let done = Box::new(move |outcome: Outcome| {
+            let Ok(mut s) = state.lock() else { return };
+            match outcome {
+                Outcome::Applied(applied) => s.error = s.error.max(errno(applied)),
+                Outcome::Stopped => s.stopped = true,
+            }
+            s.remaining -= 1;
+            if s.remaining == 0 && !s.stopped {
+                if let Some(tx) = s.tx.take() {
+                    let _ = tx.send(Reply { handle, error: s.error, data: Vec::new() });
+                }
+            }
+        });
+        if let Err(mpsc::SendError(p)) = proposals.send(Proposal { data, done }) {
+            // The node has stopped: no reply (the client resends after reconnecting).
+            (p.done)(Outcome::Stopped);
+        }
+    }
+}
+
+struct Pending {
+    remaining: usize,
+    error: u32,
+    stopped: bool,
+    tx: Option<Sender<Reply>>,
+}
+
+fn errno(applied: Applied) -> u32 {
+    match applied {
+        Applied::Done => 0,
+        Applied::NoSpace => session::NBD_ENOSPC,
+        Applied::Damaged => session::NBD_EIO,
+        Applied::Invalid => session::NBD_EINVAL,
+    }
+}
+
+/// The encoded commands of a request, in pieces of at most `MAX_ENTRY_DATA` bytes that start
+/// at block boundaries after the first.
+fn split(req: &Request) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let end = req.offset + u64::from(req.length);
+    let mut at = req.offset;
+    while at < end {
+        let next = ((at / MAX_ENTRY_DATA as u64 + 1) * MAX_ENTRY_DATA as u64).min(end);
+        let length = next - at;
+        let cmd = match req.command {
+            session::Command::Write => {
+                let from = (at - req.offset) as usize;
+                Command::Write { offset: at, data: &req.data[from..from + length as usize] }
+            }
+            session::Command::Trim => Command::Trim { offset: at, length },
+            // NO_HOLE: the zeros must stay allocated, so they are written, not unmapped.
+            _ if req.flags & session::NBD_CMD_FLAG_NO_HOLE != 0 => {
+                out.push(Command::Write { offset: at, data: &vec![0u8; length as usize] }.encode());
+                at = next;
+                continue;
+            }
+            _ => Command::WriteZeroes { offset: at, length },
+        };
+        out.push(cmd.encode());
+        at = next;
+    }
+    out
+}

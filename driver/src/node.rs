@@ -1,0 +1,228 @@
+//! The Raft node thread: the only place that changes the volume.
+//!
+//! It owns the `RawNode` (whose storage is the log on raw sectors) and is the only writer of
+//! the volume. Sessions send it proposals; it proposes everything that arrived meanwhile,
+//! persists them with ONE log append and flush (group commit), applies the committed entries
+//! and only then completes each proposal. A single-node group commits an entry as soon as it
+//! is durable, so a completed proposal is durable. Any error of the log, the volume or a
+//! checkpoint is fatal: the node stops and the driver exits non-zero (fail-stop; the
+//! supervisor restarts it and recovery works from what is durable).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::Entry;
+use raft::{RawNode, StateRole};
+use raft_state::log::LogStore;
+use raft_state::volume::{Applied, Volume};
+use slog::{debug, error, info, Logger};
+
+use crate::DriverError;
+
+/// What became of a proposal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed (durable) and applied with this result.
+    Applied(Applied),
+    /// The driver is stopping: not proposed. The client resends after reconnecting.
+    Stopped,
+}
+
+/// Called once with the outcome, on the node thread: it must not block.
+pub type Completion = Box<dyn FnOnce(Outcome) + Send>;
+
+/// An encoded command to commit, and whom to tell.
+pub struct Proposal {
+    pub data: Vec<u8>,
+    pub done: Completion,
+}
+
+impl std::fmt::Debug for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proposal").field("bytes", &self.data.len()).finish()
+    }
+}
+
+/// What the node thread needs besides its channel.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub tick: Duration,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Bytes of proposals taken into one append at most.
+    pub max_batch_bytes: u64,
+}
+
+/// The node: runs until `stop` is set (or every sender is gone) — then it completes what it
+/// took, checkpoints so the next start replays nothing, and returns `Ok` — or a fatal error.
+pub fn run(
+    volume: Arc<RwLock<Volume>>,
+    store: LogStore,
+    proposals: Receiver<Proposal>,
+    cfg: &NodeConfig,
+    stop: &AtomicBool,
+    log: &Logger,
+) -> Result<(), DriverError> {
+    let applied = read_volume(&volume).applied_index();
+    let raft_cfg = raft::Config {
+        id: 1,
+        election_tick: cfg.election_tick,
+        heartbeat_tick: cfg.heartbeat_tick,
+        applied,
+        max_size_per_msg: 4 << 20,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    };
+    raft_cfg.validate().map_err(|e| DriverError::Raft(e.to_string()))?;
+    let raft_log = log.new(slog::o!("component" => "raft"));
+    let mut node = RawNode::new(&raft_cfg, store, &raft_log).map_err(|e| DriverError::Raft(e.to_string()))?;
+    // A single node elects itself at once; its first entry (the leader's no-op) commits
+    // every entry a previous incarnation persisted but did not see committed.
+    node.campaign().map_err(|e| DriverError::Raft(e.to_string()))?;
+    let mut waiting: HashMap<u64, Completion> = HashMap::new();
+    drive(&mut node, &volume, &mut waiting, log)?;
+    if node.raft.state != StateRole::Leader {
+        return Err(DriverError::Raft("a single node did not become leader".into()));
+    }
+    info!(log, "serving"; "term" => node.raft.term, "applied" => read_volume(&volume).applied_index());
+    let mut next_tick = Instant::now() + cfg.tick;
+    let mut open = true;
+    while open {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut batch: Vec<Proposal> = Vec::new();
+        match proposals.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok(p) => batch.push(p),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        // Group commit: everything that is already waiting goes into the same append.
+        let mut bytes: u64 = batch.iter().map(|p| p.data.len() as u64).sum();
+        while bytes < cfg.max_batch_bytes {
+            match proposals.try_recv() {
+                Ok(p) => {
+                    bytes += p.data.len() as u64;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        for p in batch {
+            propose(&mut node, p, &mut waiting)?;
+        }
+        if Instant::now() >= next_tick {
+            node.tick();
+            next_tick = Instant::now() + cfg.tick;
+        }
+        drive(&mut node, &volume, &mut waiting, log)?;
+        let due = read_volume(&volume).should_checkpoint(node.store());
+        if due {
+            let started = Instant::now();
+            write_volume(&volume).checkpoint(node.mut_store()).map_err(DriverError::Volume)?;
+            debug!(log, "checkpoint"; "ms" => started.elapsed().as_millis() as u64);
+        }
+    }
+    // Clean stop: what was not proposed is dropped unanswered (clients resend after
+    // reconnecting); everything proposed was applied by the last `drive`.
+    drop(proposals);
+    for (_, done) in waiting.drain() {
+        done(Outcome::Stopped);
+    }
+    let mut guard = write_volume(&volume);
+    let started = Instant::now();
+    if guard.stats().applied_index > guard.stats().root_applied_index {
+        guard.checkpoint(node.mut_store()).map_err(DriverError::Volume)?;
+    }
+    info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+fn propose(
+    node: &mut RawNode<LogStore>,
+    p: Proposal,
+    waiting: &mut HashMap<u64, Completion>,
+) -> Result<(), DriverError> {
+    let before = node.raft.raft_log.last_index();
+    match node.propose(vec![], p.data) {
+        Ok(()) => {
+            let index = node.raft.raft_log.last_index();
+            if index != before + 1 {
+                return Err(DriverError::Raft(format!("proposal landed at {index}, expected {}", before + 1)));
+            }
+            waiting.insert(index, p.done);
+            Ok(())
+        }
+        // Only a leader accepts proposals, and a single node is always the leader once
+        // elected: anything else is a bug, and fail-stop is the safe answer.
+        Err(e) => Err(DriverError::Raft(format!("proposal refused: {e}"))),
+    }
+}
+
+/// The ready loop: persist (one append per ready), advance, apply, complete.
+fn drive(
+    node: &mut RawNode<LogStore>,
+    volume: &RwLock<Volume>,
+    waiting: &mut HashMap<u64, Completion>,
+    log: &Logger,
+) -> Result<(), DriverError> {
+    while node.has_ready() {
+        let mut rd = node.ready();
+        if !rd.messages().is_empty() || !rd.persisted_messages().is_empty() || !rd.snapshot().is_empty() {
+            return Err(DriverError::Raft("a single node got messages or a snapshot to handle".into()));
+        }
+        apply(volume, rd.take_committed_entries(), waiting, log)?;
+        let entries = rd.take_entries();
+        let hs = rd.hs().cloned();
+        if !entries.is_empty() || hs.is_some() {
+            node.mut_store().append(&entries, hs.as_ref()).map_err(DriverError::Log)?;
+        }
+        let mut light = node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            node.mut_store().set_commit(commit);
+        }
+        apply(volume, light.take_committed_entries(), waiting, log)?;
+        node.advance_apply();
+    }
+    Ok(())
+}
+
+fn apply(
+    volume: &RwLock<Volume>,
+    entries: Vec<Entry>,
+    waiting: &mut HashMap<u64, Completion>,
+    log: &Logger,
+) -> Result<(), DriverError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut guard = write_volume(volume);
+    for e in entries {
+        let applied = guard.apply(&e).map_err(|err| {
+            error!(log, "apply failed"; "index" => e.index, "error" => %err);
+            DriverError::Volume(err)
+        })?;
+        if let Some(done) = waiting.remove(&e.index) {
+            done(Outcome::Applied(applied));
+        }
+    }
+    Ok(())
+}
+
+/// The volume for reading. A poisoned lock means a thread panicked while applying: the
+/// volume's in-memory state is suspect, so the whole driver must stop.
+pub fn read_volume(volume: &RwLock<Volume>) -> std::sync::RwLockReadGuard<'_, Volume> {
+    volume.read().unwrap_or_else(|_| fatal_poisoned_lock())
+}
+
+pub fn write_volume(volume: &RwLock<Volume>) -> std::sync::RwLockWriteGuard<'_, Volume> {
+    volume.write().unwrap_or_else(|_| fatal_poisoned_lock())
+}
+
+fn fatal_poisoned_lock() -> ! {
+    eprintln!("rblk-driver: a thread panicked while holding the volume; stopping (restart recovers)");
+    std::process::exit(70)
+}

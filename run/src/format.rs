@@ -1,0 +1,91 @@
+//! `rblk format`: writes a new, empty volume on a regular file (created sparse when missing)
+//! or a block device.
+
+use std::io::Read;
+use std::path::Path;
+
+use raft_state::device::{Device, FileDevice, BLOCK};
+use raft_state::layout::ROOT_SLOTS;
+use raft_state::volume::{FormatOptions, Volume};
+
+/// What to format.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Size the clients see, in bytes.
+    pub size: u64,
+    /// Size of the Raft log ring, in bytes.
+    pub log_size: u64,
+    /// Format over an existing rblk volume.
+    pub force: bool,
+}
+
+/// Data-region blocks a new image file gets for a volume of `volume_blocks`: the volume, its
+/// tree nodes (one per 64 blocks, rounded up generously to 1/32), and 128 MiB for the
+/// copies a checkpoint interval keeps alive (the backup root's blocks are reused only two
+/// checkpoints later). The file is sparse: unused space costs nothing.
+fn data_blocks_for(volume_blocks: u64) -> u64 {
+    volume_blocks + volume_blocks / 32 + (128 << 20) / BLOCK
+}
+
+/// Formats `image` (and `root`, the optional separate root device) and returns a summary.
+pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, String> {
+    let err =
+        |what: &str, e: &dyn std::error::Error| format!("{}: {what}: {}", image.display(), driver::error_chain(e));
+    if spec.size == 0 || !spec.size.is_multiple_of(BLOCK) {
+        return Err(format!("--size {} is not a positive multiple of 4096 bytes", spec.size));
+    }
+    if !spec.log_size.is_multiple_of(BLOCK) {
+        return Err(format!("--log-size {} is not a multiple of 4096 bytes", spec.log_size));
+    }
+    let volume_blocks = spec.size / BLOCK;
+    let log_blocks = spec.log_size / BLOCK;
+    let roots_here = if root.is_none() { ROOT_SLOTS } else { 0 };
+    let want_bytes = (roots_here + log_blocks + data_blocks_for(volume_blocks)) * BLOCK;
+    let dev = if image.exists() {
+        let dev = FileDevice::open(image).map_err(|e| err("open", &e))?;
+        let separate = root
+            .map(|p| FileDevice::open(p).map_err(|e| format!("{}: {}", p.display(), driver::error_chain(&e))))
+            .transpose()?;
+        let roots_dev: &dyn Device = separate.as_ref().map_or(&dev as &dyn Device, |d| d as &dyn Device);
+        if !spec.force && raft_state::roots::open(roots_dev).is_ok() {
+            return Err(format!("{} already holds an rblk volume; use --force to format over it", image.display()));
+        }
+        let is_file = std::fs::metadata(image).map(|m| m.is_file()).unwrap_or(false);
+        if is_file && dev.size() < want_bytes {
+            // A regular file grows (sparse) to what the volume needs.
+            drop(dev);
+            let file = std::fs::OpenOptions::new().write(true).open(image).map_err(|e| err("open", &e))?;
+            file.set_len(want_bytes).and_then(|()| file.sync_all()).map_err(|e| err("grow", &e))?;
+            FileDevice::open(image).map_err(|e| err("open", &e))?
+        } else {
+            dev
+        }
+    } else {
+        FileDevice::create(image, want_bytes).map_err(|e| err("create", &e))?
+    };
+    let root_dev = root
+        .map(|p| FileDevice::open(p).map_err(|e| format!("{}: {}", p.display(), driver::error_chain(&e))))
+        .transpose()?;
+    let volume_id = random_id().map_err(|e| err("random volume id", &e))?;
+    let opts = FormatOptions { volume_bytes: spec.size, log_blocks, volume_id };
+    Volume::format(&dev, root_dev.as_ref().map(|d| d as &dyn Device), opts).map_err(|e| err("format", &e))?;
+    dev.flush().map_err(|e| err("flush", &e))?;
+    if let Some(r) = &root_dev {
+        r.flush().map_err(|e| err("flush root device", &e))?;
+    }
+    let data_mib = ((dev.size() / BLOCK).saturating_sub(roots_here + log_blocks) * BLOCK) >> 20;
+    Ok(format!(
+        "formatted {}: volume {} MiB, log {} MiB, data region {} MiB, volume id {}",
+        image.display(),
+        spec.size >> 20,
+        spec.log_size >> 20,
+        data_mib,
+        volume_id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+fn random_id() -> std::io::Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut id)?;
+    Ok(id)
+}

@@ -1,0 +1,199 @@
+//! `rblk`: format a volume, serve it, inspect it.
+//!
+//! ```text
+//! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force]
+//! rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+//! rblk inspect IMAGE [--root-device PATH] [--json]
+//! ```
+//! Sizes take K, M, G, T suffixes (binary). `serve` without arguments uses `./rblk.img`
+//! (formatted with the configured size, 1 GiB by default, when missing) and `./rblk.sock`,
+//! and prints the NBD URI to attach. Settings: built-in defaults < `--config` file < flags.
+
+mod format;
+mod inspect;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use raft_state::device::{Device, FileDevice};
+
+const USAGE: &str = "usage:
+  rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force]
+  rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+  rblk inspect IMAGE [--root-device PATH] [--json]";
+
+/// Command-line words: positionals and `--flag value` / `--switch` pairs.
+struct Words {
+    positional: Vec<String>,
+    flags: Vec<(String, Option<String>)>,
+}
+
+const SWITCHES: &[&str] = &["--force", "--json"];
+
+fn words(args: impl Iterator<Item = String>) -> Result<Words, String> {
+    let mut w = Words { positional: Vec::new(), flags: Vec::new() };
+    let mut it = args.peekable();
+    while let Some(a) = it.next() {
+        if a == "-h" || a == "--help" {
+            return Err(USAGE.into());
+        }
+        if a.starts_with("--") {
+            if SWITCHES.contains(&a.as_str()) {
+                w.flags.push((a, None));
+            } else {
+                let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+                w.flags.push((a, Some(v)));
+            }
+        } else {
+            w.positional.push(a);
+        }
+    }
+    Ok(w)
+}
+
+impl Words {
+    fn take(&mut self, name: &str) -> Option<String> {
+        let at = self.flags.iter().position(|(f, _)| f == name)?;
+        self.flags.remove(at).1
+    }
+
+    fn switch(&mut self, name: &str) -> bool {
+        match self.flags.iter().position(|(f, _)| f == name) {
+            Some(at) => {
+                self.flags.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails on anything not taken.
+    fn done(self, max_positional: usize) -> Result<Vec<String>, String> {
+        if let Some((f, _)) = self.flags.first() {
+            return Err(format!("unknown option {f}\n{USAGE}"));
+        }
+        if self.positional.len() > max_positional {
+            return Err(format!("unexpected argument {:?}\n{USAGE}", self.positional[max_positional]));
+        }
+        Ok(self.positional)
+    }
+}
+
+fn size_flag(w: &mut Words, name: &str) -> Result<Option<u64>, String> {
+    w.take(name).map(|v| config::parse_size(&v).map_err(|e| format!("{name}: {e}"))).transpose()
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(command) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match words(args) {
+        Ok(w) => match command.as_str() {
+            "format" => cmd_format(w),
+            "serve" => cmd_serve(w),
+            "inspect" => cmd_inspect(w),
+            "-h" | "--help" | "help" => Err(USAGE.to_string()),
+            other => Err(format!("unknown command {other:?}\n{USAGE}")),
+        },
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rblk: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn cmd_format(mut w: Words) -> Result<ExitCode, String> {
+    let size = size_flag(&mut w, "--size")?.ok_or_else(|| format!("format needs --size\n{USAGE}"))?;
+    let log_size = size_flag(&mut w, "--log-size")?.unwrap_or(config::Config::default().volume.log_size);
+    let root = w.take("--root-device").map(PathBuf::from);
+    let force = w.switch("--force");
+    let pos = w.done(1)?;
+    let image = PathBuf::from(pos.first().ok_or_else(|| format!("format needs an IMAGE\n{USAGE}"))?);
+    let spec = format::Spec { size, log_size, force };
+    let summary = format::format(&image, root.as_deref(), &spec)?;
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(mut w: Words) -> Result<ExitCode, String> {
+    let root = w.take("--root-device").map(PathBuf::from);
+    let json = w.switch("--json");
+    let pos = w.done(1)?;
+    let image = PathBuf::from(pos.first().ok_or_else(|| format!("inspect needs an IMAGE\n{USAGE}"))?);
+    let dev = open_device(&image)?;
+    let root_dev = root.as_deref().map(open_device).transpose()?;
+    let report = inspect::inspect(dev, root_dev).map_err(|e| format!("{}: {e}", image.display()))?;
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_device(path: &Path) -> Result<Arc<dyn Device>, String> {
+    Ok(Arc::new(FileDevice::open(path).map_err(|e| format!("{}: {}", path.display(), driver::error_chain(&e)))?))
+}
+
+fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
+    let mut cfg = match w.take("--config") {
+        Some(path) => config::Config::load(Path::new(&path)).map_err(|e| e.to_string())?,
+        None => config::Config::default(),
+    };
+    if let Some(socket) = w.take("--socket") {
+        cfg.server.socket = socket.into();
+    }
+    if let Some(size) = size_flag(&mut w, "--size")? {
+        cfg.volume.size = size;
+    }
+    let pos = w.done(1)?;
+    if let Some(image) = pos.first() {
+        cfg.volume.image = image.into();
+    }
+    // Flags may have changed what the file said: the same rules apply.
+    cfg.validate().map_err(|e| e.to_string())?;
+    let log = driver::logger(cfg.log.level.as_str());
+    let stop = driver::stop_on_signals(&log).map_err(|e| driver::error_chain(&e))?;
+    let image = cfg.volume.image.clone();
+    let root = cfg.volume.root_device.clone();
+    if !image.exists() {
+        let spec = format::Spec { size: cfg.volume.size, log_size: cfg.volume.log_size, force: false };
+        let summary = format::format(&image, root.as_deref(), &spec)?;
+        eprintln!("{summary}");
+    }
+    let dev = open_device(&image)?;
+    let root_dev = root.as_deref().map(open_device).transpose()?;
+    let socket = cfg.server.socket.clone();
+    let listener = bind(&socket)?;
+    let absolute = std::fs::canonicalize(&socket).unwrap_or_else(|_| socket.clone());
+    println!("nbd+unix:///?socket={}", absolute.display());
+    let result = driver::run(dev, root_dev, listener, driver::driver_config(&cfg), stop, log);
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("rblk: {}", driver::error_chain(&e));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one
+/// is an error (another server).
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("{} is in use by a running server", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("removing the stale socket {}: {e}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
+}
