@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what a fresh Debian machine lacks, then runs the format
 # check, clippy and the whole test suite. Long runs are opt-in:
-#   RBLK_SIM_SEEDS=N    seeded random crash runs (default 2000); RBLK_SIM_SEED=S replays one
+#   RBLK_SIM_SEEDS=N    seeded random runs per simulation suite; RBLK_SIM_SEED=S replays one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,12 @@ say() { printf '==> %s\n' "$*"; }
 declare -A need=(
   [protoc]=protobuf-compiler   # raft-proto is generated with prost at build time
   [losetup]=mount              # the FileDevice test on a real loop device
+  [qemu-io]=qemu-utils         # real NBD clients: qemu-io, qemu-img, qemu-storage-daemon
+  [nbdinfo]=libnbd-bin         # nbdinfo, nbdcopy
+  [nbdfuse]=nbdfuse            # the export as a file, for mkfs.ext4 and e2fsck
+  [fio]=fio                    # fio's nbd engine with verify
+  [nbdkit]=nbdkit              # a peer to compare with in benchmarks
+  [mkfs.ext4]=e2fsprogs
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -26,6 +32,9 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
+
+# Every real-client test must run, not skip, once its tools are here.
+export RBLK_REQUIRE_CLIENTS=1
 
 # As root with loop devices available, the real-block-device test must run, not skip.
 if [[ $(id -u) -eq 0 ]] && command -v losetup >/dev/null 2>&1 && losetup -f >/dev/null 2>&1; then
