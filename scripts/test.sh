@@ -7,31 +7,17 @@ cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*"; }
 
-# Debian packages the build and tests need: command → package.
-declare -A need=(
-  [protoc]=protobuf-compiler   # raft-proto is generated with prost at build time
-  [losetup]=mount              # the FileDevice test on a real loop device
-  [qemu-io]=qemu-utils         # real NBD clients: qemu-io, qemu-img, qemu-storage-daemon
-  [nbdinfo]=libnbd-bin         # nbdinfo, nbdcopy
-  [nbdfuse]=nbdfuse            # the export as a file, for mkfs.ext4 and e2fsck
-  [fio]=fio                    # fio's nbd engine with verify
-  [nbdkit]=nbdkit              # a peer to compare with in benchmarks
-  [mkfs.ext4]=e2fsprogs
-)
-missing=()
-for cmd in "${!need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
-done
-if ((${#missing[@]})); then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    say "installing: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "missing packages: ${missing[*]} — install them (apt-get install ${missing[*]}) and rerun" >&2
-    exit 1
-  fi
-fi
+# Debian packages the build and tests need: command=package.
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+need protoc=protobuf-compiler `# raft-proto is generated with prost at build time` \
+  losetup=mount                `# the FileDevice test on a real loop device` \
+  qemu-io=qemu-utils           `# real NBD clients: qemu-io, qemu-img, qemu-storage-daemon` \
+  nbdinfo=libnbd-bin           `# nbdinfo, nbdcopy` \
+  nbdfuse=nbdfuse              `# the export as a file, for mkfs.ext4 and e2fsck` \
+  fio=fio                      `# fio's nbd engine with verify` \
+  nbdkit=nbdkit                `# a peer to compare with in benchmarks` \
+  mkfs.ext4=e2fsprogs
 
 # Every real-client test must run, not skip, once its tools are here.
 export RBLK_REQUIRE_CLIENTS=1

@@ -77,7 +77,7 @@ pub fn run(
         ..Default::default()
     };
     raft_cfg.validate().map_err(|e| DriverError::Raft(e.to_string()))?;
-    let raft_log = log.new(slog::o!("component" => "raft"));
+    let raft_log = log.new(slog::o!("raft" => 1));
     let mut node = RawNode::new(&raft_cfg, store, &raft_log).map_err(|e| DriverError::Raft(e.to_string()))?;
     // A single node elects itself at once; its first entry (the leader's no-op) commits
     // every entry a previous incarnation persisted but did not see committed.
