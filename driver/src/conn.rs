@@ -200,3 +200,57 @@ fn split(req: &Request) -> Vec<Vec<u8>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(command: session::Command, flags: u16, offset: u64, length: u32) -> Request {
+        let data = if command == session::Command::Write { (0..length).map(|i| i as u8).collect() } else { Vec::new() };
+        Request { handle: 1, command, flags, offset, length, data }
+    }
+
+    /// Pieces cover the request exactly, in order, none above `MAX_ENTRY_DATA`, and cut at
+    /// 1 MiB boundaries so later pieces are block-aligned.
+    #[test]
+    fn split_covers_the_request_in_entry_sized_pieces() {
+        for (offset, length) in [(0u64, 512u32), (512, 4096), (1_048_064, 2_999_808), (7 << 20, 32 << 20)] {
+            let r = req(session::Command::Write, 0, offset, length);
+            let mut at = offset;
+            let mut data = Vec::new();
+            for piece in split(&r) {
+                let Command::Write { offset: o, data: d } = Command::decode(&piece).expect("decode") else {
+                    panic!("not a write")
+                };
+                assert_eq!(o, at);
+                assert!(d.len() <= MAX_ENTRY_DATA);
+                assert!(o == offset || o % MAX_ENTRY_DATA as u64 == 0);
+                at += d.len() as u64;
+                data.extend_from_slice(d);
+            }
+            assert_eq!(at, offset + u64::from(length));
+            assert_eq!(data, r.data);
+        }
+    }
+
+    #[test]
+    fn write_zeroes_unmaps_unless_no_hole() {
+        let plain = split(&req(session::Command::WriteZeroes, 0, 4096, 8192));
+        assert!(matches!(Command::decode(&plain[0]), Ok(Command::WriteZeroes { offset: 4096, length: 8192 })));
+        let no_hole = split(&req(session::Command::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 4096, 8192));
+        match Command::decode(&no_hole[0]) {
+            Ok(Command::Write { offset: 4096, data }) => assert!(data.len() == 8192 && data.iter().all(|&b| b == 0)),
+            other => panic!("{other:?}"),
+        }
+        let trim = split(&req(session::Command::Trim, 0, 0, 3 << 20));
+        assert_eq!(trim.len(), 3);
+    }
+
+    #[test]
+    fn outcomes_map_to_nbd_errors() {
+        assert_eq!(errno(Applied::Done), 0);
+        assert_eq!(errno(Applied::NoSpace), session::NBD_ENOSPC);
+        assert_eq!(errno(Applied::Damaged), session::NBD_EIO);
+        assert_eq!(errno(Applied::Invalid), session::NBD_EINVAL);
+    }
+}
