@@ -586,3 +586,83 @@ fn concurrent_clients_see_every_acknowledged_write() {
     drop(client);
     server.stop();
 }
+
+/// `rblk serve` without arguments: `./rblk.img` formatted with 1 GiB, `./rblk.sock`, and the
+/// URI printed.
+#[test]
+fn serve_without_arguments_uses_the_defaults() {
+    let dir = Scratch::new("defaults");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .current_dir(&dir.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rblk serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("uri");
+    let socket = std::fs::canonicalize(dir.path("rblk.sock")).expect("socket exists");
+    assert_eq!(line.trim(), format!("nbd+unix:///?socket={}", socket.display()));
+    let client = session::Client::connect(&socket, "").expect("client");
+    assert_eq!(client.size(), 1 << 30);
+    drop(client);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert!(child.wait().expect("wait").success());
+    assert!(dir.path("rblk.img").exists() && !dir.path("rblk.sock").exists(), "image kept, socket removed");
+}
+
+/// A real block device (a loop device over a file): format, serve, write, restart, read.
+/// Runs as root where loop devices work; `RBLK_REQUIRE_LOOP=1` makes it mandatory.
+#[test]
+fn block_device_volume() {
+    let dir = Scratch::new("loop");
+    let backing = dir.path("backing.raw");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(300 * MIB)).expect("backing file");
+    let attached = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output();
+    let loopdev = match attached {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => {
+            assert!(std::env::var_os("RBLK_REQUIRE_LOOP").is_none(), "a loop device is required but losetup failed");
+            eprintln!("skipped: no loop device (needs root and losetup)");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(loopdev.clone());
+    run(Command::new(env!("CARGO_BIN_EXE_rblk")).args(["format", &loopdev, "--size", "128M", "--log-size", "16M"]));
+    let refused = Command::new(env!("CARGO_BIN_EXE_rblk")).args(["format", &loopdev, "--size", "128M"]).output();
+    assert!(!refused.expect("rblk format").status.success(), "formatting over a volume needs --force");
+    let start = |dir: &Scratch| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rblk"))
+            .args(["serve", &loopdev, "--socket"])
+            .arg(dir.path("loop.sock"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rblk serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("uri");
+        child
+    };
+    let stop = |mut child: Child| {
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        assert!(child.wait().expect("wait").success());
+    };
+    let child = start(&dir);
+    let client = session::Client::connect(&dir.path("loop.sock"), "").expect("client");
+    assert_eq!(client.size(), 128 * MIB);
+    let data: Vec<u8> = (0..(3 * MIB)).map(|i| (i % 251) as u8).collect();
+    client.write(5 * MIB + 512, &data, false).expect("write");
+    drop(client);
+    stop(child);
+    let child = start(&dir);
+    let client = session::Client::connect(&dir.path("loop.sock"), "").expect("client");
+    assert!(client.read(5 * MIB + 512, data.len() as u32).expect("read") == data);
+    drop(client);
+    stop(child);
+}
