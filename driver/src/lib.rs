@@ -18,8 +18,10 @@
 //! volume or a checkpoint stops the driver with an error (fail-stop); a stop request lets the
 //! node finish what it took, checkpoint, and return `Ok`, so the next start replays nothing.
 
+pub mod cli;
 pub mod conn;
 pub mod node;
+pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -60,19 +62,58 @@ pub const MIN_BLOCK: u32 = 512;
 pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 32 << 20;
 
+/// The channel to the supervisor: one line `ready ms=<recovery ms> replayed=<entries>` after
+/// recovery, then `beat` lines while the node thread runs. Writes never block (the pipe is
+/// non-blocking; a full pipe drops a beat, a gone supervisor is ignored).
+#[derive(Debug)]
+pub struct Heartbeat {
+    out: std::fs::File,
+    every: std::time::Duration,
+    last: std::time::Instant,
+}
+
+impl Heartbeat {
+    pub fn new(out: std::fs::File, every: std::time::Duration) -> Heartbeat {
+        Heartbeat { out, every, last: std::time::Instant::now() }
+    }
+
+    fn line(&mut self, line: &str) {
+        use std::io::Write;
+        let _ = self.out.write_all(line.as_bytes());
+        self.last = std::time::Instant::now();
+    }
+
+    pub fn ready(&mut self, ms: u64, replayed: u64) {
+        self.line(&format!("ready ms={ms} replayed={replayed}\n"));
+    }
+
+    /// Beats if the interval has passed.
+    pub fn beat(&mut self) {
+        if self.last.elapsed() >= self.every {
+            self.line("beat\n");
+        }
+    }
+}
+
 /// Opens the volume and serves `listener` until `stop` is set (then returns `Ok` after a
-/// final checkpoint) or a fatal error.
+/// final checkpoint) or a fatal error. With a heartbeat, reports recovery and beats.
 pub fn run(
     dev: Arc<dyn Device>,
     root_dev: Option<Arc<dyn Device>>,
     listener: UnixListener,
     cfg: DriverConfig,
     stop: Arc<AtomicBool>,
+    mut heartbeat: Option<Heartbeat>,
     log: Logger,
 ) -> Result<(), DriverError> {
+    let started = std::time::Instant::now();
     let (volume, store) =
         Volume::open_with(dev, root_dev, cfg.volume.clone(), log.new(slog::o!("component" => "volume")))
             .map_err(DriverError::Volume)?;
+    if let Some(h) = heartbeat.as_mut() {
+        let stats = volume.stats();
+        h.ready(started.elapsed().as_millis() as u64, stats.applied_index - stats.root_applied_index);
+    }
     let export = session::Export {
         size: volume.size(),
         read_only: cfg.read_only,
@@ -97,7 +138,7 @@ pub fn run(
         .name("rblk-accept".into())
         .spawn(move || accept(listener, accept_shared, max_connections))?;
     let node_log = log.new(slog::o!("component" => "node"));
-    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), &node_log);
+    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, &node_log);
     // Proposals sent from now on find the channel closed and are dropped unanswered.
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));

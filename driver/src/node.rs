@@ -64,6 +64,7 @@ pub fn run(
     proposals: Receiver<Proposal>,
     cfg: &NodeConfig,
     stop: &AtomicBool,
+    mut heartbeat: Option<crate::Heartbeat>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let applied = read_volume(&volume).applied_index();
@@ -93,6 +94,10 @@ pub fn run(
     while open {
         if stop.load(Ordering::SeqCst) {
             break;
+        }
+        // Beats come from this loop, so a node stuck anywhere stops them.
+        if let Some(h) = heartbeat.as_mut() {
+            h.beat();
         }
         let mut batch: Vec<Proposal> = Vec::new();
         match proposals.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {

@@ -11,6 +11,7 @@
 
 mod format;
 mod inspect;
+mod supervisor;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -169,18 +170,29 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
         let summary = format::format(&image, root.as_deref(), &spec)?;
         eprintln!("{summary}");
     }
-    let dev = open_device(&image)?;
-    let root_dev = root.as_deref().map(open_device).transpose()?;
+    let open_rw = |p: &Path| {
+        std::fs::OpenOptions::new().read(true).write(true).open(p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let held = supervisor::Held {
+        image: open_rw(&image)?,
+        root: root.as_deref().map(open_rw).transpose()?,
+        listener: bind(&cfg.server.socket)?,
+    };
     let socket = cfg.server.socket.clone();
-    let listener = bind(&socket)?;
     let absolute = std::fs::canonicalize(&socket).unwrap_or_else(|_| socket.clone());
     println!("nbd+unix:///?socket={}", absolute.display());
-    let result = driver::run(dev, root_dev, listener, driver::driver_config(&cfg), stop, log);
+    let driver = match std::env::var_os("RBLK_DRIVER") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            std::env::current_exe().map_err(|e| format!("locating rblk-driver: {e}"))?.with_file_name("rblk-driver")
+        }
+    };
+    let result = supervisor::supervise(&driver, &held, &cfg, &stop, &log);
     let _ = std::fs::remove_file(&socket);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            eprintln!("rblk: {}", driver::error_chain(&e));
+            eprintln!("rblk: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
@@ -190,7 +202,15 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
 /// is an error (another server).
 fn bind(path: &Path) -> Result<UnixListener, String> {
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+        // A server that was just killed may take a moment to let go of it.
+        let live = (0..20).all(|_| {
+            let up = UnixStream::connect(path).is_ok();
+            if up {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            up
+        });
+        if live {
             return Err(format!("{} is in use by a running server", path.display()));
         }
         std::fs::remove_file(path).map_err(|e| format!("removing the stale socket {}: {e}", path.display()))?;

@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--root-fd N] --socket-fd N [--config FILE]
+//! rblk-driver --image-fd N [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
 //! ```
-//! With descriptors, the parent opened the image and bound the socket; the driver opens
-//! nothing itself.
+//! With descriptors, the supervisor opened the image and bound the socket; the driver opens
+//! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
+//! it becomes the configured unprivileged user; always no_new_privs and seccomp.
+//!
+//! Test hook: with `RBLK_DRIVER_OPEN_PROBE=PATH` the driver tries to open PATH once it is
+//! sandboxed and logs whether it could (it must not).
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -16,6 +20,8 @@ use std::sync::Arc;
 
 use raft_state::device::{Device, FileDevice};
 
+use crate as driver;
+
 #[derive(Debug, Default)]
 struct Args {
     image: Option<PathBuf>,
@@ -24,7 +30,9 @@ struct Args {
     root_fd: Option<RawFd>,
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
+    heartbeat_fd: Option<RawFd>,
     config: Option<PathBuf>,
+    config_toml: Option<String>,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -39,7 +47,9 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--root-fd" => a.root_fd = Some(fd(value()?)?),
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
+            "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
             "--config" => a.config = Some(value()?.into()),
+            "--config-toml" => a.config_toml = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -48,7 +58,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 const USAGE: &str = "usage: rblk-driver (--image PATH | --image-fd N) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--config FILE]";
+                     (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Takes ownership of an inherited descriptor.
 fn owned(fd: RawFd) -> OwnedFd {
@@ -69,7 +79,8 @@ fn device(path: Option<PathBuf>, fd: Option<RawFd>, what: &str) -> Result<Option
     Ok(Some(Arc::new(dev)))
 }
 
-fn main() -> ExitCode {
+/// The `rblk-driver` program (its binary lives in the `run` package, beside `rblk`).
+pub fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
@@ -77,15 +88,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = match &args.config {
-        Some(path) => match config::Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("rblk-driver: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => config::Config::default(),
+    let loaded = match (&args.config, &args.config_toml) {
+        (Some(path), None) => config::Config::load(path),
+        (None, Some(text)) => config::Config::from_toml_str(text),
+        (None, None) => Ok(config::Config::default()),
+        (Some(_), Some(_)) => {
+            eprintln!("rblk-driver: give --config or --config-toml, not both");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rblk-driver: {e}");
+            return ExitCode::from(2);
+        }
     };
     let log = driver::logger(cfg.log.level.as_str());
     let stop = match driver::stop_on_signals(&log) {
@@ -104,16 +121,55 @@ fn main() -> ExitCode {
             (None, Some(fd)) => UnixListener::from(owned(fd)),
             _ => return Err(format!("give the socket as --socket PATH or --socket-fd N\n{USAGE}")),
         };
-        Ok((dev, root, listener))
+        let heartbeat = match args.heartbeat_fd {
+            Some(fd) => {
+                let file = std::fs::File::from(owned(fd));
+                // A beat must never block the node thread.
+                let flags = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FcntlArg::F_GETFL)
+                    .map_err(|e| format!("heartbeat fd: {e}"))?;
+                let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FcntlArg::F_SETFL(flags))
+                    .map_err(|e| format!("heartbeat fd: {e}"))?;
+                Some(driver::Heartbeat::new(file, cfg.supervisor.heartbeat))
+            }
+            None => None,
+        };
+        let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
+        Ok((dev, root, listener, heartbeat, identity))
     })();
-    let (dev, root, listener) = match opened {
+    let (dev, root, listener, heartbeat, identity) = match opened {
         Ok(o) => o,
         Err(e) => {
             eprintln!("rblk-driver: {e}");
             return ExitCode::from(2);
         }
     };
-    match driver::run(dev, root, listener, driver::driver_config(&cfg), stop, log) {
+    match driver::sandbox::enter(identity) {
+        Ok(s) => {
+            slog::info!(log, "sandboxed"; "uid" => s.uid, "gid" => s.gid, "dropped_root" => s.dropped_root, "seccomp" => true)
+        }
+        Err(e) => {
+            eprintln!("rblk-driver: entering the sandbox: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if args.heartbeat_fd.is_some() {
+        // Supervised: die with the supervisor, so no orphan keeps serving its socket. Set
+        // after the identity change, which clears it.
+        let gone = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
+            || nix::unistd::getppid().as_raw() == 1;
+        if gone {
+            eprintln!("rblk-driver: cannot follow the supervisor (or it is gone already)");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(probe) = std::env::var_os("RBLK_DRIVER_OPEN_PROBE") {
+        match std::fs::File::open(&probe) {
+            Ok(_) => slog::error!(log, "open probe: opened a file inside the sandbox"; "path" => ?probe),
+            Err(e) => slog::info!(log, "open probe: denied"; "path" => ?probe, "error" => %e),
+        }
+    }
+    match driver::run(dev, root, listener, driver::driver_config(&cfg), stop, heartbeat, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rblk-driver: {}", driver::error_chain(&e));

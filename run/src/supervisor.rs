@@ -1,0 +1,232 @@
+//! The supervisor behind `rblk serve`: small, long-lived, trusted; no storage logic.
+//!
+//! It holds the image (and root device) and the LISTENING socket, and starts `rblk-driver`
+//! with exactly those descriptors plus the write end of a heartbeat pipe (everything else the
+//! supervisor has open is close-on-exec). Because the listening socket outlives every driver
+//! incarnation, a client that connects during a restart waits in the backlog.
+//!
+//! It restarts the driver at once when it exits or is killed, backs off exponentially when
+//! it keeps dying quickly, and gives up (non-zero exit) after too many restarts within the
+//! crash-loop window. The driver reports `ready ms=.. replayed=..` after recovery and then
+//! beats; after `heartbeat_timeout` of silence it is killed (SIGKILL) and restarted. Every
+//! restart is logged with its cause, the incarnation and the recovery time. SIGTERM/SIGINT
+//! stop the driver cleanly (it checkpoints) and end the supervisor with exit 0.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use slog::{error, info, warn, Logger};
+
+/// What the supervisor holds for the driver.
+#[derive(Debug)]
+pub struct Held {
+    pub image: File,
+    pub root: Option<File>,
+    pub listener: UnixListener,
+}
+
+/// How long a stopping driver gets to checkpoint before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+/// How long a starting driver may take to recover before its silence counts.
+const RECOVERY_ALLOWANCE: Duration = Duration::from_secs(300);
+
+/// Supervises drivers until `stop` (Ok) or a crash loop (Err).
+pub fn supervise(
+    driver: &PathBuf,
+    held: &Held,
+    cfg: &config::Config,
+    stop: &AtomicBool,
+    log: &Logger,
+) -> Result<(), String> {
+    let s = &cfg.supervisor;
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut backoff = s.restart_backoff;
+    for incarnation in 1u64.. {
+        let started = Instant::now();
+        let (mut child, beats) = spawn(driver, held, cfg).map_err(|e| format!("starting {}: {e}", driver.display()))?;
+        info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
+        let cause = watch(&mut child, beats, cfg, stop, incarnation, log);
+        let Some(cause) = cause else {
+            info!(log, "stopped"; "incarnation" => incarnation);
+            return Ok(());
+        };
+        let uptime = started.elapsed();
+        warn!(log, "driver died"; "incarnation" => incarnation, "cause" => &cause, "uptime_ms" => uptime.as_millis() as u64);
+        let now = Instant::now();
+        restarts.push_back(now);
+        while restarts.front().is_some_and(|t| now.duration_since(*t) > s.crash_loop_window) {
+            restarts.pop_front();
+        }
+        if restarts.len() > s.crash_loop_restarts as usize {
+            let msg = format!(
+                "driver crash loop: {} restarts within {:?}, last cause: {cause}; giving up",
+                restarts.len(),
+                s.crash_loop_window
+            );
+            error!(log, "giving up"; "why" => &msg);
+            return Err(msg);
+        }
+        // At once after a driver that ran a while; backing off while it keeps dying.
+        if uptime > s.crash_loop_window {
+            backoff = s.restart_backoff;
+        } else if restarts.len() > 1 {
+            info!(log, "backing off"; "ms" => backoff.as_millis() as u64);
+            if sleep_unless(stop, backoff) {
+                return Ok(());
+            }
+            backoff = (backoff * 2).min(s.restart_backoff_max);
+        }
+    }
+    Ok(())
+}
+
+/// Sleeps `d` in small steps; true if `stop` was set meanwhile.
+fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    stop.load(Ordering::SeqCst)
+}
+
+/// Starts the driver with the held descriptors, under their own numbers, and a heartbeat pipe.
+fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result<(Child, File)> {
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let mut inherit: Vec<(&'static str, std::os::fd::BorrowedFd<'_>)> = vec![
+        ("--image-fd", held.image.as_fd()),
+        ("--socket-fd", held.listener.as_fd()),
+        ("--heartbeat-fd", write_end.as_fd()),
+    ];
+    if let Some(root) = &held.root {
+        inherit.push(("--root-fd", root.as_fd()));
+    }
+    let mut cmd = Command::new(driver);
+    for (flag, fd) in &inherit {
+        cmd.arg(flag).arg(fd.as_raw_fd().to_string());
+    }
+    cmd.arg("--config-toml").arg(cfg.to_toml_string()).stdin(Stdio::null());
+    // Exactly these descriptors cross the exec: close-on-exec is cleared on them for the spawn
+    // only (std opens everything else with it set).
+    for (_, fd) in &inherit {
+        set_cloexec(fd.as_raw_fd(), false)?;
+    }
+    let spawned = cmd.spawn();
+    for (_, fd) in &inherit {
+        set_cloexec(fd.as_raw_fd(), true)?;
+    }
+    drop(write_end);
+    Ok((spawned?, File::from(read_end)))
+}
+
+fn set_cloexec(fd: i32, on: bool) -> std::io::Result<()> {
+    let flags = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Watches one incarnation: `None` after a requested stop, else why it ended.
+fn watch(
+    child: &mut Child,
+    mut beats: File,
+    cfg: &config::Config,
+    stop: &AtomicBool,
+    incarnation: u64,
+    log: &Logger,
+) -> Option<String> {
+    let timeout = cfg.supervisor.heartbeat_timeout;
+    let mut last = Instant::now();
+    let mut ready = false;
+    let mut pending = Vec::new();
+    let mut open = true;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            stop_driver(child, log);
+            return None;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(describe(status));
+        }
+        let allowed = if ready { timeout } else { RECOVERY_ALLOWANCE.max(timeout) };
+        if last.elapsed() > allowed {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Some(format!("no heartbeat for {} ms: killed", last.elapsed().as_millis()));
+        }
+        if !open {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let mut fds = [PollFd::new(beats.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u8)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        let mut buf = [0u8; 512];
+        match beats.read(&mut buf) {
+            Ok(0) => open = false, // the driver closed it: it is exiting
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(at) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=at).collect();
+                    let line = String::from_utf8_lossy(&line[..at]).into_owned();
+                    last = Instant::now();
+                    if let Some(rest) = line.strip_prefix("ready ") {
+                        ready = true;
+                        info!(log, "driver ready"; "incarnation" => incarnation, "recovery" => rest);
+                    }
+                }
+            }
+            Err(_) => open = false,
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL if it does not finish its checkpoint in time.
+fn stop_driver(child: &mut Child, log: &Logger) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let until = Instant::now() + STOP_GRACE;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                if !status.success() {
+                    warn!(log, "driver stopped with an error"; "status" => describe(status));
+                }
+                return;
+            }
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                warn!(log, "driver did not stop in time: killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => {
+            let name = Signal::try_from(sig).map_or("?", |s| s.as_str());
+            format!("killed by signal {sig} ({name})")
+        }
+        _ => status.to_string(),
+    }
+}
