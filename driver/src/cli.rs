@@ -60,6 +60,22 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 const USAGE: &str = "usage: rblk-driver (--image PATH | --image-fd N) [--root-device PATH | --root-fd N] \
                      (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
+/// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
+/// yet: call it before anything else is opened).
+fn close_others(keep: &[RawFd]) -> Result<(), String> {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| format!("listing /proc/self/fd: {e}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > 2 && !keep.contains(&fd) {
+            // The directory's own descriptor is already closed: EBADF is fine.
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    Ok(())
+}
+
 /// Takes ownership of an inherited descriptor.
 fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: the parent handed this descriptor over for the driver's exclusive use; nothing
@@ -135,6 +151,11 @@ pub fn main() -> ExitCode {
             None => None,
         };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
+        // Nothing but what was handed over stays open (a parent may leak descriptors).
+        let keep = [args.image_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        if args.socket_fd.is_some() {
+            close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
+        }
         Ok((dev, root, listener, heartbeat, identity))
     })();
     let (dev, root, listener, heartbeat, identity) = match opened {

@@ -1,0 +1,213 @@
+//! The supervisor and the sandboxed driver: what the driver holds and who it runs as,
+//! restarts after a kill (clients wait instead of failing), a hung driver killed and
+//! restarted, and a crash loop given up cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const MIB: u64 = 1 << 20;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("rblk-sup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Serve {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Scratch, config: &str, env: &[(&str, &str)]) -> Serve {
+        let cfg = dir.path("rblk.toml");
+        std::fs::write(&cfg, config).expect("config");
+        let log = dir.path("serve.log");
+        let socket = dir.path("s.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rblk"));
+        cmd.arg("serve").arg(dir.path("v.img")).arg("--socket").arg(&socket).arg("--config").arg(&cfg);
+        cmd.arg("--size").arg("64M").env("RBLK_LOG", "info").env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let file = std::fs::File::create(&log).expect("log");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(file).spawn().expect("rblk serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("uri");
+        Serve { child, log, socket }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `what` `count` times.
+    fn wait_for(&self, what: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.log().matches(what).count() < count {
+            assert!(Instant::now() < deadline, "waited for {count} × {what:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The current driver's pid (the supervisor's only child).
+    fn driver_pid(&self) -> i32 {
+        let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", self.child.id(), self.child.id()))
+            .expect("children");
+        children.split_whitespace().next().expect("a driver is running").parse().expect("pid")
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+const QUICK: &str = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\nrestart_backoff = \"20ms\"\n";
+
+/// The driver holds only what it was handed, runs unprivileged with no_new_privs and seccomp,
+/// and cannot open a file.
+#[test]
+fn driver_is_sandboxed_and_holds_only_its_descriptors() {
+    let dir = Scratch::new("sandbox");
+    let probe = dir.path("probe.txt");
+    std::fs::write(&probe, "secret").expect("probe");
+    let serve = Serve::start(&dir, QUICK, &[("RBLK_DRIVER_OPEN_PROBE", probe.to_str().expect("utf-8"))]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let pid = serve.driver_pid();
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    let root = nix::unistd::Uid::effective().is_root();
+    let uids = status_field(pid, "Uid");
+    if root {
+        assert!(uids.split_whitespace().all(|u| u != "0"), "started as root, the driver must not keep uid 0: {uids}");
+        assert_eq!(status_field(pid, "Groups"), "", "no supplementary groups");
+    }
+    let log = serve.log();
+    assert!(log.contains("open probe: denied"), "opening a file inside the driver must fail:\n{log}");
+    assert!(!log.contains("opened a file inside the sandbox"), "{log}");
+    // Descriptors: stdin/stdout/stderr, the image, the listening socket, the heartbeat pipe;
+    // plus what the running driver made itself (accepted connections: none yet).
+    let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            (n > 2).then(|| std::fs::read_link(e.path()).ok().map(|t| t.display().to_string())).flatten()
+        })
+        .collect();
+    targets.sort();
+    assert_eq!(targets.len(), 3, "{targets:?}");
+    assert!(targets.iter().any(|t| t.ends_with("v.img")), "{targets:?}");
+    assert!(targets.iter().any(|t| t.starts_with("socket:")), "{targets:?}");
+    assert!(targets.iter().any(|t| t.starts_with("pipe:")), "{targets:?}");
+    assert!(serve.stop().success());
+}
+
+/// A killed driver is restarted; a client connecting while it is down waits in the backlog
+/// and then works, with every acknowledged write intact.
+#[test]
+fn killed_driver_is_restarted_and_clients_wait() {
+    let dir = Scratch::new("restart");
+    let serve = Serve::start(&dir, QUICK, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let client = session::Client::connect(&serve.socket, "").expect("client");
+    let data = vec![0x42u8; MIB as usize];
+    client.write(0, &data, false).expect("write");
+    drop(client);
+    for round in 0..3 {
+        let pid = serve.driver_pid();
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill the driver");
+        // Connect as soon as the old driver is gone, while the new one recovers: the listening
+        // socket stays with the supervisor, so the connection waits in its backlog.
+        serve.wait_for("driver died", round as usize + 1, Duration::from_secs(10));
+        let client = session::Client::connect(&serve.socket, "").expect("connect during the restart");
+        assert_eq!(client.read(0, MIB as u32).expect("read"), data, "round {round}");
+        client.write(MIB * (round + 1), &data, true).expect("write");
+        drop(client);
+    }
+    serve.wait_for("driver died", 3, Duration::from_secs(10));
+    let log = serve.log();
+    assert!(log.contains("killed by signal 9"), "the cause is logged:\n{log}");
+    assert!(log.contains("incarnation: 4"), "incarnations counted:\n{log}");
+    assert!(log.matches("driver ready").count() >= 4, "recovery reported by every incarnation:\n{log}");
+    assert!(serve.stop().success());
+}
+
+/// A driver that stops beating (SIGSTOP: hung) is killed and replaced.
+#[test]
+fn hung_driver_is_killed_and_restarted() {
+    let dir = Scratch::new("hung");
+    let serve = Serve::start(&dir, QUICK, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let pid = serve.driver_pid();
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("stop the driver");
+    serve.wait_for("no heartbeat", 1, Duration::from_secs(10));
+    serve.wait_for("serving", 2, Duration::from_secs(30));
+    assert_ne!(serve.driver_pid(), pid, "a new driver");
+    let client = session::Client::connect(&serve.socket, "").expect("client");
+    client.write(0, &[1u8; 4096], false).expect("write");
+    drop(client);
+    assert!(serve.stop().success());
+}
+
+/// A driver that dies at start-up: the supervisor backs off, gives up after the configured
+/// crash loop with a clear error and a non-zero exit, and removes its socket.
+#[test]
+fn crash_loop_is_given_up() {
+    let dir = Scratch::new("crashloop");
+    let config = "[supervisor]\nrestart_backoff = \"10ms\"\ncrash_loop_restarts = 3\ncrash_loop_window = \"30s\"\n";
+    let mut serve = Serve::start(&dir, config, &[("RBLK_DRIVER", "/bin/false")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not give up:\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let log = serve.log();
+    assert!(log.contains("crash loop") && log.contains("giving up"), "{log}");
+    assert_eq!(log.matches("driver died").count(), 4, "restarts before giving up:\n{log}");
+    assert!(log.contains("backing off"), "{log}");
+    assert!(!Path::new(&serve.socket).exists(), "socket removed");
+}
