@@ -120,6 +120,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    raft_state::failpoints_from_env();
     let log = driver::logger(cfg.log.level.as_str());
     let stop = match driver::stop_on_signals(&log) {
         Ok(s) => s,

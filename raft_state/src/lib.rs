@@ -28,3 +28,25 @@ pub mod rng;
 pub mod roots;
 pub mod tree;
 pub mod volume;
+
+/// Configures the failpoints from the `FAILPOINTS` environment variable (`name=action;...`),
+/// once at process start; without the `failpoints` feature, nothing.
+pub fn failpoints_from_env() {
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
+}
+
+/// A named failpoint (the `fail` crate, compiled in with the `failpoints` feature): configured
+/// with the action `return` (e.g. `FAILPOINTS=log::after_append=5%return`), the process dies
+/// on the spot, as a SIGKILL would, without unwinding or flushing anything. The fault-injection
+/// runs (`rblk chaos`) use them to crash at the exact steps of the commit protocols.
+#[inline]
+pub fn failpoint(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(name, |_| {
+        eprintln!("failpoint {name}: dying here");
+        std::process::abort()
+    });
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

@@ -533,6 +533,8 @@ impl LogStore {
         self.head += blocks;
         self.spans.extend(spans);
         self.last_checksum = last_checksum;
+        // Durable, not yet acknowledged to anyone.
+        crate::failpoint("log::after_append");
         Ok(())
     }
 
@@ -650,6 +652,7 @@ impl LogStore {
     /// `log_tail` of the oldest root that may still become current (never past the record
     /// holding `index`). Keeps the term of `index - 1` for `Storage::term`.
     pub fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
+        crate::failpoint("log::compact");
         if index <= self.snapshot_index + 1 {
             return Ok(());
         }

@@ -595,7 +595,10 @@ impl Roots {
         // Encoding errors are refused before any I/O and do not poison.
         let buf = next.encode()?;
         let slot = next.slot;
-        let written = root_dev.write_at(u64::from(slot) * BLOCK, &buf).and_then(|()| root_dev.flush());
+        let written = root_dev.write_at(u64::from(slot) * BLOCK, &buf).and_then(|()| {
+            crate::failpoint("roots::after_write");
+            root_dev.flush()
+        });
         if let Err(source) = written {
             self.poisoned = true;
             return Err(RootError::Device { slot, source });

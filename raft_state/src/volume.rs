@@ -303,6 +303,7 @@ impl Volume {
             )
             .map_err(|e| VolumeError::Log(LogError::BadAnchor(format!("committed entries unavailable: {e}"))))?;
             for e in &entries {
+                crate::failpoint("recovery::replay");
                 volume.apply(e)?;
                 replayed += 1;
             }
@@ -642,6 +643,8 @@ impl Volume {
         }
         let alloc_ref = self.alloc.checkpoint(dev)?;
         dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
+        // The new trees are durable; no root names them yet.
+        crate::failpoint("checkpoint::before_root");
         let payload = RootPayload {
             applied_index: self.applied_index,
             applied_term: self.applied_term,
