@@ -4,7 +4,7 @@
 //! - [`server`]: the server's side as separate pieces the driver composes: [`handshake`]
 //!   (fixed newstyle option haggling), [`read_request`], [`check_request`], [`write_reply`];
 //! - [`client`]: a [`Client`] over a unix socket that keeps many requests in flight from many
-//!   threads.
+//!   threads and, if asked ([`client::Reconnect`]), rides out restarts of the server.
 //!
 //! This crate knows offsets, lengths and bytes, never what backs them: the driver reads a
 //! request, asks [`check_request`] whether the protocol allows it, serves it from its volume and
@@ -19,21 +19,25 @@
 //!   error that ends the connection, because the byte stream cannot be resynchronised after it.
 //!   A request the protocol can refuse is answered with an error value and the session goes on.
 //! - The client writes each request whole under one lock, so requests never interleave on the
-//!   wire; it matches replies to requests by handle, in whatever order they come. Every request
-//!   gets exactly one outcome: its reply, or [`SessionError::Disconnected`] once the
-//!   connection fails (then every waiting request and every later one gets it). A request is
-//!   never reported done unless its reply was read. Reconnecting and resending is left to a
-//!   layer above, which `Disconnected` tells when to do it.
+//!   wire; it matches replies to requests by handle, in whatever order they come. A request is
+//!   never reported done unless its reply was read, and an error reply is returned as it came
+//!   (never retried), except `NBD_ESHUTDOWN` on a reconnecting client.
+//! - Without a reconnect policy, every request gets exactly one outcome on one connection: its
+//!   reply, or [`SessionError::Disconnected`] once the connection fails (then every waiting
+//!   request and every later one gets it). With one, a request lost with its connection is
+//!   sent again on the next (at-least-once), and fails only when the client gives up
+//!   ([`SessionError::GaveUp`]) or the export changed ([`SessionError::ExportChanged`]).
 
 pub mod client;
 pub mod server;
 pub mod wire;
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use zerocopy::{FromBytes, IntoBytes};
 
-pub use client::Client;
+pub use client::{Client, Options, Reconnect};
 pub use server::{check_request, handshake, read_request, write_reply, Command, Export, Negotiated, Request};
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.
@@ -84,6 +88,17 @@ pub enum SessionError {
     /// taken effect and can be sent again on a new connection.
     #[error("the connection to the server is gone ({cause}); the request was not answered")]
     Disconnected { cause: String },
+    /// A reconnecting client found no working connection for the give-up time of its
+    /// [`Reconnect`] policy; it stays disconnected. The request may or may not have taken effect.
+    #[error(
+        "no connection to the server for {waited:.1?} ({attempts} attempts, the last failed with: {last}); \
+         gave up"
+    )]
+    GaveUp { waited: Duration, attempts: u32, last: String },
+    /// After a reconnect the server offered a different export than at first; the client stays
+    /// disconnected, as the caller and the client's checks rely on what was first negotiated.
+    #[error("the export's {what} changed across a reconnect from {before} to {after}; the client stopped")]
+    ExportChanged { what: &'static str, before: u64, after: u64 },
 }
 
 /// Reads a fixed-layout message. End of stream before its first byte is [`SessionError::Closed`]
