@@ -9,6 +9,7 @@
 //! (formatted with the configured size, 1 GiB by default, when missing) and `./rblk.sock`,
 //! and prints the NBD URI to attach. Settings: built-in defaults < `--config` file < flags.
 
+mod chaos;
 mod format;
 mod inspect;
 mod supervisor;
@@ -23,7 +24,8 @@ use raft_state::device::{Device, FileDevice};
 const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force]
   rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
-  rblk inspect IMAGE [--root-device PATH] [--json]";
+  rblk inspect IMAGE [--root-device PATH] [--json]
+  rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
 
 /// Command-line words: positionals and `--flag value` / `--switch` pairs.
 struct Words {
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
             "format" => cmd_format(w),
             "serve" => cmd_serve(w),
             "inspect" => cmd_inspect(w),
+            "chaos" => cmd_chaos(w),
             "-h" | "--help" | "help" => Err(USAGE.to_string()),
             other => Err(format!("unknown command {other:?}\n{USAGE}")),
         },
@@ -138,6 +141,43 @@ fn cmd_inspect(mut w: Words) -> Result<ExitCode, String> {
         print!("{}", report.to_text());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
+    let seed =
+        w.take("--seed").map(|s| s.parse::<u64>().map_err(|_| format!("--seed {s:?}: not a number"))).transpose()?;
+    let duration =
+        w.take("--duration").map(|d| config::parse_duration(&d).map_err(|e| format!("--duration: {e}"))).transpose()?;
+    let dir = w.take("--dir").map(PathBuf::from);
+    let pos = w.done(1)?;
+    let path = PathBuf::from(pos.first().ok_or_else(|| format!("chaos needs a SCENARIO file\n{USAGE}"))?);
+    let mut scenario = chaos::Scenario::load(&path)?;
+    if let Some(d) = duration {
+        scenario.duration = d;
+    }
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    let dir = dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("rblk-chaos-{}-{}", scenario.name, std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let driver = match std::env::var_os("RBLK_DRIVER") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("rblk-driver"),
+    };
+    eprintln!("chaos {}: seed {seed}, {:?}, in {}", scenario.name, scenario.duration, dir.display());
+    match chaos::run(&scenario, &dir, &driver, seed) {
+        Ok(report) => {
+            println!("chaos {}: passed (seed {seed}): {report}", scenario.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("chaos {}: FAILED (seed {seed}; the run directory {} is kept): {e}", scenario.name, dir.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn open_device(path: &Path) -> Result<Arc<dyn Device>, String> {

@@ -1,0 +1,436 @@
+//! `rblk chaos SCENARIO`: a fault-injection run. It starts the supervisor on a fresh image,
+//! drives a verifying workload through the reconnecting session client, and kills the driver
+//! over and over — with SIGKILL at random intervals, at named failpoints, or by hanging it
+//! (SIGSTOP, so it stops beating) — then verifies every block against the oracle, stops the
+//! server cleanly, restarts it and verifies again.
+//!
+//! The oracle: every 4 KiB block is an independent register. Each writer thread owns a
+//! region and keeps one request in flight, so after a call returns the block holds exactly
+//! the last acknowledged value; a payload is stamped ⟨block, write id, checksum⟩, so a read
+//! tells which write it came from and garbage is caught. Reads during the run are checked
+//! too. A scenario that expects a crash loop checks that the supervisor gives up cleanly.
+//!
+//! Scenario files (TOML) live in `run/scenarios/`:
+//! ```toml
+//! duration = "10s"            # workload time
+//! size = "64M"                # volume size
+//! writers = 4                 # threads, one region each
+//! kill_every = ["300ms", "1500ms"]   # SIGKILL the driver at random intervals in this range
+//! hang_at = "3s"              # SIGSTOP the driver once at this time (it must be replaced)
+//! failpoints = "log::after_append=1%return"   # FAILPOINTS for every driver incarnation
+//! expect = "survive"          # or "give-up": the supervisor must give up (crash loop)
+//! config = '''                # server configuration over the chaos defaults (TOML)
+//! [checkpoint]
+//! log_bytes = "1M"
+//! '''
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use raft_state::rng::Rng;
+
+const BLOCK: u64 = 4096;
+
+/// A scenario, as read from its file.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub duration: Duration,
+    pub size: u64,
+    pub writers: u64,
+    pub kill_every: Option<(Duration, Duration)>,
+    pub hang_at: Option<Duration>,
+    pub failpoints: String,
+    pub expect_give_up: bool,
+    /// Server configuration (TOML) merged over the chaos defaults.
+    pub config: String,
+}
+
+fn field<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    table.get(key)
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |key: &str, why: String| format!("{}: {key}: {why}", path.display());
+        let string = |key: &str| -> Result<Option<String>, String> {
+            match field(&table, key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(bad(key, format!("expected a string, got {other}"))),
+            }
+        };
+        let duration = |key: &str, v: &str| config::parse_duration(v).map_err(|e| bad(key, e));
+        for key in table.keys() {
+            let known = ["duration", "size", "writers", "kill_every", "hang_at", "failpoints", "expect", "config"];
+            if !known.contains(&key.as_str()) {
+                return Err(bad(key, "unknown key".into()));
+            }
+        }
+        let kill_every = match field(&table, "kill_every") {
+            None => None,
+            Some(toml::Value::Array(a)) if a.len() == 2 => {
+                let lo = a[0].as_str().ok_or_else(|| bad("kill_every", "expected two durations".into()))?;
+                let hi = a[1].as_str().ok_or_else(|| bad("kill_every", "expected two durations".into()))?;
+                Some((duration("kill_every", lo)?, duration("kill_every", hi)?))
+            }
+            Some(_) => return Err(bad("kill_every", "expected [\"min\", \"max\"]".into())),
+        };
+        let expect = string("expect")?.unwrap_or_else(|| "survive".into());
+        if expect != "survive" && expect != "give-up" {
+            return Err(bad("expect", format!("expected \"survive\" or \"give-up\", got {expect:?}")));
+        }
+        let writers = match field(&table, "writers") {
+            None => 4,
+            Some(toml::Value::Integer(n)) if (1..=64).contains(n) => *n as u64,
+            Some(other) => return Err(bad("writers", format!("expected 1..=64, got {other}"))),
+        };
+        Ok(Scenario {
+            name: path.file_stem().map_or("scenario".into(), |s| s.to_string_lossy().into_owned()),
+            duration: duration("duration", &string("duration")?.unwrap_or_else(|| "10s".into()))?,
+            size: config::parse_size(&string("size")?.unwrap_or_else(|| "64M".into())).map_err(|e| bad("size", e))?,
+            writers,
+            kill_every,
+            hang_at: string("hang_at")?.map(|v| duration("hang_at", &v)).transpose()?,
+            failpoints: string("failpoints")?.unwrap_or_default(),
+            expect_give_up: expect == "give-up",
+            config: string("config")?.unwrap_or_default(),
+        })
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub writes: u64,
+    pub reads: u64,
+    pub trims: u64,
+    pub kills: u64,
+    pub restarts: u64,
+    pub reconnects: u64,
+    pub verified_blocks: u64,
+    /// How often each failpoint killed the driver.
+    pub failpoints: std::collections::BTreeMap<String, u64>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "writes {}, reads {}, trims {}, kills {}, driver restarts {}, client reconnects {}, blocks verified {}",
+            self.writes, self.reads, self.trims, self.kills, self.restarts, self.reconnects, self.verified_blocks
+        )?;
+        for (name, n) in &self.failpoints {
+            write!(f, ", {name} ×{n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The payload of `block` written by write `id` (0: zeros).
+fn stamp(block: u64, id: u64) -> Vec<u8> {
+    let mut out = vec![0u8; BLOCK as usize];
+    if id == 0 {
+        return out;
+    }
+    Rng::new(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id).fill(&mut out[24..]);
+    out[..8].copy_from_slice(&block.to_le_bytes());
+    out[8..16].copy_from_slice(&id.to_le_bytes());
+    let sum = blake3::hash(&out[24..]);
+    out[16..24].copy_from_slice(&sum.as_bytes()[..8]);
+    out
+}
+
+/// Which write a block's bytes came from, or why they are garbage.
+fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
+    if bytes.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    let at = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short")?);
+    let id = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "short")?);
+    if bytes[16..24] != blake3::hash(&bytes[24..]).as_bytes()[..8] {
+        return Err(format!("block {block}: garbage (checksum fails)"));
+    }
+    if at != block {
+        return Err(format!("block {block}: holds block {at}'s write {id}"));
+    }
+    Ok(id)
+}
+
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, scenario: &Scenario, driver: &Path) -> Result<Server, String> {
+        let cfg = dir.join("chaos.toml");
+        std::fs::write(&cfg, server_config(&scenario.config)?).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let log = dir.join("serve.log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .arg("serve")
+            .arg(dir.join("chaos.img"))
+            .arg("--socket")
+            .arg(dir.join("chaos.sock"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--size")
+            .arg(scenario.size.to_string())
+            .env("RBLK_DRIVER", driver)
+            .env("FAILPOINTS", &scenario.failpoints)
+            .env("RBLK_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("starting rblk serve: {e}"))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        Ok(Server { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn driver_pid(&self) -> Option<i32> {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    fn stop(mut self) -> Result<(), String> {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("rblk serve exited with {status} after SIGTERM:\n{}", self.log()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One writer: its region, the last acknowledged write id of every block, a client.
+fn writer(
+    client: &session::Client,
+    region: (u64, u64),
+    seed: u64,
+    next_id: &AtomicU64,
+    until: Instant,
+    report: &Arc<std::sync::Mutex<Report>>,
+) -> Result<Vec<u64>, String> {
+    let (first, blocks) = region;
+    let mut model = vec![0u64; blocks as usize];
+    let mut rng = Rng::new(seed);
+    let (mut writes, mut reads, mut trims) = (0, 0, 0);
+    let err = |what: &str, e: session::SessionError| format!("{what}: {e}");
+    while Instant::now() < until {
+        let n = 1 + rng.below(16.min(blocks));
+        let at = rng.below(blocks - n + 1);
+        let offset = (first + at) * BLOCK;
+        match rng.below(10) {
+            0..=5 => {
+                let id = next_id.fetch_add(1, Ordering::SeqCst);
+                let mut data = Vec::with_capacity((n * BLOCK) as usize);
+                for b in 0..n {
+                    data.extend_from_slice(&stamp(first + at + b, id));
+                }
+                client.write(offset, &data, rng.chance(1, 8)).map_err(|e| err("write", e))?;
+                model[at as usize..(at + n) as usize].fill(id);
+                writes += 1;
+            }
+            6 => {
+                client.trim(offset, (n * BLOCK) as u32).map_err(|e| err("trim", e))?;
+                model[at as usize..(at + n) as usize].fill(0);
+                trims += 1;
+            }
+            7 => client.flush().map_err(|e| err("flush", e))?,
+            _ => {
+                let got = client.read(offset, (n * BLOCK) as u32).map_err(|e| err("read", e))?;
+                for b in 0..n {
+                    let block = first + at + b;
+                    let id = decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize])?;
+                    if id != model[(at + b) as usize] {
+                        return Err(format!(
+                            "block {block}: read write {id}, acknowledged was {}",
+                            model[(at + b) as usize]
+                        ));
+                    }
+                }
+                reads += 1;
+            }
+        }
+    }
+    if let Ok(mut r) = report.lock() {
+        r.writes += writes;
+        r.reads += reads;
+        r.trims += trims;
+    }
+    Ok(model)
+}
+
+/// Reads every region back and checks it against the models.
+fn verify(client: &session::Client, regions: &[(u64, u64)], models: &[Vec<u64>]) -> Result<u64, String> {
+    let mut verified = 0;
+    for (&(first, blocks), model) in regions.iter().zip(models) {
+        for chunk in (0..blocks).step_by(256) {
+            let n = 256.min(blocks - chunk);
+            let got =
+                client.read((first + chunk) * BLOCK, (n * BLOCK) as u32).map_err(|e| format!("verify read: {e}"))?;
+            for b in 0..n {
+                let block = first + chunk + b;
+                let id = decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize])?;
+                if id != model[(chunk + b) as usize] {
+                    return Err(format!(
+                        "block {block}: holds write {id}, acknowledged was {}",
+                        model[(chunk + b) as usize]
+                    ));
+                }
+                verified += 1;
+            }
+        }
+    }
+    Ok(verified)
+}
+
+/// Runs `scenario` in `dir` with the given seed.
+pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<Report, String> {
+    let server = Server::start(dir, scenario, driver)?;
+    let socket = dir.join("chaos.sock");
+    if scenario.expect_give_up {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut server = server;
+        loop {
+            if let Some(status) = server.child.try_wait().map_err(|e| e.to_string())? {
+                let log = server.log();
+                if status.success() || !log.contains("giving up") {
+                    return Err(format!("expected the supervisor to give up, it exited with {status}:\n{log}"));
+                }
+                let restarts = log.matches("driver died").count() as u64;
+                return Ok(Report { restarts, ..Report::default() });
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the supervisor did not give up within a minute:\n{}", server.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let options = session::Options::reconnecting();
+    let client = session::Client::connect_with(&socket, "", &options).map_err(|e| format!("connect: {e}"))?;
+    let blocks = scenario.size / BLOCK / scenario.writers;
+    let regions: Vec<(u64, u64)> = (0..scenario.writers).map(|w| (w * blocks, blocks)).collect();
+    let report = Arc::new(std::sync::Mutex::new(Report::default()));
+    let next_id = AtomicU64::new(1);
+    let until = Instant::now() + scenario.duration;
+    let done = AtomicBool::new(false);
+    let mut rng = Rng::new(seed);
+    let mut kills = 0u64;
+    let models: Result<Vec<Vec<u64>>, String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = regions
+            .iter()
+            .enumerate()
+            .map(|(w, &region)| {
+                let (client, report, next_id) = (&client, &report, &next_id);
+                scope.spawn(move || {
+                    writer(client, region, seed ^ ((w as u64 + 1) * 0x1234_5678), next_id, until, report)
+                })
+            })
+            .collect();
+        // The killer runs on this thread.
+        let started = Instant::now();
+        let mut hung = scenario.hang_at.is_none();
+        let mut next_kill = scenario.kill_every.map(|(lo, hi)| Instant::now() + pick(&mut rng, lo, hi));
+        while !workers.iter().all(|w| w.is_finished()) {
+            if !hung && scenario.hang_at.is_some_and(|at| started.elapsed() >= at) {
+                if let Some(pid) = server.driver_pid() {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                    hung = true;
+                }
+            }
+            if let (Some(at), Some((lo, hi))) = (next_kill, scenario.kill_every) {
+                if Instant::now() >= at {
+                    if let Some(pid) = server.driver_pid() {
+                        if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                            kills += 1;
+                        }
+                    }
+                    next_kill = Some(Instant::now() + pick(&mut rng, lo, hi));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done.store(true, Ordering::SeqCst);
+        workers.into_iter().map(|w| w.join().map_err(|_| "a writer panicked".to_string())?).collect()
+    });
+    let models = models.map_err(|e| format!("{e}\nserver log:\n{}", tail(&server.log())))?;
+    let mut report = std::mem::take(&mut *report.lock().map_err(|_| "report lock")?);
+    report.kills = kills;
+    report.verified_blocks = verify(&client, &regions, &models)?;
+    report.reconnects = client.reconnects();
+    drop(client);
+    let log = server.log();
+    report.restarts = log.matches("driver died").count() as u64;
+    for line in log.lines() {
+        if let Some(name) = line.strip_prefix("failpoint ").and_then(|l| l.strip_suffix(": dying here")) {
+            *report.failpoints.entry(name.to_string()).or_default() += 1;
+        }
+    }
+    if scenario.hang_at.is_some() && !log.contains("no heartbeat") {
+        return Err(format!("the hung driver was not detected:\n{}", tail(&log)));
+    }
+    server.stop()?;
+    // After a clean stop and a new start (failpoints off), everything is still there.
+    let calm = Scenario { failpoints: String::new(), ..scenario.clone() };
+    let server = Server::start(dir, &calm, driver)?;
+    let client = session::Client::connect_with(&socket, "", &options).map_err(|e| format!("connect: {e}"))?;
+    report.verified_blocks += verify(&client, &regions, &models)?;
+    drop(client);
+    server.stop()?;
+    Ok(report)
+}
+
+/// The chaos defaults (quick heartbeats and restarts, a generous crash-loop limit), with the
+/// scenario's configuration merged over them section by section.
+fn server_config(scenario: &str) -> Result<String, String> {
+    const DEFAULTS: &str = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\n\
+        restart_backoff = \"10ms\"\nrestart_backoff_max = \"200ms\"\ncrash_loop_restarts = 1000\n\
+        crash_loop_window = \"10s\"\n";
+    let mut merged: toml::Table = DEFAULTS.parse().map_err(|e| format!("chaos defaults: {e}"))?;
+    let extra: toml::Table = scenario.parse().map_err(|e| format!("scenario config: {e}"))?;
+    for (section, values) in extra {
+        match (merged.get_mut(&section), values) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(over)) => base.extend(over),
+            (_, values) => {
+                merged.insert(section, values);
+            }
+        }
+    }
+    Ok(merged.to_string())
+}
+
+fn pick(rng: &mut Rng, lo: Duration, hi: Duration) -> Duration {
+    let span = hi.saturating_sub(lo).as_millis() as u64;
+    lo + Duration::from_millis(rng.below(span + 1))
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
