@@ -31,6 +31,9 @@ pub struct Shared {
     pub export: Export,
     pub proposals: Mutex<Sender<Proposal>>,
     pub connections: AtomicUsize,
+    /// Whether this incarnation answered a request yet (logged once: the supervisor and the
+    /// chaos runs measure restart-to-first-served-request from it).
+    pub served: std::sync::atomic::AtomicBool,
     pub log: Logger,
 }
 
@@ -63,6 +66,8 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
     debug!(log, "transmission");
     let (tx, rx) = mpsc::channel::<Reply>();
     let mut out = stream.try_clone().map_err(io("clone the connection"))?;
+    let first = shared.clone();
+    let first_log = log.clone();
     let writer = std::thread::Builder::new()
         .name("rblk-reply".into())
         .spawn(move || {
@@ -70,6 +75,9 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
                 if session::write_reply(&mut out, r.handle, r.error, &r.data).is_err() {
                     // The client is gone; the reader notices too.
                     break;
+                }
+                if !first.served.swap(true, Ordering::SeqCst) {
+                    info!(first_log, "first request served");
                 }
             }
         })

@@ -130,6 +130,7 @@ pub fn run(
         export,
         proposals: Mutex::new(tx),
         connections: AtomicUsize::new(0),
+        served: AtomicBool::new(false),
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();

@@ -19,6 +19,8 @@
 //! hang_at = "3s"              # SIGSTOP the driver once at this time (it must be replaced)
 //! failpoints = "log::after_append=1%return"   # FAILPOINTS for every driver incarnation
 //! expect = "survive"          # or "give-up": the supervisor must give up (crash loop)
+//! min_restarts = 30           # fail the run if the driver died fewer times
+//! all_failpoints = true       # fail the run unless every configured failpoint fired
 //! config = '''                # server configuration over the chaos defaults (TOML)
 //! [checkpoint]
 //! log_bytes = "1M"
@@ -51,6 +53,8 @@ pub struct Scenario {
     pub expect_give_up: bool,
     /// Server configuration (TOML) merged over the chaos defaults.
     pub config: String,
+    pub min_restarts: u64,
+    pub all_failpoints: bool,
 }
 
 fn field<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
@@ -71,7 +75,18 @@ impl Scenario {
         };
         let duration = |key: &str, v: &str| config::parse_duration(v).map_err(|e| bad(key, e));
         for key in table.keys() {
-            let known = ["duration", "size", "writers", "kill_every", "hang_at", "failpoints", "expect", "config"];
+            let known = [
+                "duration",
+                "size",
+                "writers",
+                "kill_every",
+                "hang_at",
+                "failpoints",
+                "expect",
+                "config",
+                "min_restarts",
+                "all_failpoints",
+            ];
             if !known.contains(&key.as_str()) {
                 return Err(bad(key, "unknown key".into()));
             }
@@ -104,6 +119,16 @@ impl Scenario {
             failpoints: string("failpoints")?.unwrap_or_default(),
             expect_give_up: expect == "give-up",
             config: string("config")?.unwrap_or_default(),
+            min_restarts: match field(&table, "min_restarts") {
+                None => 0,
+                Some(toml::Value::Integer(n)) if *n >= 0 => *n as u64,
+                Some(other) => return Err(bad("min_restarts", format!("expected a count, got {other}"))),
+            },
+            all_failpoints: match field(&table, "all_failpoints") {
+                None => false,
+                Some(toml::Value::Boolean(b)) => *b,
+                Some(other) => return Err(bad("all_failpoints", format!("expected true or false, got {other}"))),
+            },
         })
     }
 }
@@ -120,15 +145,23 @@ pub struct Report {
     pub verified_blocks: u64,
     /// How often each failpoint killed the driver.
     pub failpoints: std::collections::BTreeMap<String, u64>,
+    /// From each driver death to the next incarnation's first answered request, in ms.
+    pub restart_ms: Vec<u64>,
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "writes {}, reads {}, trims {}, kills {}, driver restarts {}, client reconnects {}, blocks verified {}",
+            "acknowledged writes {}, reads {}, trims {}, kills {}, driver restarts {}, client reconnects {}, \
+             blocks verified {}, violations 0",
             self.writes, self.reads, self.trims, self.kills, self.restarts, self.reconnects, self.verified_blocks
         )?;
+        let mut ms = self.restart_ms.clone();
+        ms.sort_unstable();
+        if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
+            write!(f, ", restart to first served request: median {median} ms, max {max} ms")?;
+        }
         for (name, n) in &self.failpoints {
             write!(f, ", {name} ×{n}")?;
         }
@@ -392,6 +425,18 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
             *report.failpoints.entry(name.to_string()).or_default() += 1;
         }
     }
+    report.restart_ms = restart_times(&log);
+    if report.restarts < scenario.min_restarts {
+        return Err(format!("only {} driver restarts, the scenario wants {}", report.restarts, scenario.min_restarts));
+    }
+    if scenario.all_failpoints {
+        for spec in scenario.failpoints.split(';').filter(|s| !s.is_empty()) {
+            let name = spec.split('=').next().unwrap_or(spec);
+            if !report.failpoints.contains_key(name) {
+                return Err(format!("failpoint {name} never fired ({report})"));
+            }
+        }
+    }
     if scenario.hang_at.is_some() && !log.contains("no heartbeat") {
         return Err(format!("the hung driver was not detected:\n{}", tail(&log)));
     }
@@ -423,6 +468,30 @@ fn server_config(scenario: &str) -> Result<String, String> {
         }
     }
     Ok(merged.to_string())
+}
+
+/// Milliseconds from every "driver died" to the next "first request served", from the
+/// timestamps of the server log (`Mon DD HH:MM:SS.mmm LEVEL message`).
+fn restart_times(log: &str) -> Vec<u64> {
+    let ms_of = |line: &str| -> Option<u64> {
+        let t = line.split_whitespace().nth(2)?;
+        let (hms, millis) = t.split_once('.')?;
+        let mut parts = hms.split(':').map(|p| p.parse::<u64>().ok());
+        let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+        Some(((h * 60 + m) * 60 + s) * 1000 + millis.parse::<u64>().ok()?)
+    };
+    let mut out = Vec::new();
+    let mut died: Option<u64> = None;
+    for line in log.lines() {
+        if line.contains("driver died") {
+            died = died.or(ms_of(line));
+        } else if line.contains("first request served") {
+            if let (Some(d), Some(t)) = (died.take(), ms_of(line)) {
+                out.push((t + 86_400_000 - d) % 86_400_000);
+            }
+        }
+    }
+    out
 }
 
 fn pick(rng: &mut Rng, lo: Duration, hi: Duration) -> Duration {
