@@ -211,3 +211,88 @@ fn crash_loop_is_given_up() {
     assert!(log.contains("backing off"), "{log}");
     assert!(!Path::new(&serve.socket).exists(), "socket removed");
 }
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status();
+    let found = found.is_ok_and(|s| s.success());
+    if !found {
+        assert!(std::env::var_os("RBLK_REQUIRE_CLIENTS").is_none(), "{tool} is required but missing");
+        eprintln!("skipped: {tool} is not installed");
+    }
+    found
+}
+
+/// Writes of one qemu-io run (4 KiB every 16 KiB of the 64 MiB volume).
+const WRITES: u64 = 4000;
+
+/// qemu-io with `reconnect-delay` writes patterns while the driver is killed again and again;
+/// QEMU resends what was in flight after reconnecting, and every pattern reads back.
+fn qemu_io_through_kills(dir: &Scratch, config: &str) {
+    let serve = Serve::start(dir, &format!("{QUICK}{config}"), &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let opts = format!("driver=nbd,server.type=unix,server.path={},reconnect-delay=30", serve.socket.display());
+    let pattern = |i: u64| i % 250 + 1;
+    let mut writer = Command::new("qemu-io");
+    writer.args(["--image-opts", &opts]);
+    for i in 0..WRITES {
+        writer.arg("-c").arg(format!("write -P {} {} 4096", pattern(i), i * 16384));
+    }
+    let mut child = writer.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("qemu-io");
+    let mut kills = 0;
+    while kills < 5 {
+        std::thread::sleep(Duration::from_millis(50));
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        let pid = serve.driver_pid();
+        if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            kills += 1;
+            serve.wait_for("driver ready", kills + 1, Duration::from_secs(30));
+        }
+    }
+    let out = child.wait_with_output().expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("failed"), "qemu-io through restarts:\n{text}");
+    assert!(kills >= 5, "only {kills} kills happened while qemu-io wrote");
+    assert_eq!(text.matches("wrote 4096/4096").count() as u64, WRITES, "every write completed");
+    let mut reader = Command::new("qemu-io");
+    reader.args(["--image-opts", &opts]);
+    for i in 0..WRITES {
+        reader.arg("-c").arg(format!("read -P {} {} 4096", pattern(i), i * 16384));
+    }
+    let out = reader.output().expect("qemu-io read");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("fail"), "patterns after the kills:\n{text}");
+    assert!(serve.stop().success());
+}
+
+#[test]
+fn qemu_io_reconnects_through_driver_kills() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = Scratch::new("qemu-reconnect");
+    qemu_io_through_kills(&dir, "");
+}
+
+#[test]
+fn qemu_io_reconnects_through_driver_kills_with_roots_on_a_separate_device() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = Scratch::new("qemu-reconnect-roots");
+    let roots = dir.path("roots.img");
+    std::fs::File::create(&roots).and_then(|f| f.set_len(1 << 20)).expect("root device");
+    let out = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("format")
+        .arg(dir.path("v.img"))
+        .args(["--size", "64M", "--root-device"])
+        .arg(&roots)
+        .output()
+        .expect("format");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    qemu_io_through_kills(&dir, &format!("[volume]\nroot_device = \"{}\"\n", roots.display()));
+    // The roots live on the separate device: the image's first blocks hold none.
+    let image = std::fs::read(dir.path("v.img")).expect("image");
+    assert!(!image[..3 * 4096].windows(8).any(|w| w == b"RBLKROOT"), "roots must not be on the image");
+}
