@@ -56,7 +56,7 @@ class Server:
             self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
             wait_socket(socket, self.proc)
         elif target == "qemu-nbd":
-            cmd = ["qemu-nbd", "-k", socket, "-f", "raw", "--cache=none", "--aio=native", "--shared=8", image]
+            cmd = ["qemu-nbd", "-k", socket, "-f", "raw", "--cache=none", "--aio=native", "--shared=8", "--persistent", image]
             self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
             wait_socket(socket, self.proc)
 
@@ -170,7 +170,6 @@ def chart(med, targets, out):
         return
     dat = os.path.join(out, "results.dat")
     with open(dat, "w") as f:
-        f.write("job " + " ".join(targets) + "\n")
         for job, _ in JOBS:
             vals = [str(med[t].get(job, {}).get("iops", 0)) for t in targets]
             f.write('"' + job + '" ' + " ".join(vals) + "\n")
