@@ -365,7 +365,15 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let options = session::Options::reconnecting();
+    // Retry soon and often: the socket stays with the supervisor, so a connection made while
+    // the driver restarts waits in the backlog rather than failing.
+    let options = session::Options {
+        reconnect: Some(session::Reconnect {
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(100),
+            give_up_after: Duration::from_secs(120),
+        }),
+    };
     let client = session::Client::connect_with(&socket, "", &options).map_err(|e| format!("connect: {e}"))?;
     let blocks = scenario.size / BLOCK / scenario.writers;
     let regions: Vec<(u64, u64)> = (0..scenario.writers).map(|w| (w * blocks, blocks)).collect();
@@ -470,8 +478,9 @@ fn server_config(scenario: &str) -> Result<String, String> {
     Ok(merged.to_string())
 }
 
-/// Milliseconds from every "driver died" to the next "first request served", from the
-/// timestamps of the server log (`Mon DD HH:MM:SS.mmm LEVEL message`).
+/// Milliseconds from a driver's death to the first request the next incarnation served (an
+/// incarnation killed before serving anything restarts the clock), from the timestamps of the
+/// server log (`Mon DD HH:MM:SS.mmm LEVEL message`).
 fn restart_times(log: &str) -> Vec<u64> {
     let ms_of = |line: &str| -> Option<u64> {
         let t = line.split_whitespace().nth(2)?;
@@ -484,7 +493,7 @@ fn restart_times(log: &str) -> Vec<u64> {
     let mut died: Option<u64> = None;
     for line in log.lines() {
         if line.contains("driver died") {
-            died = died.or(ms_of(line));
+            died = ms_of(line);
         } else if line.contains("first request served") {
             if let (Some(d), Some(t)) = (died.take(), ms_of(line)) {
                 out.push((t + 86_400_000 - d) % 86_400_000);

@@ -170,7 +170,9 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
     match chaos::run(&scenario, &dir, &driver, seed) {
         Ok(report) => {
             println!("chaos {}: passed (seed {seed}): {report}", scenario.name);
-            let _ = std::fs::remove_dir_all(&dir);
+            if std::env::var_os("RBLK_CHAOS_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -39,6 +39,8 @@ pub struct Held {
 
 /// How long a stopping driver gets to checkpoint before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
+/// A driver that ran this long was healthy: its death is restarted at once, without backoff.
+const HEALTHY_UPTIME: Duration = Duration::from_secs(1);
 /// How long a starting driver may take to recover before its silence counts.
 const RECOVERY_ALLOWANCE: Duration = Duration::from_secs(300);
 
@@ -78,8 +80,9 @@ pub fn supervise(
             error!(log, "giving up"; "why" => &msg);
             return Err(msg);
         }
-        // At once after a driver that ran a while; backing off while it keeps dying.
-        if uptime > s.crash_loop_window {
+        // At once after a driver that ran a while (a kill or a crash, not a loop); backing
+        // off while it keeps dying soon after starting.
+        if uptime >= HEALTHY_UPTIME {
             backoff = s.restart_backoff;
         } else if restarts.len() > 1 {
             info!(log, "backing off"; "ms" => backoff.as_millis() as u64);
