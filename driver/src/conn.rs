@@ -82,6 +82,14 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             }
         })
         .map_err(io("start the reply writer"))?;
+    let (reads, read_rx) = mpsc::channel::<(Request, Sender<Reply>)>();
+    let read_rx = Arc::new(Mutex::new(read_rx));
+    let mut readers = Vec::new();
+    for _ in 0..READERS_PER_CONNECTION {
+        let (rx, shared) = (read_rx.clone(), shared.clone());
+        let spawned = std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_reads(&rx, &shared));
+        readers.push(spawned.map_err(io("start a reader"))?);
+    }
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io("clone the connection"))?);
     let result = loop {
         let req = match session::read_request(&mut reader, shared.export.payload_limit()) {
@@ -93,16 +101,12 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             continue;
         }
         match req.command {
+            // Reads run on the connection's readers, several at once: a client keeps many in
+            // flight, and each waits for the device.
             session::Command::Read => {
-                let mut data = vec![0u8; req.length as usize];
-                let error = match read_volume(&shared.volume).read(req.offset, &mut data) {
-                    Ok(()) => 0,
-                    Err(_) => session::NBD_EIO, // logged by the volume
-                };
-                if error != 0 {
-                    data.clear();
+                if reads.send((req, tx.clone())).is_err() {
+                    break Ok(());
                 }
-                let _ = tx.send(Reply { handle: req.handle, error, data });
             }
             session::Command::Write | session::Command::Trim | session::Command::WriteZeroes => {
                 submit(shared, req, tx.clone());
@@ -117,7 +121,12 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             }
         }
     };
-    // The writer ends once every reply still owed was sent (completions hold clones of tx).
+    // The readers end when the queue closes; the writer once every reply still owed was sent
+    // (queued reads and write completions hold clones of tx).
+    drop(reads);
+    for r in readers {
+        let _ = r.join();
+    }
     drop(tx);
     let _ = stream.shutdown(std::net::Shutdown::Read);
     if writer.join().is_err() {
@@ -129,6 +138,29 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             Ok(())
         }
         other => other,
+    }
+}
+
+/// Reads served at once per connection.
+const READERS_PER_CONNECTION: usize = 4;
+
+/// One reader: takes read requests off the connection's queue until it closes.
+fn serve_reads(queue: &Mutex<mpsc::Receiver<(Request, Sender<Reply>)>>, shared: &Shared) {
+    loop {
+        let next = match queue.lock() {
+            Ok(q) => q.recv(),
+            Err(_) => return,
+        };
+        let Ok((req, tx)) = next else { return };
+        let mut data = vec![0u8; req.length as usize];
+        let error = match read_volume(&shared.volume).read(req.offset, &mut data) {
+            Ok(()) => 0,
+            Err(_) => session::NBD_EIO, // logged by the volume
+        };
+        if error != 0 {
+            data.clear();
+        }
+        let _ = tx.send(Reply { handle: req.handle, error, data });
     }
 }
 
