@@ -205,11 +205,13 @@ fn apply(
         return Ok(());
     }
     let mut guard = write_volume(volume);
-    for e in entries {
-        let applied = guard.apply(&e).map_err(|err| {
-            error!(log, "apply failed"; "index" => e.index, "error" => %err);
-            DriverError::Volume(err)
-        })?;
+    // One batch: the new data blocks of all the entries go out together.
+    let results = guard.apply_batch(&entries).map_err(|err| {
+        error!(log, "apply failed"; "first" => entries[0].index, "entries" => entries.len(), "error" => %err);
+        DriverError::Volume(err)
+    })?;
+    drop(guard);
+    for (e, applied) in entries.iter().zip(results) {
         if let Some(done) = waiting.remove(&e.index) {
             done(Outcome::Applied(applied));
         }
