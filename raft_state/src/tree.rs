@@ -317,15 +317,10 @@ impl BlockTree {
         dev: &dyn Device,
         alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
     ) -> Result<TreeRef, TreeError> {
-        let mut flusher = Flusher {
-            kind: self.kind,
-            volume_id: self.volume_id,
-            cache: &self.cache,
-            dev,
-            alloc,
-            buf: AlignedBuf::blocks(1),
-        };
+        let mut flusher =
+            Flusher { kind: self.kind, volume_id: self.volume_id, cache: &self.cache, alloc, written: Vec::new() };
         let ptr = flusher.flush_slot(&mut self.root, self.height - 1)?;
+        write_runs(dev, flusher.written)?;
         self.dirty = 0;
         Ok(match ptr {
             Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
@@ -490,14 +485,37 @@ impl BlockTree {
     }
 }
 
-/// What `BlockTree::flush` needs on its way down the tree.
+/// What `BlockTree::flush` needs on its way down the tree. The nodes it encodes are written
+/// at the end, in runs of consecutive blocks (the allocator hands out consecutive blocks, so
+/// a checkpoint writes its nodes with a few large writes instead of one write each).
 struct Flusher<'a> {
     kind: TreeKind,
     volume_id: [u8; 16],
     cache: &'a NodeCache,
-    dev: &'a dyn Device,
     alloc: &'a mut dyn FnMut() -> Result<u64, TreeError>,
-    buf: AlignedBuf,
+    written: Vec<(u64, Box<[u8]>)>,
+}
+
+/// Writes `(block, 4 KiB)` pairs, consecutive blocks with one write.
+fn write_runs(dev: &dyn Device, mut nodes: Vec<(u64, Box<[u8]>)>) -> Result<(), TreeError> {
+    const MAX_RUN: usize = 256;
+    nodes.sort_unstable_by_key(|(block, _)| *block);
+    let mut run = AlignedBuf::blocks(nodes.len().clamp(1, MAX_RUN));
+    let mut i = 0;
+    while i < nodes.len() {
+        let mut j = i + 1;
+        while j < nodes.len() && j - i < MAX_RUN && nodes[j].0 == nodes[j - 1].0 + 1 {
+            j += 1;
+        }
+        for (k, (_, bytes)) in nodes[i..j].iter().enumerate() {
+            run[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(bytes);
+        }
+        let block = nodes[i].0;
+        dev.write_at(block * BLOCK, &run[..(j - i) * BLOCK_SIZE])
+            .map_err(|source| TreeError::Device { block, source })?;
+        i = j;
+    }
+    Ok(())
 }
 
 impl Flusher<'_> {
@@ -540,9 +558,9 @@ impl Flusher<'_> {
             entries,
             padding: [0; 1472],
         };
-        self.buf.copy_from_slice(raw.as_bytes());
-        self.dev.write_at(block * BLOCK, &self.buf).map_err(|source| TreeError::Device { block, source })?;
-        let ptr = Ptr { block, hash: hash::tree_node(&self.buf) };
+        let bytes: Box<[u8]> = raw.as_bytes().into();
+        let ptr = Ptr { block, hash: hash::tree_node(&bytes) };
+        self.written.push((block, bytes));
         // The node just written is the working set: keep it (its children are all clean now).
         if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
             lock(self.cache).insert(block, (ptr.hash, level, Arc::new(*node)));
