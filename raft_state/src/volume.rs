@@ -171,6 +171,25 @@ pub fn tree_ref(root: &Root) -> TreeRef {
     TreeRef { block: root.payload.tree_root, hash: root.payload.tree_hash, height: root.payload.tree_height }
 }
 
+/// Where the log opens for the current root: replay from its tail, retained back to the
+/// backup's (the backup can still become current), never shorter than the head it saw.
+pub fn log_anchor(roots: &Roots) -> Anchor {
+    let p = &roots.current().payload;
+    Anchor {
+        scan_from: p.log_tail,
+        durable_head: p.log_head,
+        retain_from: roots.backup().map_or(p.log_tail, |b| b.payload.log_tail.min(p.log_tail)),
+        applied_index: p.applied_index,
+        applied_term: p.applied_term,
+        conf_state: p.conf_state.clone(),
+    }
+}
+
+/// The log ring a root's geometry places.
+pub fn log_region(root: &Root) -> LogRegion {
+    LogRegion { start: root.geometry.log_start, blocks: root.geometry.log_blocks, volume_id: root.volume_id }
+}
+
 /// The allocator tree a root names.
 pub fn alloc_ref(root: &Root) -> TreeRef {
     let height = BlockTree::height_for(root.geometry.data_blocks.div_ceil(crate::alloc::BITS_PER_BITMAP));
@@ -267,16 +286,7 @@ impl Volume {
         )?;
         alloc.set_cache_capacity(options.bitmap_cache, options.node_cache / 16 + 1);
         let p = &current.payload;
-        let anchor = Anchor {
-            scan_from: p.log_tail,
-            durable_head: p.log_head,
-            retain_from: roots.backup().map_or(p.log_tail, |b| b.payload.log_tail.min(p.log_tail)),
-            applied_index: p.applied_index,
-            applied_term: p.applied_term,
-            conf_state: p.conf_state.clone(),
-        };
-        let region = LogRegion { start: geometry.log_start, blocks: geometry.log_blocks, volume_id };
-        let store = LogStore::open(dev.clone(), region, &anchor, log.clone())?;
+        let store = LogStore::open(dev.clone(), log_region(&current), &log_anchor(&roots), log.clone())?;
         let mut volume = Volume {
             dev,
             root_dev,

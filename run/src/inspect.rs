@@ -5,12 +5,11 @@
 
 use std::sync::Arc;
 
-use raft::eraftpb::ConfState;
 use raft_state::device::{Device, BLOCK};
-use raft_state::log::{Anchor, LogRegion, LogStore};
+use raft_state::log::LogStore;
 use raft_state::roots::{self, Role};
 use raft_state::tree::{BlockTree, TreeKind};
-use raft_state::volume::{alloc_ref, tree_ref};
+use raft_state::volume::{alloc_ref, log_anchor, log_region, tree_ref};
 use serde_json::{json, Value};
 
 /// The findings, as JSON (the text form is rendered from it).
@@ -38,17 +37,9 @@ pub fn inspect(dev: Arc<dyn Device>, root_dev: Option<Arc<dyn Device>>) -> Resul
             Err(problem) => json!({ "slot": r.slot, "role": "damaged", "problem": problem.to_string() }),
         })
         .collect();
-    let anchor = Anchor {
-        scan_from: p.log_tail,
-        durable_head: p.log_head,
-        retain_from: roots.backup().map_or(p.log_tail, |b| b.payload.log_tail.min(p.log_tail)),
-        applied_index: p.applied_index,
-        applied_term: p.applied_term,
-        conf_state: ConfState { voters: p.conf_state.voters.clone(), ..Default::default() },
-    };
-    let region = LogRegion { start: g.log_start, blocks: g.log_blocks, volume_id: current.volume_id };
+    // Exactly the log the driver would open (read-only: opening writes nothing).
     let discard = slog::Logger::root(slog::Discard, slog::o!());
-    let log = match LogStore::open(dev.clone(), region, &anchor, discard) {
+    let log = match LogStore::open(dev.clone(), log_region(&current), &log_anchor(&roots), discard) {
         Ok(store) => {
             let (used, total) = store.usage();
             let hs = store.hard_state();
