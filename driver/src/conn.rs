@@ -29,7 +29,7 @@ pub const MAX_ENTRY_DATA: usize = 1 << 20;
 pub struct Shared {
     pub volume: Arc<RwLock<Volume>>,
     pub export: Export,
-    pub proposals: Mutex<Sender<Proposal>>,
+    pub proposals: Sender<Proposal>,
     pub connections: AtomicUsize,
     /// Whether this incarnation answered a request yet (logged once: the supervisor and the
     /// chaos runs measure restart-to-first-served-request from it).
@@ -170,10 +170,6 @@ fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
     let pieces: Vec<Vec<u8>> = split(&req);
     let state = Arc::new(Mutex::new(Pending { remaining: pieces.len(), error: 0, stopped: false, tx: Some(tx) }));
     let handle = req.handle;
-    let proposals = match shared.proposals.lock() {
-        Ok(p) => p.clone(),
-        Err(_) => return,
-    };
     for data in pieces {
         let state = state.clone();
         let done = Box::new(move |outcome: Outcome| {
@@ -189,7 +185,7 @@ fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
                 }
             }
         });
-        if let Err(mpsc::SendError(p)) = proposals.send(Proposal { data, done }) {
+        if let Err(mpsc::SendError(p)) = shared.proposals.send(Proposal { data, done }) {
             // The node has stopped: no reply (the client resends after reconnecting).
             (p.done)(Outcome::Stopped);
         }

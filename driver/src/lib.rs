@@ -25,7 +25,7 @@ pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, RwLock};
 
 use raft_state::device::Device;
 use raft_state::log::LogError;
@@ -128,7 +128,7 @@ pub fn run(
     let shared = Arc::new(conn::Shared {
         volume: volume.clone(),
         export,
-        proposals: Mutex::new(tx),
+        proposals: tx,
         connections: AtomicUsize::new(0),
         served: AtomicBool::new(false),
         log: log.new(slog::o!("component" => "session")),

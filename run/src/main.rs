@@ -162,10 +162,7 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("rblk-chaos-{}-{}", scenario.name, std::process::id())));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let driver = match std::env::var_os("RBLK_DRIVER") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("rblk-driver"),
-    };
+    let driver = driver_binary()?;
     eprintln!("chaos {}: seed {seed}, {:?}, in {}", scenario.name, scenario.duration, dir.display());
     match chaos::run(&scenario, &dir, &driver, seed) {
         Ok(report) => {
@@ -223,12 +220,7 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
     let socket = cfg.server.socket.clone();
     let absolute = std::fs::canonicalize(&socket).unwrap_or_else(|_| socket.clone());
     println!("nbd+unix:///?socket={}", absolute.display());
-    let driver = match std::env::var_os("RBLK_DRIVER") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            std::env::current_exe().map_err(|e| format!("locating rblk-driver: {e}"))?.with_file_name("rblk-driver")
-        }
-    };
+    let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &log);
     let _ = std::fs::remove_file(&socket);
     match result {
@@ -236,6 +228,16 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
         Err(e) => {
             eprintln!("rblk: {e}");
             Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The `rblk-driver` to start: `$RBLK_DRIVER`, else the one beside this `rblk`.
+fn driver_binary() -> Result<PathBuf, String> {
+    match std::env::var_os("RBLK_DRIVER") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => {
+            Ok(std::env::current_exe().map_err(|e| format!("locating rblk-driver: {e}"))?.with_file_name("rblk-driver"))
         }
     }
 }
