@@ -10,28 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const MIB: u64 = 1 << 20;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("rblk-sup-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{have, Scratch, MIB};
 
 struct Serve {
     child: Child,
@@ -210,16 +190,6 @@ fn crash_loop_is_given_up() {
     assert_eq!(log.matches("driver died").count(), 4, "restarts before giving up:\n{log}");
     assert!(log.contains("backing off"), "{log}");
     assert!(!Path::new(&serve.socket).exists(), "socket removed");
-}
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status();
-    let found = found.is_ok_and(|s| s.success());
-    if !found {
-        assert!(std::env::var_os("RBLK_REQUIRE_CLIENTS").is_none(), "{tool} is required but missing");
-        eprintln!("skipped: {tool} is not installed");
-    }
-    found
 }
 
 /// Writes of one qemu-io run (4 KiB every 16 KiB of the 64 MiB volume).
