@@ -22,7 +22,7 @@
 //!   at restart. `log_bytes = "8M"` of log since the last checkpoint (at least 4K; the
 //!   storage caps it at a quarter of the ring), or `interval = "30s"` after the last one with
 //!   something applied.
-//! - `[cache]` — memory. `nodes = 4096` block-map nodes (about 3 KiB each), `bitmaps = 256`
+//! - `[cache]` — memory. `nodes = 16384` block-map nodes (about 3 KiB each), `bitmaps = 256`
 //!   allocator bitmap blocks (4 KiB each); 0 caches nothing.
 //! - `[raft]` — the embedded Raft node. `tick = "100ms"`, `election_ticks = 10`,
 //!   `heartbeat_ticks = 3` (election must exceed heartbeat), `max_batch = "4M"` bytes of
@@ -151,7 +151,7 @@ impl Default for CheckpointConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Block-map nodes (about 3 KiB each). Default 4096 (about 12 MiB).
+    /// Block-map nodes (about 3 KiB each). Default 16384 (about 48 MiB; the whole map of a 4 GiB volume).
     pub nodes: usize,
     /// Allocator bitmap blocks (4 KiB each). Default 256 (1 MiB).
     pub bitmaps: usize,
@@ -159,7 +159,7 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { nodes: 4096, bitmaps: 256 }
+        Self { nodes: 16384, bitmaps: 256 }
     }
 }
 

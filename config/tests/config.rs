@@ -43,7 +43,7 @@ fn defaults_validate() {
     assert!(!c.server.read_only);
     assert_eq!(c.checkpoint.log_bytes, 8 << 20);
     assert_eq!(c.checkpoint.interval, Duration::from_secs(30));
-    assert_eq!((c.cache.nodes, c.cache.bitmaps), (4096, 256));
+    assert_eq!((c.cache.nodes, c.cache.bitmaps), (16384, 256));
     assert_eq!(c.raft.tick, Duration::from_millis(100));
     assert_eq!((c.raft.election_ticks, c.raft.heartbeat_ticks), (10, 3));
     assert_eq!(c.raft.max_batch, 4 << 20);

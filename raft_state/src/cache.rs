@@ -9,7 +9,8 @@ use std::hash::Hash;
 
 struct Entry<K, V> {
     key: K,
-    value: V,
+    /// `None` once removed: the slot waits in `vacant` for the next insert.
+    value: Option<V>,
     referenced: bool,
 }
 
@@ -18,6 +19,7 @@ pub struct ClockCache<K, V> {
     capacity: usize,
     entries: Vec<Entry<K, V>>,
     index: HashMap<K, usize>,
+    vacant: Vec<usize>,
     hand: usize,
 }
 
@@ -30,15 +32,15 @@ impl<K, V> std::fmt::Debug for ClockCache<K, V> {
 impl<K: Hash + Eq + Copy, V: Clone> ClockCache<K, V> {
     /// A cache of at most `capacity` entries (0 caches nothing).
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, entries: Vec::new(), index: HashMap::new(), hand: 0 }
+        Self { capacity, entries: Vec::new(), index: HashMap::new(), vacant: Vec::new(), hand: 0 }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
     }
 
     pub fn capacity(&self) -> usize {
@@ -49,7 +51,16 @@ impl<K: Hash + Eq + Copy, V: Clone> ClockCache<K, V> {
         let at = *self.index.get(key)?;
         let entry = &mut self.entries[at];
         entry.referenced = true;
-        Some(entry.value.clone())
+        entry.value.clone()
+    }
+
+    /// Forgets `key` (a superseded entry should not take the place of a live one).
+    pub fn remove(&mut self, key: &K) {
+        if let Some(at) = self.index.remove(key) {
+            self.entries[at].value = None;
+            self.entries[at].referenced = false;
+            self.vacant.push(at);
+        }
     }
 
     /// Inserts or replaces `key`; when full, evicts the first entry the hand finds that was
@@ -59,13 +70,18 @@ impl<K: Hash + Eq + Copy, V: Clone> ClockCache<K, V> {
             return;
         }
         if let Some(&at) = self.index.get(&key) {
-            self.entries[at].value = value;
+            self.entries[at].value = Some(value);
             self.entries[at].referenced = true;
+            return;
+        }
+        if let Some(at) = self.vacant.pop() {
+            self.index.insert(key, at);
+            self.entries[at] = Entry { key, value: Some(value), referenced: false };
             return;
         }
         if self.entries.len() < self.capacity {
             self.index.insert(key, self.entries.len());
-            self.entries.push(Entry { key, value, referenced: false });
+            self.entries.push(Entry { key, value: Some(value), referenced: false });
             return;
         }
         loop {
@@ -77,7 +93,7 @@ impl<K: Hash + Eq + Copy, V: Clone> ClockCache<K, V> {
             }
             self.index.remove(&entry.key);
             self.index.insert(key, self.hand);
-            *entry = Entry { key, value, referenced: false };
+            *entry = Entry { key, value: Some(value), referenced: false };
             self.hand = (self.hand + 1) % self.capacity;
             return;
         }
@@ -109,6 +125,14 @@ mod tests {
         }
         c.insert(999, 7);
         assert_eq!(c.get(&999), Some(7), "insert replaces");
+        c.remove(&999);
+        assert_eq!(c.get(&999), None, "removed");
+        assert_eq!(c.len(), 3);
+        c.insert(5, 50); // takes the vacant slot, evicts nothing
+        assert_eq!(c.len(), 4);
+        assert!([996u64, 997, 998, 5].iter().all(|k| c.get(k).is_some()));
+        c.remove(&12345); // absent: nothing happens
+        assert_eq!(c.len(), 4);
         let mut none = ClockCache::new(0);
         none.insert(1u64, 1u64);
         assert!(none.is_empty());

@@ -38,8 +38,9 @@ pub const FANOUT: u64 = 64;
 const FANOUT_BITS: u32 = 6;
 /// The tallest tree: 64^10 blocks is far beyond any device.
 pub const MAX_HEIGHT: u32 = 10;
-/// Clean nodes a tree keeps in memory by default (about 3 KiB each): 4096 leaves map 1 GiB.
-pub const DEFAULT_NODE_CACHE: usize = 4096;
+/// Clean nodes a tree keeps in memory by default (about 3 KiB each, 48 MiB in all): 4096
+/// leaves map 1 GiB, so the whole map of a volume up to 4 GiB stays in memory.
+pub const DEFAULT_NODE_CACHE: usize = 16384;
 
 /// Which tree a node belongs to; part of every node, so trees never mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +290,8 @@ impl BlockTree {
                 Slot::Clean(ptr) => {
                     let node = Self::cached(&self.cache, self.kind, self.volume_id, dev, *ptr, level)?;
                     self.freed.push(ptr.block);
+                    // The current tree no longer reaches this copy: let it make room.
+                    lock(&self.cache).remove(&ptr.block);
                     *slot = Slot::Dirty(Box::new((*node).clone()));
                     self.dirty += 1;
                 }
