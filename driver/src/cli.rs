@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--read-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
 //! ```
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
 //! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
@@ -26,6 +26,7 @@ use crate as driver;
 struct Args {
     image: Option<PathBuf>,
     image_fd: Option<RawFd>,
+    read_fd: Option<RawFd>,
     root: Option<PathBuf>,
     root_fd: Option<RawFd>,
     socket: Option<PathBuf>,
@@ -43,6 +44,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--image" => a.image = Some(value()?.into()),
             "--image-fd" => a.image_fd = Some(fd(value()?)?),
+            "--read-fd" => a.read_fd = Some(fd(value()?)?),
             "--root-device" => a.root = Some(value()?.into()),
             "--root-fd" => a.root_fd = Some(fd(value()?)?),
             "--socket" => a.socket = Some(value()?.into()),
@@ -57,7 +59,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(a)
 }
 
-const USAGE: &str = "usage: rblk-driver (--image PATH | --image-fd N) [--root-device PATH | --root-fd N] \
+const USAGE: &str =
+    "usage: rblk-driver (--image PATH | --image-fd N [--read-fd N]) [--root-device PATH | --root-fd N] \
                      (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
@@ -83,7 +86,7 @@ fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-fn device(path: Option<PathBuf>, fd: Option<RawFd>, what: &str) -> Result<Option<Arc<dyn Device>>, String> {
+fn device(path: Option<PathBuf>, fd: Option<RawFd>, what: &str) -> Result<Option<FileDevice>, String> {
     let dev = match (path, fd) {
         (Some(p), None) => FileDevice::open(&p).map_err(|e| format!("{what} {}: {e}", p.display()))?,
         (None, Some(fd)) => {
@@ -92,7 +95,25 @@ fn device(path: Option<PathBuf>, fd: Option<RawFd>, what: &str) -> Result<Option
         (None, None) => return Ok(None),
         (Some(_), Some(_)) => return Err(format!("give the {what} as a path or a descriptor, not both")),
     };
-    Ok(Some(Arc::new(dev)))
+    Ok(Some(dev))
+}
+
+/// The image device, with its page-cache read descriptor when configured: the supervisor's
+/// `--read-fd`, or the image path opened again read-only (never O_DIRECT).
+fn image(args: &Args, cfg: &config::Config) -> Result<Arc<dyn Device>, String> {
+    let dev = device(args.image.clone(), args.image_fd, "image")?.ok_or("no image given (--image or --image-fd)")?;
+    let read = match (&args.image, args.read_fd) {
+        (_, Some(fd)) => Some(std::fs::File::from(owned(fd))),
+        (Some(p), None) if cfg.cache.page_cache_reads => {
+            Some(std::fs::File::open(p).map_err(|e| format!("image {}: {e}", p.display()))?)
+        }
+        _ => None,
+    };
+    let dev = match read {
+        Some(file) if cfg.cache.page_cache_reads => dev.with_read_cache(file).map_err(|e| format!("read fd: {e}"))?,
+        _ => dev,
+    };
+    Ok(Arc::new(dev))
 }
 
 /// The `rblk-driver` program (its binary lives in the `run` package, beside `rblk`).
@@ -130,9 +151,8 @@ pub fn main() -> ExitCode {
         }
     };
     let opened = (|| -> Result<_, String> {
-        let dev =
-            device(args.image.clone(), args.image_fd, "image")?.ok_or("no image given (--image or --image-fd)")?;
-        let root = device(args.root.clone(), args.root_fd, "root device")?;
+        let dev = image(&args, &cfg)?;
+        let root = device(args.root.clone(), args.root_fd, "root device")?.map(|d| Arc::new(d) as Arc<dyn Device>);
         let listener = match (&args.socket, args.socket_fd) {
             (Some(p), None) => UnixListener::bind(p).map_err(|e| format!("socket {}: {e}", p.display()))?,
             (None, Some(fd)) => UnixListener::from(owned(fd)),
@@ -153,7 +173,7 @@ pub fn main() -> ExitCode {
         };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
         // Nothing but what was handed over stays open (a parent may leak descriptors).
-        let keep = [args.image_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        let keep = [args.image_fd, args.read_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
         if args.socket_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }

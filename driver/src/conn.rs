@@ -40,7 +40,33 @@ pub struct Shared {
 struct Reply {
     handle: u64,
     error: u32,
-    data: Vec<u8>,
+}
+
+/// The sending half of a connection. Whoever answers writes whole replies under the lock:
+/// the connection's own thread (hot reads, flushes, errors: in batches), its readers (reads
+/// that wait for the media) and its completion writer (writes, which the node finishes).
+struct Replies {
+    stream: Mutex<UnixStream>,
+    shared: Arc<Shared>,
+    log: Logger,
+}
+
+impl Replies {
+    /// Sends encoded replies; an error means the client is gone (the reader notices too).
+    fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        std::io::Write::write_all(&mut *stream, bytes)?;
+        drop(stream);
+        if !self.shared.served.swap(true, Ordering::SeqCst) {
+            info!(self.log, "first request served");
+        }
+        Ok(())
+    }
+}
+
+/// Appends a reply to `out` (writing to a Vec cannot fail).
+fn encode(out: &mut Vec<u8>, handle: u64, error: u32, data: &[u8]) {
+    let _ = session::write_reply(out, handle, error, data);
 }
 
 /// Serves one connection until the client disconnects, misbehaves, or the driver stops.
@@ -57,6 +83,9 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> session::SessionErro
     move |source| session::SessionError::Io { what, source }
 }
 
+/// Replies the connection's thread holds back at most before sending them.
+const BATCH_BYTES: usize = 256 << 10;
+
 fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), session::SessionError> {
     let mut hs_stream = stream.try_clone().map_err(io("clone the connection"))?;
     let Some(_negotiated) = session::handshake(&mut hs_stream, &shared.export)? else {
@@ -64,47 +93,62 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
         return Ok(());
     };
     debug!(log, "transmission");
+    let replies = Arc::new(Replies {
+        stream: Mutex::new(stream.try_clone().map_err(io("clone the connection"))?),
+        shared: shared.clone(),
+        log: log.clone(),
+    });
     let (tx, rx) = mpsc::channel::<Reply>();
-    let mut out = stream.try_clone().map_err(io("clone the connection"))?;
-    let first = shared.clone();
-    let first_log = log.clone();
+    let completions = replies.clone();
     let writer = std::thread::Builder::new()
         .name("rblk-reply".into())
         .spawn(move || {
-            for r in rx {
-                if session::write_reply(&mut out, r.handle, r.error, &r.data).is_err() {
-                    // The client is gone; the reader notices too.
-                    break;
+            // Everything completed meanwhile goes out with one send.
+            let mut out = Vec::new();
+            while let Ok(first) = rx.recv() {
+                out.clear();
+                encode(&mut out, first.handle, first.error, &[]);
+                while let Ok(r) = rx.try_recv() {
+                    encode(&mut out, r.handle, r.error, &[]);
                 }
-                if !first.served.swap(true, Ordering::SeqCst) {
-                    info!(first_log, "first request served");
+                if completions.send(&out).is_err() {
+                    break;
                 }
             }
         })
         .map_err(io("start the reply writer"))?;
-    let (reads, read_rx) = mpsc::channel::<(Request, Sender<Reply>)>();
+    let (reads, read_rx) = mpsc::channel::<Request>();
     let read_rx = Arc::new(Mutex::new(read_rx));
     let mut readers = Vec::new();
     for _ in 0..READERS_PER_CONNECTION {
-        let (rx, shared) = (read_rx.clone(), shared.clone());
-        let spawned = std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_reads(&rx, &shared));
+        let (rx, shared, replies) = (read_rx.clone(), shared.clone(), replies.clone());
+        let spawned =
+            std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_reads(&rx, &shared, &replies));
         readers.push(spawned.map_err(io("start a reader"))?);
     }
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io("clone the connection"))?);
+    // Replies this thread made, sent before it could wait for the client.
+    let mut out: Vec<u8> = Vec::with_capacity(BATCH_BYTES + (64 << 10));
     let result = loop {
+        if !out.is_empty() && (out.len() >= BATCH_BYTES || !session::request_buffered(reader.buffer())) {
+            if replies.send(&out).is_err() {
+                break Ok(());
+            }
+            out.clear();
+        }
         let req = match session::read_request(&mut reader, shared.export.payload_limit()) {
             Ok(req) => req,
             Err(e) => break Err(e),
         };
         if let Some(errno) = session::check_request(&req, &shared.export) {
-            let _ = tx.send(Reply { handle: req.handle, error: errno, data: Vec::new() });
+            encode(&mut out, req.handle, errno, &[]);
             continue;
         }
         match req.command {
-            // Reads run on the connection's readers, several at once: a client keeps many in
-            // flight, and each waits for the device.
+            // A read whose data is cached is answered here; the others run on the
+            // connection's readers, several at once, since each waits for the device.
             session::Command::Read => {
-                if reads.send((req, tx.clone())).is_err() {
+                if !read_hot(shared, &req, &mut out) && reads.send(req).is_err() {
                     break Ok(());
                 }
             }
@@ -112,17 +156,16 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
                 submit(shared, req, tx.clone());
             }
             // Every acknowledged write is already durable (committed to the log).
-            session::Command::Flush => {
-                let _ = tx.send(Reply { handle: req.handle, error: 0, data: Vec::new() });
-            }
+            session::Command::Flush => encode(&mut out, req.handle, 0, &[]),
             session::Command::Disc => break Ok(()),
-            session::Command::Other(_) => {
-                let _ = tx.send(Reply { handle: req.handle, error: session::NBD_EINVAL, data: Vec::new() });
-            }
+            session::Command::Other(_) => encode(&mut out, req.handle, session::NBD_EINVAL, &[]),
         }
     };
+    if !out.is_empty() {
+        let _ = replies.send(&out);
+    }
     // The readers end when the queue closes; the writer once every reply still owed was sent
-    // (queued reads and write completions hold clones of tx).
+    // (write completions hold clones of tx).
     drop(reads);
     for r in readers {
         let _ = r.join();
@@ -141,26 +184,50 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
     }
 }
 
+/// Answers a read into `out` if its data is all cached (or it fails); false: not cached,
+/// nothing appended.
+fn read_hot(shared: &Shared, req: &Request, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    encode(out, req.handle, 0, &[]);
+    let data_at = out.len();
+    out.resize(data_at + req.length as usize, 0);
+    match read_volume(&shared.volume).try_read(req.offset, &mut out[data_at..]) {
+        Ok(true) => true,
+        Ok(false) => {
+            out.truncate(start);
+            false
+        }
+        Err(_) => {
+            // Logged by the volume.
+            out.truncate(start);
+            encode(out, req.handle, session::NBD_EIO, &[]);
+            true
+        }
+    }
+}
+
 /// Reads served at once per connection.
 const READERS_PER_CONNECTION: usize = 4;
 
 /// One reader: takes read requests off the connection's queue until it closes.
-fn serve_reads(queue: &Mutex<mpsc::Receiver<(Request, Sender<Reply>)>>, shared: &Shared) {
+fn serve_reads(queue: &Mutex<mpsc::Receiver<Request>>, shared: &Shared, replies: &Replies) {
+    let mut out = Vec::new();
     loop {
         let next = match queue.lock() {
             Ok(q) => q.recv(),
             Err(_) => return,
         };
-        let Ok((req, tx)) = next else { return };
-        let mut data = vec![0u8; req.length as usize];
-        let error = match read_volume(&shared.volume).read(req.offset, &mut data) {
-            Ok(()) => 0,
-            Err(_) => session::NBD_EIO, // logged by the volume
-        };
-        if error != 0 {
-            data.clear();
+        let Ok(req) = next else { return };
+        out.clear();
+        encode(&mut out, req.handle, 0, &[]);
+        let data_at = out.len();
+        out.resize(data_at + req.length as usize, 0);
+        if read_volume(&shared.volume).read(req.offset, &mut out[data_at..]).is_err() {
+            // Logged by the volume.
+            out.clear();
+            encode(&mut out, req.handle, session::NBD_EIO, &[]);
         }
-        let _ = tx.send(Reply { handle: req.handle, error, data });
+        let _ = replies.send(&out);
     }
 }
 
@@ -181,7 +248,7 @@ fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
             s.remaining -= 1;
             if s.remaining == 0 && !s.stopped {
                 if let Some(tx) = s.tx.take() {
-                    let _ = tx.send(Reply { handle, error: s.error, data: Vec::new() });
+                    let _ = tx.send(Reply { handle, error: s.error });
                 }
             }
         });

@@ -1,23 +1,23 @@
-//! The Raft node thread: the only place that changes the volume.
+//! The Raft node thread and its applier, the only place that changes the volume.
 //!
-//! It owns the `RawNode` (whose storage is the log on raw sectors) and is the only writer of
-//! the volume. Sessions send it proposals; it proposes everything that arrived meanwhile,
-//! persists them with ONE log append and flush (group commit), applies the committed entries
-//! and only then completes each proposal. A single-node group commits an entry as soon as it
+//! It owns the `RawNode` (whose storage is the log on raw sectors); its applier thread is the
+//! only writer of the volume. Sessions send proposals; the node proposes everything that
+//! arrived meanwhile and persists it with ONE log append and flush (group commit); the
+//! applier applies the committed entries and only then completes each proposal. A single-node group commits an entry as soon as it
 //! is durable, so a completed proposal is durable. Any error of the log, the volume or a
 //! checkpoint is fatal: the node stops and the driver exits non-zero (fail-stop; the
 //! supervisor restarts it and recovery works from what is durable).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, RwLock};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::Entry;
 use raft::{RawNode, StateRole};
 use raft_state::log::LogStore;
-use raft_state::volume::{Applied, Volume};
+use raft_state::volume::{lock_log, Applied, Volume};
 use slog::{debug, error, info, Logger};
 
 use crate::DriverError;
@@ -56,18 +56,108 @@ pub struct NodeConfig {
     pub max_batch_bytes: u64,
 }
 
+/// Batches of committed entries the node thread may hand the applier before it waits: the
+/// log runs at most this far ahead of the volume (which bounds the ring space it takes).
+const APPLY_QUEUE: usize = 2;
+
+/// The log, shared by the node thread (which appends) and the applier (which reads its
+/// positions for a checkpoint and compacts it).
+#[derive(Clone, Debug)]
+struct SharedLog(Arc<Mutex<LogStore>>);
+
+impl SharedLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogStore> {
+        lock_log(&self.0)
+    }
+}
+
+impl raft::Storage for SharedLog {
+    fn initial_state(&self) -> raft::Result<raft::RaftState> {
+        self.lock().initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: raft::GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.lock().entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.lock().term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        raft::Storage::first_index(&*self.lock())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        raft::Storage::last_index(&*self.lock())
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<raft::eraftpb::Snapshot> {
+        self.lock().snapshot(request_index, to)
+    }
+}
+
+/// What the node thread hands the applier.
+enum ToApply {
+    /// Committed entries in order, and whom to tell about each (by position).
+    Batch(Vec<Entry>, Vec<Option<Completion>>),
+    /// A clean stop: checkpoint and return.
+    Stop,
+}
+
 /// The node: runs until `stop` is set (or every sender is gone) — then it completes what it
 /// took, checkpoints so the next start replays nothing, and returns `Ok` — or a fatal error.
+///
+/// Two threads share the work, so the log's write and flush for one batch overlap applying
+/// the one before: this (node) thread proposes, appends and learns what is committed; the
+/// applier applies committed entries to the volume, completes their proposals and takes
+/// checkpoints.
 pub fn run(
     volume: Arc<RwLock<Volume>>,
     store: LogStore,
     proposals: Receiver<Proposal>,
     cfg: &NodeConfig,
     stop: &AtomicBool,
-    mut heartbeat: Option<crate::Heartbeat>,
+    heartbeat: Option<crate::Heartbeat>,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    let applied = read_volume(&volume).applied_index();
+    let store = SharedLog(Arc::new(Mutex::new(store)));
+    let (to_apply, applies) = mpsc::sync_channel::<ToApply>(APPLY_QUEUE);
+    let applier = {
+        let (volume, store, log) = (volume.clone(), store.clone(), log.clone());
+        std::thread::Builder::new()
+            .name("rblk-apply".into())
+            .spawn(move || apply_loop(&volume, &store, &applies, &log))?
+    };
+    let result = node_loop(&volume, store, proposals, cfg, stop, heartbeat, &to_apply, log);
+    if result.is_ok() {
+        // The applier may have failed meanwhile; then its error is the one to report.
+        let _ = to_apply.send(ToApply::Stop);
+    }
+    drop(to_apply);
+    let applied = applier.join().unwrap_or_else(|_| Err(DriverError::Raft("the applier panicked".into())));
+    // A node error comes first: the applier only saw its channel close.
+    result.and(applied)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn node_loop(
+    volume: &RwLock<Volume>,
+    store: SharedLog,
+    proposals: Receiver<Proposal>,
+    cfg: &NodeConfig,
+    stop: &AtomicBool,
+    mut heartbeat: Option<crate::Heartbeat>,
+    to_apply: &SyncSender<ToApply>,
+    log: &Logger,
+) -> Result<(), DriverError> {
+    let applied = read_volume(volume).applied_index();
     let raft_cfg = raft::Config {
         id: 1,
         election_tick: cfg.election_tick,
@@ -84,18 +174,19 @@ pub fn run(
     // every entry a previous incarnation persisted but did not see committed.
     node.campaign().map_err(|e| DriverError::Raft(e.to_string()))?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
-    drive(&mut node, &volume, &mut waiting, log)?;
+    drive(&mut node, &mut waiting, to_apply)?;
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Raft("a single node did not become leader".into()));
     }
-    info!(log, "serving"; "term" => node.raft.term, "applied" => read_volume(&volume).applied_index());
+    info!(log, "serving"; "term" => node.raft.term, "applied" => applied);
     let mut next_tick = Instant::now() + cfg.tick;
     let mut open = true;
     while open {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        // Beats come from this loop, so a node stuck anywhere stops them.
+        // Beats come from this loop, so a node stuck anywhere (or waiting on a stuck
+        // applier) stops them.
         if let Some(h) = heartbeat.as_mut() {
             h.beat();
         }
@@ -123,31 +214,19 @@ pub fn run(
             node.tick();
             next_tick = Instant::now() + cfg.tick;
         }
-        drive(&mut node, &volume, &mut waiting, log)?;
-        let due = read_volume(&volume).should_checkpoint(node.store());
-        if due {
-            let started = Instant::now();
-            write_volume(&volume).checkpoint(node.mut_store()).map_err(DriverError::Volume)?;
-            debug!(log, "checkpoint"; "ms" => started.elapsed().as_millis() as u64);
-        }
+        drive(&mut node, &mut waiting, to_apply)?;
     }
     // Clean stop: what was not proposed is dropped unanswered (clients resend after
-    // reconnecting); everything proposed was applied by the last `drive`.
+    // reconnecting); everything proposed was committed and handed to the applier.
     drop(proposals);
     for (_, done) in waiting.drain() {
         done(Outcome::Stopped);
     }
-    let mut guard = write_volume(&volume);
-    let started = Instant::now();
-    if guard.stats().applied_index > guard.stats().root_applied_index {
-        guard.checkpoint(node.mut_store()).map_err(DriverError::Volume)?;
-    }
-    info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
     Ok(())
 }
 
 fn propose(
-    node: &mut RawNode<LogStore>,
+    node: &mut RawNode<SharedLog>,
     p: Proposal,
     waiting: &mut HashMap<u64, Completion>,
 ) -> Result<(), DriverError> {
@@ -167,52 +246,97 @@ fn propose(
     }
 }
 
-/// The ready loop: persist (one append per ready), advance, apply, complete.
+/// The ready loop: persist (one append per ready), advance, hand committed entries over.
 fn drive(
-    node: &mut RawNode<LogStore>,
-    volume: &RwLock<Volume>,
+    node: &mut RawNode<SharedLog>,
     waiting: &mut HashMap<u64, Completion>,
-    log: &Logger,
+    to_apply: &SyncSender<ToApply>,
 ) -> Result<(), DriverError> {
     while node.has_ready() {
         let mut rd = node.ready();
         if !rd.messages().is_empty() || !rd.persisted_messages().is_empty() || !rd.snapshot().is_empty() {
             return Err(DriverError::Raft("a single node got messages or a snapshot to handle".into()));
         }
-        apply(volume, rd.take_committed_entries(), waiting, log)?;
+        hand_over(rd.take_committed_entries(), waiting, to_apply)?;
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
-            node.mut_store().append(&entries, hs.as_ref()).map_err(DriverError::Log)?;
+            node.store().lock().append(&entries, hs.as_ref()).map_err(DriverError::Log)?;
         }
         let mut light = node.advance(rd);
         if let Some(commit) = light.commit_index() {
-            node.mut_store().set_commit(commit);
+            node.store().lock().set_commit(commit);
         }
-        apply(volume, light.take_committed_entries(), waiting, log)?;
+        hand_over(light.take_committed_entries(), waiting, to_apply)?;
+        // Raft's own applied index may run ahead of the volume's: the volume keeps its own,
+        // and a restart starts raft from the volume's.
         node.advance_apply();
     }
     Ok(())
 }
 
-fn apply(
-    volume: &RwLock<Volume>,
+/// Sends committed entries to the applier (waiting while it is `APPLY_QUEUE` batches behind).
+fn hand_over(
     entries: Vec<Entry>,
     waiting: &mut HashMap<u64, Completion>,
-    log: &Logger,
+    to_apply: &SyncSender<ToApply>,
 ) -> Result<(), DriverError> {
     if entries.is_empty() {
         return Ok(());
     }
+    let done = entries.iter().map(|e| waiting.remove(&e.index)).collect();
+    to_apply
+        .send(ToApply::Batch(entries, done))
+        .map_err(|_| DriverError::Raft("the applier stopped (its error is logged)".into()))
+}
+
+/// The applier: applies what the node thread hands over, completes proposals, checkpoints.
+fn apply_loop(
+    volume: &RwLock<Volume>,
+    store: &SharedLog,
+    applies: &Receiver<ToApply>,
+    log: &Logger,
+) -> Result<(), DriverError> {
+    loop {
+        match applies.recv() {
+            Ok(ToApply::Batch(entries, done)) => {
+                apply(volume, &entries, done, log)?;
+                let due = read_volume(volume).should_checkpoint(&store.lock());
+                if due {
+                    let started = Instant::now();
+                    write_volume(volume).checkpoint_shared(&store.0).map_err(DriverError::Volume)?;
+                    debug!(log, "checkpoint"; "ms" => started.elapsed().as_millis() as u64);
+                }
+            }
+            Ok(ToApply::Stop) => break,
+            // The node thread failed; it reports why. No checkpoint after a failure.
+            Err(_) => return Ok(()),
+        }
+    }
+    let mut guard = write_volume(volume);
+    let started = Instant::now();
+    if guard.stats().applied_index > guard.stats().root_applied_index {
+        guard.checkpoint_shared(&store.0).map_err(DriverError::Volume)?;
+    }
+    info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+fn apply(
+    volume: &RwLock<Volume>,
+    entries: &[Entry],
+    done: Vec<Option<Completion>>,
+    log: &Logger,
+) -> Result<(), DriverError> {
     let mut guard = write_volume(volume);
     // One batch: the new data blocks of all the entries go out together.
-    let results = guard.apply_batch(&entries).map_err(|err| {
+    let results = guard.apply_batch(entries).map_err(|err| {
         error!(log, "apply failed"; "first" => entries[0].index, "entries" => entries.len(), "error" => %err);
         DriverError::Volume(err)
     })?;
     drop(guard);
-    for (e, applied) in entries.iter().zip(results) {
-        if let Some(done) = waiting.remove(&e.index) {
+    for (done, applied) in done.into_iter().zip(results) {
+        if let Some(done) = done {
             done(Outcome::Applied(applied));
         }
     }

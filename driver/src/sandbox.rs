@@ -82,6 +82,7 @@ fn allowed() -> Vec<i64> {
         libc::SYS_readv,
         libc::SYS_writev,
         libc::SYS_preadv,
+        libc::SYS_preadv2,
         libc::SYS_pwritev,
         libc::SYS_fdatasync,
         libc::SYS_fsync,

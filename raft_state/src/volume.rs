@@ -17,7 +17,7 @@
 //! - After any I/O error in apply or checkpoint the volume is poisoned (fail-stop): the driver
 //!   stops and the supervisor restarts it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::{ConfState, Entry, EntryType};
@@ -634,54 +634,118 @@ impl Volume {
         if buf.is_empty() {
             return Ok(());
         }
-        let result = self.read_runs(offset, buf);
+        let result = self.read_runs(offset, buf, false);
+        if let Err(e) = &result {
+            warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
+        }
+        result.map(|_| ())
+    }
+
+    /// Like `read`, but only when the data can be had without waiting for the media (all of
+    /// it in a cache, e.g. the kernel's page cache): `Ok(false)` means "use `read`" and leaves
+    /// `buf` unspecified. Lets a connection answer hot reads on its own thread.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        self.check()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let result = self.read_runs(offset, buf, true);
         if let Err(e) = &result {
             warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
         }
         result
     }
 
-    fn read_runs(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+    /// With `nowait`, returns `Ok(false)` as soon as something is not in a cache.
+    fn read_runs(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
         let first_vb = offset / BLOCK;
         let end = offset + buf.len() as u64;
         let blocks = (end.div_ceil(BLOCK) - first_vb) as usize;
         let ptrs: Vec<Option<Ptr>> =
             (0..blocks as u64).map(|i| self.map.get(&*self.dev, first_vb + i)).collect::<Result<_, _>>()?;
-        let mut staging = AlignedBuf::blocks(blocks.min(MAX_RUN_BLOCKS as usize));
+        // Whole blocks are read straight into the caller's buffer; a partial first or last
+        // block goes through one block of staging.
+        let aligned = offset.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK);
+        if nowait && !aligned {
+            return Ok(false);
+        }
+        let mut staging = if aligned { None } else { Some(AlignedBuf::blocks(1)) };
         let mut i = 0;
         while i < blocks {
             // A run: consecutive mapped blocks that are consecutive on the device.
             let mut j = i + 1;
-            if let Some(p) = ptrs[i] {
+            let Some(p) = ptrs[i] else {
+                self.read_part(offset, buf, first_vb + i as u64, None, &mut staging)?;
+                i = j;
+                continue;
+            };
+            if aligned {
                 while j < blocks
                     && j - i < MAX_RUN_BLOCKS as usize
                     && ptrs[j].is_some_and(|q| q.block == p.block + (j - i) as u64)
                 {
                     j += 1;
                 }
-                let run = &mut staging[..(j - i) * BLOCK_SIZE];
-                self.dev
-                    .read_at(p.block * BLOCK, run)
-                    .map_err(|source| TreeError::Device { block: p.block, source })?;
-            }
-            for k in i..j {
-                let block = &mut staging[(k - i) * BLOCK_SIZE..][..BLOCK_SIZE];
-                match ptrs[k] {
-                    Some(p) if hash::data_block(block) != p.hash => {
-                        return Err(TreeError::HashMismatch { what: "data", block: p.block, level: 0 }.into());
+                let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+                let device = |source| TreeError::Device { block: p.block, source };
+                if nowait {
+                    if !self.dev.try_read_cached_at(p.block * BLOCK, run).map_err(device)? {
+                        return Ok(false);
                     }
-                    Some(_) => {}
-                    None => block.fill(0),
+                } else {
+                    self.dev.read_cached_at(p.block * BLOCK, run).map_err(device)?;
                 }
-                // The part of this block the caller asked for.
-                let vb_start = (first_vb + k as u64) * BLOCK;
-                let from = offset.max(vb_start);
-                let to = end.min(vb_start + BLOCK);
-                let src = &block[(from - vb_start) as usize..(to - vb_start) as usize];
-                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+                for (block, q) in run.chunks_exact_mut(BLOCK_SIZE).zip(ptrs[i..j].iter().flatten()) {
+                    self.verify_data(*q, block)?;
+                }
+            } else {
+                self.read_part(offset, buf, first_vb + i as u64, Some(p), &mut staging)?;
             }
             i = j;
         }
+        Ok(true)
+    }
+
+    /// The part of virtual block `vb` that `buf` (at `offset`) covers, through `staging`.
+    fn read_part(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        vb: u64,
+        ptr: Option<Ptr>,
+        staging: &mut Option<AlignedBuf>,
+    ) -> Result<(), VolumeError> {
+        let vb_start = vb * BLOCK;
+        let from = offset.max(vb_start);
+        let to = (offset + buf.len() as u64).min(vb_start + BLOCK);
+        let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        let Some(p) = ptr else {
+            dst.fill(0);
+            return Ok(());
+        };
+        let block = staging.get_or_insert_with(|| AlignedBuf::blocks(1));
+        self.dev
+            .read_cached_at(p.block * BLOCK, block)
+            .map_err(|source| TreeError::Device { block: p.block, source })?;
+        self.verify_data(p, block)?;
+        dst.copy_from_slice(&block[(from - vb_start) as usize..(to - vb_start) as usize]);
+        Ok(())
+    }
+
+    /// Checks a data block read (maybe from a cache) against its hash; on a mismatch it reads
+    /// the media itself once more before failing: never wrong data.
+    fn verify_data(&self, p: Ptr, block: &mut [u8]) -> Result<(), VolumeError> {
+        if hash::data_block(block) == p.hash {
+            return Ok(());
+        }
+        let mut again = AlignedBuf::blocks(1);
+        self.dev.read_at(p.block * BLOCK, &mut again).map_err(|source| TreeError::Device { block: p.block, source })?;
+        if hash::data_block(&again) != p.hash {
+            return Err(TreeError::HashMismatch { what: "data", block: p.block, level: 0 }.into());
+        }
+        warn!(self.log, "a cached copy of a data block failed its check; the media's is good"; "block" => p.block);
+        block.copy_from_slice(&again);
         Ok(())
     }
 
@@ -713,8 +777,18 @@ impl Volume {
     /// Makes everything applied so far the new current root and compacts the log to what the
     /// backup root still needs. Any error poisons the volume.
     pub fn checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
+        self.checkpoint_via(store)
+    }
+
+    /// `checkpoint` with a log another thread keeps appending to: the lock is taken only to
+    /// read the log's positions and to compact it, never while the trees are written.
+    pub fn checkpoint_shared(&mut self, store: &Mutex<LogStore>) -> Result<(), VolumeError> {
+        self.checkpoint_via(store)
+    }
+
+    fn checkpoint_via(&mut self, mut store: impl LogAccess) -> Result<(), VolumeError> {
         self.check()?;
-        let result = self.try_checkpoint(store);
+        let result = self.try_checkpoint(&mut store);
         match &result {
             Ok(()) => {
                 self.last_checkpoint = Instant::now();
@@ -725,7 +799,7 @@ impl Volume {
         result
     }
 
-    fn try_checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
+    fn try_checkpoint(&mut self, store: &mut impl LogAccess) -> Result<(), VolumeError> {
         // Data blocks first: the flush below makes them durable with the trees.
         self.write_staged()?;
         let dev = &*self.dev;
@@ -743,12 +817,15 @@ impl Volume {
         dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
         // The new trees are durable; no root names them yet.
         crate::failpoint("checkpoint::before_root");
+        // Everything up to the head is durable; what lies past the applied index is replayed
+        // after this root.
+        let (log_tail, log_head) = store.positions(self.applied_index + 1);
         let payload = RootPayload {
             applied_index: self.applied_index,
             applied_term: self.applied_term,
             conf_state: self.conf_state.clone(),
-            log_tail: store.tail_for(self.applied_index + 1),
-            log_head: store.head(),
+            log_tail,
+            log_head,
             tree_root: map_ref.block,
             tree_height: map_ref.height,
             tree_hash: map_ref.hash,
@@ -762,6 +839,43 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// What a checkpoint needs of the log: where the next entry to apply lies and how far the
+/// log reaches (read together), and compaction.
+trait LogAccess {
+    fn positions(&self, next_index: u64) -> (u64, u64);
+    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError>;
+}
+
+impl LogAccess for &mut LogStore {
+    fn positions(&self, next_index: u64) -> (u64, u64) {
+        (self.tail_for(next_index), self.head())
+    }
+
+    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
+        LogStore::compact(self, index, keep_from)
+    }
+}
+
+impl LogAccess for &Mutex<LogStore> {
+    fn positions(&self, next_index: u64) -> (u64, u64) {
+        let store = lock_log(self);
+        (store.tail_for(next_index), store.head())
+    }
+
+    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
+        lock_log(self).compact(index, keep_from)
+    }
+}
+
+/// A shared log's lock. Poisoned means a thread panicked inside a log operation: nothing it
+/// did can be trusted, so the process stops (the supervisor restarts it from what is durable).
+pub fn lock_log(store: &Mutex<LogStore>) -> std::sync::MutexGuard<'_, LogStore> {
+    store.lock().unwrap_or_else(|_| {
+        eprintln!("a thread panicked inside a log operation; stopping (restart recovers)");
+        std::process::exit(70)
+    })
 }
 
 #[cfg(test)]

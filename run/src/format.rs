@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use raft_state::device::{Device, FileDevice, BLOCK};
+use raft_state::device::{AlignedBuf, Device, FileDevice, BLOCK};
 use raft_state::layout::ROOT_SLOTS;
 use raft_state::volume::{FormatOptions, Volume};
 
@@ -17,6 +17,9 @@ pub struct Spec {
     pub log_size: u64,
     /// Format over an existing rblk volume.
     pub force: bool,
+    /// On a regular file, write zeros over the data region too, so that no write of the
+    /// driver ever allocates file-system blocks (the file is no longer thin).
+    pub preallocate: bool,
 }
 
 /// Data-region blocks a new image file gets for a volume of `volume_blocks`: the volume, its
@@ -69,6 +72,14 @@ pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, 
     let volume_id = random_id().map_err(|e| err("random volume id", &e))?;
     let opts = FormatOptions { volume_bytes: spec.size, log_blocks, volume_id };
     Volume::format(&dev, root_dev.as_ref().map(|d| d as &dyn Device), opts).map_err(|e| err("format", &e))?;
+    if std::fs::metadata(image).map(|m| m.is_file()).unwrap_or(false) {
+        // On a file system, the first write into a hole allocates blocks, and the flush after
+        // it must then commit the file system's journal too: the log ring (flushed after
+        // every append) is written once now so that appends never allocate. Zeros are no
+        // record of any volume.
+        let end = if spec.preallocate { dev.size() / BLOCK } else { roots_here + log_blocks };
+        zero_fill(&dev, roots_here, end).map_err(|e| err("zero the log region", &e))?;
+    }
     dev.flush().map_err(|e| err("flush", &e))?;
     if let Some(r) = &root_dev {
         r.flush().map_err(|e| err("flush root device", &e))?;
@@ -82,6 +93,19 @@ pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, 
         data_mib,
         volume_id.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
+}
+
+/// Writes zeros over blocks `from..to`.
+fn zero_fill(dev: &FileDevice, from: u64, to: u64) -> Result<(), raft_state::device::DeviceError> {
+    const CHUNK: u64 = 1024; // blocks: 4 MiB
+    let zeros = AlignedBuf::blocks(CHUNK as usize);
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK);
+        dev.write_at(at * BLOCK, &zeros[..(n * BLOCK) as usize])?;
+        at += n;
+    }
+    Ok(())
 }
 
 fn random_id() -> std::io::Result<[u8; 16]> {

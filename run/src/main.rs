@@ -1,7 +1,7 @@
 //! `rblk`: format a volume, serve it, inspect it.
 //!
 //! ```text
-//! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force]
+//! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
 //! rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
 //! rblk inspect IMAGE [--root-device PATH] [--json]
 //! ```
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use raft_state::device::{Device, FileDevice};
 
 const USAGE: &str = "usage:
-  rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force]
+  rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
   rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
   rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
@@ -33,7 +33,7 @@ struct Words {
     flags: Vec<(String, Option<String>)>,
 }
 
-const SWITCHES: &[&str] = &["--force", "--json"];
+const SWITCHES: &[&str] = &["--force", "--json", "--preallocate"];
 
 fn words(args: impl Iterator<Item = String>) -> Result<Words, String> {
     let mut w = Words { positional: Vec::new(), flags: Vec::new() };
@@ -119,9 +119,10 @@ fn cmd_format(mut w: Words) -> Result<ExitCode, String> {
     let log_size = size_flag(&mut w, "--log-size")?.unwrap_or(config::Config::default().volume.log_size);
     let root = w.take("--root-device").map(PathBuf::from);
     let force = w.switch("--force");
+    let preallocate = w.switch("--preallocate");
     let pos = w.done(1)?;
     let image = PathBuf::from(pos.first().ok_or_else(|| format!("format needs an IMAGE\n{USAGE}"))?);
-    let spec = format::Spec { size, log_size, force };
+    let spec = format::Spec { size, log_size, force, preallocate };
     let summary = format::format(&image, root.as_deref(), &spec)?;
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
@@ -205,7 +206,8 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
     let image = cfg.volume.image.clone();
     let root = cfg.volume.root_device.clone();
     if !image.exists() {
-        let spec = format::Spec { size: cfg.volume.size, log_size: cfg.volume.log_size, force: false };
+        let spec =
+            format::Spec { size: cfg.volume.size, log_size: cfg.volume.log_size, force: false, preallocate: false };
         let summary = format::format(&image, root.as_deref(), &spec)?;
         eprintln!("{summary}");
     }
@@ -214,6 +216,11 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
     };
     let held = supervisor::Held {
         image: open_rw(&image)?,
+        image_read: if cfg.cache.page_cache_reads {
+            Some(std::fs::File::open(&image).map_err(|e| format!("{}: {e}", image.display()))?)
+        } else {
+            None
+        },
         root: root.as_deref().map(open_rw).transpose()?,
         listener: bind(&cfg.server.socket)?,
     };

@@ -38,7 +38,9 @@ use std::time::Duration;
 use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
-pub use server::{check_request, handshake, read_request, write_reply, Command, Export, Negotiated, Request};
+pub use server::{
+    check_request, handshake, read_request, request_buffered, write_reply, Command, Export, Negotiated, Request,
+};
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.
 pub use wire::*;

@@ -382,6 +382,18 @@ pub fn read_request<R: Read>(r: &mut R, max_payload: u32) -> Result<Request, Ses
     Ok(Request { data, ..request })
 }
 
+/// Whether `buffered` (bytes already received, not yet parsed) holds a whole request, so
+/// that `read_request` on them will not wait for the client. A server that answers requests
+/// in batches sends its answers before it would wait.
+pub fn request_buffered(buffered: &[u8]) -> bool {
+    let header = std::mem::size_of::<RawRequest>();
+    let Some(raw) = buffered.get(..header).and_then(|b| zerocopy::FromBytes::ref_from_bytes(b).ok()) else {
+        return false;
+    };
+    let raw: &RawRequest = raw;
+    raw.command.get() != NBD_CMD_WRITE || buffered.len() - header >= raw.length.get() as usize
+}
+
 /// Writes a simple reply (proto.md "Simple reply message") and flushes it. `data` is the result
 /// of a successful READ; it is sent only when `error` is 0, since a failed read carries no
 /// payload. The caller serialises replies on a shared stream.
@@ -573,6 +585,21 @@ mod tests {
         for export in bad {
             assert!(matches!(export.validate(), Err(SessionError::BadExport(_))), "{export:?}");
         }
+    }
+
+    #[test]
+    fn request_buffered_needs_the_header_and_a_write_payload() {
+        let read = raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, 1, 0, 4096);
+        assert!(request_buffered(&read));
+        assert!(!request_buffered(&read[..read.len() - 1]));
+        assert!(!request_buffered(&[]));
+        let mut write = raw_request(NBD_REQUEST_MAGIC, 0, NBD_CMD_WRITE, 2, 0, 4);
+        assert!(!request_buffered(&write), "header only");
+        write.extend_from_slice(b"dat");
+        assert!(!request_buffered(&write), "payload short by one");
+        write.push(b'a');
+        assert!(request_buffered(&write));
+        assert_eq!(read_request(&mut &write[..], 1024).expect("whole").data, b"data");
     }
 
     #[test]

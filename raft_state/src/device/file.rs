@@ -38,6 +38,8 @@ pub struct FileDevice {
     direct: bool,
     size: u64,
     poisoned: AtomicBool,
+    /// The same file opened without O_DIRECT, for `read_cached_at` (see `with_read_cache`).
+    cached: Option<File>,
 }
 
 impl FileDevice {
@@ -77,9 +79,30 @@ impl FileDevice {
     pub fn from_fd(fd: OwnedFd, name: String) -> Result<FileDevice, DeviceError> {
         let file = File::from(fd);
         let size = device_size(&file, &name)?;
-        let mut dev = FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false) };
+        let mut dev = FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false), cached: None };
         dev.direct = dev.try_set_direct()?;
         Ok(dev)
+    }
+
+    /// Serves `read_cached_at` through `file`, a second, buffered descriptor of the same file
+    /// or block device (checked: same device and inode), so that client reads of hot data
+    /// blocks come from the kernel's page cache. Every write still goes through the direct
+    /// descriptor, and a direct write invalidates the cached pages it covers.
+    pub fn with_read_cache(mut self, file: File) -> Result<FileDevice, DeviceError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = |f: &File| f.metadata().map_err(|e| io_error("stat", &self.name, 0, 0, e));
+        let (ours, theirs) = (meta(&self.file)?, meta(&file)?);
+        let same = if ours.file_type().is_block_device() {
+            theirs.file_type().is_block_device() && ours.rdev() == theirs.rdev()
+        } else {
+            (ours.dev(), ours.ino()) == (theirs.dev(), theirs.ino())
+        };
+        if !same {
+            let msg = "the read-cache descriptor is not the same file as the device".to_string();
+            return Err(io_error("open", &self.name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
+        }
+        self.cached = Some(file);
+        Ok(self)
     }
 
     /// Whether I/O bypasses the page cache (O_DIRECT).
@@ -98,8 +121,14 @@ impl FileDevice {
             match open_rw(path, libc::O_DIRECT) {
                 Ok(file) => {
                     let size = device_size(&file, &name)?;
-                    let dev =
-                        FileDevice { file, name: name.clone(), direct: true, size, poisoned: AtomicBool::new(false) };
+                    let dev = FileDevice {
+                        file,
+                        name: name.clone(),
+                        direct: true,
+                        size,
+                        poisoned: AtomicBool::new(false),
+                        cached: None,
+                    };
                     if dev.probe_direct()? {
                         return Ok(dev);
                     }
@@ -111,7 +140,7 @@ impl FileDevice {
         }
         let file = open_rw(path, 0).map_err(|e| io_error("open", &name, 0, 0, e))?;
         let size = device_size(&file, &name)?;
-        Ok(FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false) })
+        Ok(FileDevice { file, name, direct: false, size, poisoned: AtomicBool::new(false), cached: None })
     }
 
     /// Turns on O_DIRECT on the descriptor; returns whether it is on. EINVAL (from fcntl or
@@ -198,6 +227,32 @@ impl Device for FileDevice {
         }
         self.file.sync_data().map_err(|e| self.poison("flush", 0, 0, e))
     }
+
+    fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let Some(cached) = &self.cached else { return self.read_at(offset, buf) };
+        check_io("read", offset, buf.len(), self.size)?;
+        cached.read_exact_at(buf, offset).map_err(|e| io_error("read", &self.name, offset, buf.len(), e))
+    }
+
+    fn try_read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DeviceError> {
+        check_io("read", offset, buf.len(), self.size)?;
+        let Some(cached) = &self.cached else { return Ok(false) };
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let Ok(at) = libc::off_t::try_from(offset) else { return Ok(false) };
+        // SAFETY: `iov` describes `buf`, which is valid for writes of its length and borrowed
+        // mutably for the whole call; the descriptor is open for as long as `self`.
+        let n = unsafe { libc::preadv2(cached.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // Not all cached (or RWF_NOWAIT unsupported here): the caller reads normally.
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINTR) => Ok(false),
+                _ => Err(io_error("read", &self.name, offset, buf.len(), e)),
+            };
+        }
+        // A short read means part of it was not cached.
+        Ok(n as usize == buf.len())
+    }
 }
 
 impl fmt::Debug for FileDevice {
@@ -207,6 +262,7 @@ impl fmt::Debug for FileDevice {
             .field("direct", &self.direct)
             .field("size", &self.size)
             .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
+            .field("read_cache", &self.cached.is_some())
             .finish()
     }
 }
@@ -309,6 +365,37 @@ mod tests {
         let mut zero = vec![0xAAu8; BLOCK_SIZE];
         dev.read_at(0, &mut zero).unwrap();
         assert!(zero.iter().all(|&b| b == 0));
+    }
+
+    /// A cached read after a direct write sees the new content (the write invalidated the
+    /// page cache), and a descriptor of another file is refused.
+    #[test]
+    fn read_cache_sees_direct_writes_and_must_be_the_same_file() {
+        let path = TempPath::new("cache");
+        let dev = FileDevice::create(&path.0, 16 * BLOCK).unwrap();
+        let dev = dev.with_read_cache(File::open(&path.0).unwrap()).unwrap();
+        assert!(format!("{dev:?}").contains("read_cache: true"));
+        for seed in 0..3u8 {
+            let mut block = AlignedBuf::blocks(2);
+            block.copy_from_slice(&pattern(seed, 2 * BLOCK_SIZE));
+            dev.write_at(3 * BLOCK, &block).unwrap();
+            let mut back = vec![0u8; 2 * BLOCK_SIZE];
+            dev.read_cached_at(3 * BLOCK, &mut back).unwrap();
+            assert_eq!(&back[..], &block[..], "round {seed}: the cached read is not stale");
+            // Now in the page cache: a no-wait read succeeds (where the file system supports
+            // RWF_NOWAIT; all the common ones do) and matches.
+            let mut again = vec![0u8; 2 * BLOCK_SIZE];
+            assert!(dev.try_read_cached_at(3 * BLOCK, &mut again).unwrap(), "round {seed}: cached");
+            assert_eq!(&again[..], &block[..]);
+        }
+        let mut past = vec![0u8; BLOCK_SIZE];
+        assert!(dev.read_cached_at(16 * BLOCK, &mut past).is_err(), "the range is checked");
+        let other = TempPath::new("cache-other");
+        FileDevice::create(&other.0, 16 * BLOCK).unwrap();
+        let dev = FileDevice::open(&path.0).unwrap();
+        let mut none = vec![0u8; BLOCK_SIZE];
+        assert!(!dev.try_read_cached_at(3 * BLOCK, &mut none).unwrap(), "no cache: never a no-wait read");
+        assert!(dev.with_read_cache(File::open(&other.0).unwrap()).is_err());
     }
 
     #[test]

@@ -62,6 +62,19 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError>;
     /// Makes every completed write durable (fdatasync). An error poisons the device.
     fn flush(&self) -> Result<(), DeviceError>;
+    /// Reads data blocks for a client, like `read_at`, but possibly from a cache in front of
+    /// the media (the kernel's page cache). Only for content that cannot change while it is
+    /// read and that the caller verifies: a data block is immutable while a tree reaches it,
+    /// and its hash is in the tree. A failed check is retried with `read_at`.
+    fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.read_at(offset, buf)
+    }
+    /// `read_cached_at` only if it needs no wait for the media: `Ok(false)` when some of it
+    /// is not cached (`buf` is then unspecified). Devices without a cache always say false.
+    fn try_read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DeviceError> {
+        check_io("read", offset, buf.len(), self.size())?;
+        Ok(false)
+    }
 }
 
 /// Checks the alignment and range rules every implementation shares.
