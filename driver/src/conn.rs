@@ -57,10 +57,37 @@ impl Replies {
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         std::io::Write::write_all(&mut *stream, bytes)?;
         drop(stream);
+        self.served();
+        Ok(())
+    }
+
+    /// Sends `bytes` only if that needs no wait: nobody else is sending and the socket
+    /// takes all of it at once. For the applier, which must never block on a client.
+    fn try_send_now(&self, bytes: &[u8]) -> bool {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let Ok(stream) = self.stream.try_lock() else { return false };
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) if n == bytes.len() => {
+                drop(stream);
+                self.served();
+                true
+            }
+            // Part of a reply went out, and the rest cannot follow without waiting: the
+            // stream is broken. Drop the connection; the client resends what it misses.
+            Ok(_) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                true
+            }
+            // Full (EAGAIN) or gone: the reply writer deals with it.
+            Err(_) => false,
+        }
+    }
+
+    fn served(&self) {
         if !self.shared.served.swap(true, Ordering::SeqCst) {
             info!(self.log, "first request served");
         }
-        Ok(())
     }
 }
 
@@ -153,7 +180,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
                 }
             }
             session::Command::Write | session::Command::Trim | session::Command::WriteZeroes => {
-                submit(shared, req, tx.clone());
+                submit(shared, req, tx.clone(), replies.clone());
             }
             // Every acknowledged write is already durable (committed to the log).
             session::Command::Flush => encode(&mut out, req.handle, 0, &[]),
@@ -233,9 +260,10 @@ fn serve_reads(queue: &Mutex<mpsc::Receiver<Request>>, shared: &Shared, replies:
 
 /// Turns a write-type request into proposals of at most `MAX_ENTRY_DATA` each; the reply goes
 /// out when all of them are applied, with the worst error among them.
-fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
+fn submit(shared: &Shared, req: Request, tx: Sender<Reply>, replies: Arc<Replies>) {
     let pieces: Vec<Vec<u8>> = split(&req);
-    let state = Arc::new(Mutex::new(Pending { remaining: pieces.len(), error: 0, stopped: false, tx: Some(tx) }));
+    let state =
+        Arc::new(Mutex::new(Pending { remaining: pieces.len(), error: 0, stopped: false, tx: Some(tx), replies }));
     let handle = req.handle;
     for data in pieces {
         let state = state.clone();
@@ -248,7 +276,12 @@ fn submit(shared: &Shared, req: Request, tx: Sender<Reply>) {
             s.remaining -= 1;
             if s.remaining == 0 && !s.stopped {
                 if let Some(tx) = s.tx.take() {
-                    let _ = tx.send(Reply { handle, error: s.error });
+                    // Straight to the client when that cannot wait; else the reply writer.
+                    let mut out = Vec::with_capacity(16);
+                    encode(&mut out, handle, s.error, &[]);
+                    if !s.replies.try_send_now(&out) {
+                        let _ = tx.send(Reply { handle, error: s.error });
+                    }
                 }
             }
         });
@@ -264,6 +297,7 @@ struct Pending {
     error: u32,
     stopped: bool,
     tx: Option<Sender<Reply>>,
+    replies: Arc<Replies>,
 }
 
 fn errno(applied: Applied) -> u32 {

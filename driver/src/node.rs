@@ -31,7 +31,7 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Called once with the outcome, on the node thread: it must not block.
+/// Called once with the outcome, on the applier thread: it must not block.
 pub type Completion = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An encoded command to commit, and whom to tell.
@@ -328,18 +328,21 @@ fn apply(
     done: Vec<Option<Completion>>,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    let mut guard = write_volume(volume);
-    // One batch: the new data blocks of all the entries go out together.
-    let results = guard.apply_batch(entries).map_err(|err| {
+    let failed = |err| {
         error!(log, "apply failed"; "first" => entries[0].index, "entries" => entries.len(), "error" => %err);
         DriverError::Volume(err)
-    })?;
-    drop(guard);
+    };
+    let mut guard = write_volume(volume);
+    let results = guard.apply_staged(entries).map_err(failed)?;
+    // Committed means durable: the clients hear now, while the new data blocks of all the
+    // entries go out together. Nothing reads the volume before they are written (the lock
+    // is held), and if writing them fails, the driver stops and replay writes them again.
     for (done, applied) in done.into_iter().zip(results) {
         if let Some(done) = done {
             done(Outcome::Applied(applied));
         }
     }
+    guard.write_staged().map_err(failed)?;
     Ok(())
 }
 

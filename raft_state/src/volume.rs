@@ -398,16 +398,25 @@ impl Volume {
     /// blocks of all of them at the end, consecutive blocks with one write. Nothing can read
     /// the volume meanwhile (`&mut self`); partial writes within the batch see earlier ones.
     pub fn apply_batch(&mut self, entries: &[Entry]) -> Result<Vec<Applied>, VolumeError> {
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            out.push(self.apply_one(e)?);
-        }
+        let out = self.apply_staged(entries)?;
         self.write_staged()?;
         Ok(out)
     }
 
+    /// `apply_batch` without writing the new data blocks: they wait in memory for
+    /// `write_staged`, which the caller must call before it lets anything read the volume
+    /// (a read would find blocks that are mapped but not written). Lets the caller answer
+    /// its clients first: the entries are durable in the log already.
+    pub fn apply_staged(&mut self, entries: &[Entry]) -> Result<Vec<Applied>, VolumeError> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            out.push(self.apply_one(e)?);
+        }
+        Ok(out)
+    }
+
     /// Writes the staged data blocks; any error poisons the volume.
-    fn write_staged(&mut self) -> Result<(), VolumeError> {
+    pub fn write_staged(&mut self) -> Result<(), VolumeError> {
         let staged = std::mem::take(&mut self.staged);
         let blocks: Vec<(u64, Vec<u8>)> = staged.into_iter().collect();
         let mut run = AlignedBuf::blocks(blocks.len().min(MAX_RUN_BLOCKS as usize));
