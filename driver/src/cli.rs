@@ -151,6 +151,12 @@ pub fn main() -> ExitCode {
         }
     };
     let opened = (|| -> Result<_, String> {
+        // Nothing but what was handed over stays open (a parent may leak descriptors). First,
+        // before the devices open descriptors of their own (their io_uring rings).
+        let keep = [args.image_fd, args.read_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        if args.socket_fd.is_some() {
+            close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
+        }
         let dev = image(&args, &cfg)?;
         let root = device(args.root.clone(), args.root_fd, "root device")?.map(|d| Arc::new(d) as Arc<dyn Device>);
         let listener = match (&args.socket, args.socket_fd) {
@@ -172,11 +178,6 @@ pub fn main() -> ExitCode {
             None => None,
         };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
-        // Nothing but what was handed over stays open (a parent may leak descriptors).
-        let keep = [args.image_fd, args.read_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
-        if args.socket_fd.is_some() {
-            close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
-        }
         Ok((dev, root, listener, heartbeat, identity))
     })();
     let (dev, root, listener, heartbeat, identity) = match opened {

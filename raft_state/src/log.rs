@@ -317,13 +317,13 @@ impl LogStore {
     }
 
     fn recover(&mut self, anchor: &Anchor) -> Result<Recovered, LogError> {
-        let mut reader = RingReader::new(self.region);
         let mut out = Recovered::default();
         // While the root we open from was current or backup, the ring kept everything from
         // its tail on, so the log cannot run further than one ring length past it. (The
         // backup's tail may be older: after a fallback the backup is the root that was being
         // overwritten, whose log may already be reused.)
         let limit = anchor.scan_from + self.region.blocks;
+        let mut reader = RingReader::streaming(self.region, self.dev.clone(), self.head, limit);
         let mut first = true;
         let bad = loop {
             if self.head >= limit {
@@ -824,45 +824,158 @@ impl std::fmt::Display for RecordProblem {
     }
 }
 
-/// Reads the ring through a read-ahead window, so a replay issues few large reads.
+/// Reads the ring through a read-ahead window, so a replay issues few large reads. On a
+/// device that wants it (`Device::read_ahead`), a helper thread streams the ring in windows
+/// while the records already read are checked and decoded.
 struct RingReader {
     region: LogRegion,
     buf: AlignedBuf,
     /// vblock of `buf[0]` and how many blocks of it are valid.
     at: u64,
     valid: u64,
+    stream: Option<Stream>,
+}
+
+/// Windows a helper thread reads ahead, in ring order.
+struct Stream {
+    rx: std::sync::mpsc::Receiver<Result<AlignedBuf, DeviceError>>,
+    /// Windows received and still needed: (first vblock, blocks).
+    windows: VecDeque<(u64, AlignedBuf)>,
+    /// Where the next window from the thread starts.
+    next: u64,
+    /// A request that spans two windows is copied together here.
+    joined: Vec<u8>,
 }
 
 const READ_AHEAD_BLOCKS: u64 = 2 * MAX_RECORD_BLOCKS;
+/// Windows the helper thread reads before it waits for the reader to catch up.
+const STREAM_AHEAD: usize = 2;
 
 impl RingReader {
     fn new(region: LogRegion) -> Self {
         let cap = READ_AHEAD_BLOCKS.min(region.blocks);
-        Self { region, buf: AlignedBuf::blocks(cap as usize), at: 0, valid: 0 }
+        Self { region, buf: AlignedBuf::blocks(cap as usize), at: 0, valid: 0, stream: None }
+    }
+
+    /// A reader whose helper thread streams the ring from `from` up to `limit` (vblocks).
+    fn streaming(region: LogRegion, dev: Arc<dyn Device>, from: u64, limit: u64) -> Self {
+        let mut reader = Self::new(region);
+        if !dev.read_ahead() || limit <= from {
+            return reader;
+        }
+        let cap = READ_AHEAD_BLOCKS.min(region.blocks);
+        let (tx, rx) = std::sync::mpsc::sync_channel(STREAM_AHEAD);
+        let spawned = std::thread::Builder::new().name("rblk-log-scan".into()).spawn(move || {
+            let mut at = from;
+            while at < limit {
+                let mut window = AlignedBuf::blocks(cap as usize);
+                let read = read_window(&*dev, region, &mut window, at, cap).map(|()| window);
+                let failed = read.is_err();
+                // The reader went away (it found the end) or the read failed: stop.
+                if tx.send(read).is_err() || failed {
+                    return;
+                }
+                at += cap;
+            }
+        });
+        if spawned.is_ok() {
+            reader.stream = Some(Stream { rx, windows: VecDeque::new(), next: from, joined: Vec::new() });
+        }
+        reader
     }
 
     /// The bytes of blocks `vblock .. vblock + count` (`count` ≤ the window size).
     fn blocks(&mut self, dev: &dyn Device, vblock: u64, count: u64) -> Result<&[u8], DeviceError> {
+        let covered = match &mut self.stream {
+            Some(stream) => Some(stream.cover(vblock, count)?),
+            None => None,
+        };
+        match covered {
+            Some(true) => {
+                if let Some(stream) = &mut self.stream {
+                    return Ok(stream.slice(vblock, count));
+                }
+            }
+            // A jump back, or past the end of the stream: read the plain way from now on.
+            Some(false) => self.stream = None,
+            None => {}
+        }
         if !(vblock >= self.at && vblock + count <= self.at + self.valid) {
-            let n = self.region.blocks;
             let cap = self.buf.len() as u64 / BLOCK;
             let want = cap.max(count);
             if want > cap {
                 self.buf = AlignedBuf::blocks(want as usize);
             }
-            let pos = vblock % n;
-            let first = (n - pos).min(want);
-            dev.read_at((self.region.start + pos) * BLOCK, &mut self.buf[..(first * BLOCK) as usize])?;
-            if want > first {
-                let rest = (want - first) as usize * BLOCK_SIZE;
-                dev.read_at(self.region.start * BLOCK, &mut self.buf[(first * BLOCK) as usize..][..rest])?;
-            }
+            read_window(dev, self.region, &mut self.buf, vblock, want)?;
             self.at = vblock;
             self.valid = want;
         }
         let from = ((vblock - self.at) * BLOCK) as usize;
         Ok(&self.buf[from..from + (count * BLOCK) as usize])
     }
+}
+
+impl Stream {
+    /// Makes the windows in hand cover `vblock .. vblock + count`, dropping the ones before
+    /// it; false if they cannot (it lies before them, or the stream ended first).
+    fn cover(&mut self, vblock: u64, count: u64) -> Result<bool, DeviceError> {
+        let start = self.windows.front().map_or(self.next, |(at, _)| *at);
+        if vblock < start {
+            return Ok(false);
+        }
+        while self.windows.front().is_some_and(|(at, w)| at + w.len() as u64 / BLOCK <= vblock) {
+            self.windows.pop_front();
+        }
+        while self.next < vblock + count {
+            match self.rx.recv() {
+                Ok(Ok(window)) => {
+                    let blocks = window.len() as u64 / BLOCK;
+                    if self.next + blocks > vblock {
+                        self.windows.push_back((self.next, window));
+                    }
+                    self.next += blocks;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The bytes `cover` made sure of: a slice of one window, or joined from two or more.
+    fn slice(&mut self, vblock: u64, count: u64) -> &[u8] {
+        let len = (count * BLOCK) as usize;
+        let (at, first) = &self.windows[0];
+        let from = ((vblock - at) * BLOCK) as usize;
+        if from + len <= first.len() {
+            return &self.windows[0].1[from..from + len];
+        }
+        self.joined.clear();
+        let mut pos = vblock;
+        for (at, window) in &self.windows {
+            let end = at + window.len() as u64 / BLOCK;
+            if pos >= vblock + count {
+                break;
+            }
+            let upto = end.min(vblock + count);
+            self.joined.extend_from_slice(&window[((pos - at) * BLOCK) as usize..((upto - at) * BLOCK) as usize]);
+            pos = upto;
+        }
+        &self.joined
+    }
+}
+
+/// Reads `want` blocks of the ring from `vblock` on into `buf`, wrapping at its end.
+fn read_window(dev: &dyn Device, region: LogRegion, buf: &mut [u8], vblock: u64, want: u64) -> Result<(), DeviceError> {
+    let n = region.blocks;
+    let pos = vblock % n;
+    let first = (n - pos).min(want);
+    dev.read_at((region.start + pos) * BLOCK, &mut buf[..(first * BLOCK) as usize])?;
+    if want > first {
+        let rest = (want - first) as usize * BLOCK_SIZE;
+        dev.read_at(region.start * BLOCK, &mut buf[(first * BLOCK) as usize..][..rest])?;
+    }
+    Ok(())
 }
 
 fn parse_header(bytes: &[u8], vblock: u64, volume_id: [u8; 16]) -> Result<Header, HeaderProblem> {
@@ -1053,6 +1166,34 @@ mod tests {
     fn all(store: &LogStore) -> Vec<Entry> {
         let (lo, hi) = (store.first_index(), store.last_index() + 1);
         store.entries(lo, hi, None, GetEntriesContext::empty(false)).expect("entries")
+    }
+
+    /// On a file, recovery streams the ring in windows on a helper thread: records that
+    /// straddle windows (and records longer than the rest of a window) read back the same.
+    #[test]
+    fn streamed_scan_of_a_file_reads_every_record() {
+        let path = std::env::temp_dir().join(format!("rblk-log-stream-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let blocks = 4 * READ_AHEAD_BLOCKS + 100;
+        let dev: Arc<dyn Device> =
+            Arc::new(crate::device::FileDevice::create(&path, (blocks + 8) * BLOCK).expect("create"));
+        assert!(dev.read_ahead());
+        let mut s = LogStore::open(dev.clone(), region(blocks), &Anchor::genesis(voters()), logger()).expect("open");
+        let mut index = 1;
+        let mut batch = 0usize;
+        while s.head() + 2 * MAX_RECORD_BLOCKS < blocks {
+            // Small batches, and now and then entries of hundreds of KiB.
+            let len = if batch % 5 == 4 { 300_000 + batch * 1000 } else { 4096 + batch };
+            let es: Vec<Entry> = (0..1 + batch % 4).map(|k| entry(index + k as u64, 1, len)).collect();
+            index += es.len() as u64;
+            s.append(&es, Some(&hs(1, index - 1))).expect("append");
+            batch += 1;
+        }
+        assert!(s.head() > 3 * READ_AHEAD_BLOCKS, "the log spans several windows");
+        let r = LogStore::open(dev, region(blocks), &Anchor::genesis(voters()), logger()).expect("reopen");
+        assert_eq!((r.head(), r.last_index()), (s.head(), s.last_index()));
+        assert!(all(&r) == all(&s), "every entry reads back");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -503,22 +503,8 @@ struct Flusher<'a> {
 fn write_runs(dev: &dyn Device, mut nodes: Vec<(u64, Box<[u8]>)>) -> Result<(), TreeError> {
     const MAX_RUN: usize = 256;
     nodes.sort_unstable_by_key(|(block, _)| *block);
-    let mut run = AlignedBuf::blocks(nodes.len().clamp(1, MAX_RUN));
-    let mut i = 0;
-    while i < nodes.len() {
-        let mut j = i + 1;
-        while j < nodes.len() && j - i < MAX_RUN && nodes[j].0 == nodes[j - 1].0 + 1 {
-            j += 1;
-        }
-        for (k, (_, bytes)) in nodes[i..j].iter().enumerate() {
-            run[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(bytes);
-        }
-        let block = nodes[i].0;
-        dev.write_at(block * BLOCK, &run[..(j - i) * BLOCK_SIZE])
-            .map_err(|source| TreeError::Device { block, source })?;
-        i = j;
-    }
-    Ok(())
+    let blocks: Vec<(u64, &[u8])> = nodes.iter().map(|(block, bytes)| (*block, &bytes[..])).collect();
+    crate::device::write_blocks(dev, &blocks, MAX_RUN).map_err(|(block, source)| TreeError::Device { block, source })
 }
 
 impl Flusher<'_> {

@@ -418,23 +418,10 @@ impl Volume {
     /// Writes the staged data blocks; any error poisons the volume.
     pub fn write_staged(&mut self) -> Result<(), VolumeError> {
         let staged = std::mem::take(&mut self.staged);
-        let blocks: Vec<(u64, Vec<u8>)> = staged.into_iter().collect();
-        let mut run = AlignedBuf::blocks(blocks.len().min(MAX_RUN_BLOCKS as usize));
-        let mut i = 0;
-        while i < blocks.len() {
-            let mut j = i + 1;
-            while j < blocks.len() && j - i < MAX_RUN_BLOCKS as usize && blocks[j].0 == blocks[j - 1].0 + 1 {
-                j += 1;
-            }
-            for (k, (_, data)) in blocks[i..j].iter().enumerate() {
-                run[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(data);
-            }
-            let block = blocks[i].0;
-            if let Err(source) = self.dev.write_at(block * BLOCK, &run[..(j - i) * BLOCK_SIZE]) {
-                self.poisoned = true;
-                return Err(VolumeError::Device { block, source });
-            }
-            i = j;
+        let blocks: Vec<(u64, &[u8])> = staged.iter().map(|(block, data)| (*block, &data[..])).collect();
+        if let Err((block, source)) = crate::device::write_blocks(&*self.dev, &blocks, MAX_RUN_BLOCKS as usize) {
+            self.poisoned = true;
+            return Err(VolumeError::Device { block, source });
         }
         Ok(())
     }

@@ -106,7 +106,7 @@ fn driver_is_sandboxed_and_holds_only_its_descriptors() {
     assert!(!log.contains("opened a file inside the sandbox"), "{log}");
     // Descriptors: stdin/stdout/stderr, the image (direct, and read-only for page-cache
     // reads), the listening socket, the heartbeat pipe; plus what the running driver made
-    // itself (accepted connections: none yet).
+    // itself: the image's io_uring (and accepted connections: none yet).
     let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
         .filter_map(|e| e.ok())
@@ -116,7 +116,8 @@ fn driver_is_sandboxed_and_holds_only_its_descriptors() {
         })
         .collect();
     targets.sort();
-    assert_eq!(targets.len(), 4, "{targets:?}");
+    assert_eq!(targets.len(), 5, "{targets:?}");
+    assert!(targets.iter().any(|t| t == "anon_inode:[io_uring]"), "{targets:?}");
     assert_eq!(targets.iter().filter(|t| t.ends_with("v.img")).count(), 2, "{targets:?}");
     assert!(targets.iter().any(|t| t.starts_with("socket:")), "{targets:?}");
     assert!(targets.iter().any(|t| t.starts_with("pipe:")), "{targets:?}");

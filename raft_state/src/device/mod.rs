@@ -69,6 +69,16 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.read_at(offset, buf)
     }
+    /// Whether long sequential reads (a log scan) should be read ahead on another thread.
+    /// Simulated devices say no: their tests count and order every operation.
+    fn read_ahead(&self) -> bool {
+        false
+    }
+    /// Several `write_at`s, which the device may run at once (in any order): for blocks that
+    /// nothing durable names yet, whose order does not matter until the next flush.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+        writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf))
+    }
     /// `read_cached_at` only if it needs no wait for the media: `Ok(false)` when some of it
     /// is not cached (`buf` is then unspecified). Devices without a cache always say false.
     fn try_read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DeviceError> {
@@ -86,6 +96,28 @@ pub(crate) fn check_io(op: &'static str, offset: u64, len: usize, size: u64) -> 
         return Err(DeviceError::OutOfRange { op, offset, len, size });
     }
     Ok(())
+}
+
+/// Writes whole blocks (block number, one block of bytes; sorted by block number, no
+/// duplicates) as runs of consecutive blocks of at most `max_run` blocks, all submitted at
+/// once with `write_many`. On an error, the block number of the first block of the batch.
+pub fn write_blocks(dev: &dyn Device, blocks: &[(u64, &[u8])], max_run: usize) -> Result<(), (u64, DeviceError)> {
+    let Some(&(first, _)) = blocks.first() else { return Ok(()) };
+    let mut staging = AlignedBuf::blocks(blocks.len());
+    for (k, (_, bytes)) in blocks.iter().enumerate() {
+        staging[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(bytes);
+    }
+    let mut writes = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && j - i < max_run.max(1) && blocks[j].0 == blocks[j - 1].0 + 1 {
+            j += 1;
+        }
+        writes.push((blocks[i].0 * BLOCK, &staging[i * BLOCK_SIZE..j * BLOCK_SIZE]));
+        i = j;
+    }
+    dev.write_many(&writes).map_err(|e| (first, e))
 }
 
 /// A type whose alignment is one block: its dangling pointer is a block-aligned empty buffer.
