@@ -23,8 +23,9 @@
 //!   storage caps it at a quarter of the ring), or `interval = "30s"` after the last one with
 //!   something applied.
 //! - `[cache]` — memory. `nodes = 16384` block-map nodes (about 3 KiB each), `bitmaps = 256`
-//!   allocator bitmap blocks (4 KiB each); 0 caches nothing. `page_cache_reads = true`:
-//!   client reads of data blocks through the kernel's page cache (hash-checked).
+//!   allocator bitmap blocks (4 KiB each); 0 caches nothing. `page_cache = true`: data and
+//!   tree blocks go through the kernel's page cache (written back by each checkpoint's
+//!   flush; reads hash-checked); the log and the roots always bypass it.
 //! - `[raft]` — the embedded Raft node. `tick = "100ms"`, `election_ticks = 10`,
 //!   `heartbeat_ticks = 3` (election must exceed heartbeat), `max_batch = "4M"` bytes of
 //!   proposals persisted by one log append (the group-commit bound).
@@ -156,16 +157,19 @@ pub struct CacheConfig {
     pub nodes: usize,
     /// Allocator bitmap blocks (4 KiB each). Default 256 (1 MiB).
     pub bitmaps: usize,
-    /// Client reads of data blocks go through the kernel's page cache (a second, buffered
-    /// descriptor of the image; writes stay O_DIRECT and invalidate what they cover). Safe
-    /// because a data block never changes while a tree reaches it and every read is checked
-    /// against its hash (a failed check is retried from the media). Default true.
-    pub page_cache_reads: bool,
+    /// Data and tree blocks go through the kernel's page cache (a second, buffered descriptor
+    /// of the image): written there, made durable by the fdatasync every checkpoint does
+    /// before its root (the log already holds every write), and client reads of hot data
+    /// come from it. Safe because a data block never changes while a tree reaches it and
+    /// every read is checked against its hash (a failed check is retried from the media).
+    /// The log and the roots always bypass the page cache. Default true; false: O_DIRECT
+    /// for everything.
+    pub page_cache: bool,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { nodes: 16384, bitmaps: 256, page_cache_reads: true }
+        Self { nodes: 16384, bitmaps: 256, page_cache: true }
     }
 }
 

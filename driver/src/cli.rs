@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--read-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
 //! ```
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
 //! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
@@ -26,7 +26,7 @@ use crate as driver;
 struct Args {
     image: Option<PathBuf>,
     image_fd: Option<RawFd>,
-    read_fd: Option<RawFd>,
+    cache_fd: Option<RawFd>,
     root: Option<PathBuf>,
     root_fd: Option<RawFd>,
     socket: Option<PathBuf>,
@@ -44,7 +44,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--image" => a.image = Some(value()?.into()),
             "--image-fd" => a.image_fd = Some(fd(value()?)?),
-            "--read-fd" => a.read_fd = Some(fd(value()?)?),
+            "--cache-fd" => a.cache_fd = Some(fd(value()?)?),
             "--root-device" => a.root = Some(value()?.into()),
             "--root-fd" => a.root_fd = Some(fd(value()?)?),
             "--socket" => a.socket = Some(value()?.into()),
@@ -60,7 +60,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 const USAGE: &str =
-    "usage: rblk-driver (--image PATH | --image-fd N [--read-fd N]) [--root-device PATH | --root-fd N] \
+    "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
                      (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
@@ -98,19 +98,23 @@ fn device(path: Option<PathBuf>, fd: Option<RawFd>, what: &str) -> Result<Option
     Ok(Some(dev))
 }
 
-/// The image device, with its page-cache read descriptor when configured: the supervisor's
-/// `--read-fd`, or the image path opened again read-only (never O_DIRECT).
+/// The image device, with its page-cache descriptor when configured: the supervisor's
+/// `--cache-fd`, or the image path opened again read-write (never O_DIRECT).
 fn image(args: &Args, cfg: &config::Config) -> Result<Arc<dyn Device>, String> {
     let dev = device(args.image.clone(), args.image_fd, "image")?.ok_or("no image given (--image or --image-fd)")?;
-    let read = match (&args.image, args.read_fd) {
+    let read = match (&args.image, args.cache_fd) {
         (_, Some(fd)) => Some(std::fs::File::from(owned(fd))),
-        (Some(p), None) if cfg.cache.page_cache_reads => {
-            Some(std::fs::File::open(p).map_err(|e| format!("image {}: {e}", p.display()))?)
-        }
+        (Some(p), None) if cfg.cache.page_cache => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| format!("image {}: {e}", p.display()))?,
+        ),
         _ => None,
     };
     let dev = match read {
-        Some(file) if cfg.cache.page_cache_reads => dev.with_read_cache(file).map_err(|e| format!("read fd: {e}"))?,
+        Some(file) if cfg.cache.page_cache => dev.with_page_cache(file).map_err(|e| format!("cache fd: {e}"))?,
         _ => dev,
     };
     Ok(Arc::new(dev))
@@ -153,7 +157,7 @@ pub fn main() -> ExitCode {
     let opened = (|| -> Result<_, String> {
         // Nothing but what was handed over stays open (a parent may leak descriptors). First,
         // before the devices open descriptors of their own (their io_uring rings).
-        let keep = [args.image_fd, args.read_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
         if args.socket_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }

@@ -135,11 +135,21 @@ pub fn run(
     });
     let accept_shared = shared.clone();
     let max_connections = cfg.max_connections;
-    std::thread::Builder::new()
-        .name("rblk-accept".into())
-        .spawn(move || accept(listener, accept_shared, max_connections))?;
+    // Clients are let in only once everything committed is applied: a write acknowledged
+    // by the previous incarnation may be committed only now (by the new leader's first
+    // entry), and a read must see it. Until then they wait in the listening backlog.
+    let mut listener = Some(listener);
+    let mut start_serving = || -> std::io::Result<()> {
+        let (listener, accept_shared) = (listener.take(), accept_shared.clone());
+        if let Some(listener) = listener {
+            std::thread::Builder::new()
+                .name("rblk-accept".into())
+                .spawn(move || accept(listener, accept_shared, max_connections))?;
+        }
+        Ok(())
+    };
     let node_log = log.new(slog::o!("component" => "node"));
-    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, &node_log);
+    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, &mut start_serving, &node_log);
     // Proposals sent from now on find the channel closed and are dropped unanswered.
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));

@@ -107,6 +107,8 @@ impl raft::Storage for SharedLog {
 enum ToApply {
     /// Committed entries in order, and whom to tell about each (by position).
     Batch(Vec<Entry>, Vec<Option<Completion>>),
+    /// Answered once everything handed over before it is applied.
+    Barrier(mpsc::Sender<()>),
     /// A clean stop: checkpoint and return.
     Stop,
 }
@@ -118,6 +120,10 @@ enum ToApply {
 /// the one before: this (node) thread proposes, appends and learns what is committed; the
 /// applier applies committed entries to the volume, completes their proposals and takes
 /// checkpoints.
+///
+/// `start_serving` is called once everything committed at the start (a previous incarnation's
+/// entries included) is applied, so that no client reads the volume before then.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     volume: Arc<RwLock<Volume>>,
     store: LogStore,
@@ -125,6 +131,7 @@ pub fn run(
     cfg: &NodeConfig,
     stop: &AtomicBool,
     heartbeat: Option<crate::Heartbeat>,
+    start_serving: &mut dyn FnMut() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let store = SharedLog(Arc::new(Mutex::new(store)));
@@ -135,7 +142,7 @@ pub fn run(
             .name("rblk-apply".into())
             .spawn(move || apply_loop(&volume, &store, &applies, &log))?
     };
-    let result = node_loop(&volume, store, proposals, cfg, stop, heartbeat, &to_apply, log);
+    let result = node_loop(&volume, store, proposals, cfg, stop, heartbeat, &to_apply, start_serving, log);
     if result.is_ok() {
         // The applier may have failed meanwhile; then its error is the one to report.
         let _ = to_apply.send(ToApply::Stop);
@@ -155,6 +162,7 @@ fn node_loop(
     stop: &AtomicBool,
     mut heartbeat: Option<crate::Heartbeat>,
     to_apply: &SyncSender<ToApply>,
+    start_serving: &mut dyn FnMut() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let applied = read_volume(volume).applied_index();
@@ -178,7 +186,13 @@ fn node_loop(
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Raft("a single node did not become leader".into()));
     }
-    info!(log, "serving"; "term" => node.raft.term, "applied" => applied);
+    // What the election committed must be applied before anyone reads.
+    let (applied_tx, applied_rx) = mpsc::channel();
+    let stopped = || DriverError::Raft("the applier stopped (its error is logged)".into());
+    to_apply.send(ToApply::Barrier(applied_tx)).map_err(|_| stopped())?;
+    applied_rx.recv().map_err(|_| stopped())?;
+    start_serving()?;
+    info!(log, "serving"; "term" => node.raft.term, "applied" => read_volume(volume).applied_index());
     let mut next_tick = Instant::now() + cfg.tick;
     let mut open = true;
     while open {
@@ -307,6 +321,9 @@ fn apply_loop(
                     write_volume(volume).checkpoint_shared(&store.0).map_err(DriverError::Volume)?;
                     debug!(log, "checkpoint"; "ms" => started.elapsed().as_millis() as u64);
                 }
+            }
+            Ok(ToApply::Barrier(done)) => {
+                let _ = done.send(());
             }
             Ok(ToApply::Stop) => break,
             // The node thread failed; it reports why. No checkpoint after a failure.

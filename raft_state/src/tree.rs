@@ -504,7 +504,9 @@ fn write_runs(dev: &dyn Device, mut nodes: Vec<(u64, Box<[u8]>)>) -> Result<(), 
     const MAX_RUN: usize = 256;
     nodes.sort_unstable_by_key(|(block, _)| *block);
     let blocks: Vec<(u64, &[u8])> = nodes.iter().map(|(block, bytes)| (*block, &bytes[..])).collect();
-    crate::device::write_blocks(dev, &blocks, MAX_RUN).map_err(|(block, source)| TreeError::Device { block, source })
+    let mut staging = AlignedBuf::blocks(0);
+    crate::device::write_blocks(dev, &blocks, MAX_RUN, &mut staging)
+        .map_err(|(block, source)| TreeError::Device { block, source })
 }
 
 impl Flusher<'_> {

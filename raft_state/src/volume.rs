@@ -151,6 +151,8 @@ pub struct Volume {
     /// New data blocks not written yet: a batch of entries writes them at its end, in runs of
     /// device-consecutive blocks (next fit hands out consecutive blocks), one write per run.
     staged: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Where staged blocks are gathered into runs for writing (kept: no fresh pages per batch).
+    scratch: AlignedBuf,
     poisoned: bool,
     log: Logger,
 }
@@ -301,6 +303,7 @@ impl Volume {
             last_checkpoint: Instant::now(),
             space_pressure: 0,
             staged: std::collections::BTreeMap::new(),
+            scratch: AlignedBuf::blocks(0),
             poisoned: false,
             log,
         };
@@ -308,14 +311,14 @@ impl Volume {
         let mut replayed = 0u64;
         // In chunks: the log holds the entries already, so a second full copy is not needed.
         while volume.applied_index < commit {
-            let entries = raft::Storage::entries(
-                &store,
-                volume.applied_index + 1,
-                commit + 1,
-                REPLAY_CHUNK_BYTES,
-                raft::GetEntriesContext::empty(false),
-            )
-            .map_err(|e| VolumeError::Log(LogError::BadAnchor(format!("committed entries unavailable: {e}"))))?;
+            // Borrowed from the log: replay copies nothing it does not have to.
+            let entries =
+                store.entries_view(volume.applied_index + 1, commit + 1, REPLAY_CHUNK_BYTES).ok_or_else(|| {
+                    VolumeError::Log(LogError::BadAnchor(format!(
+                        "committed entries {}..={commit} unavailable",
+                        volume.applied_index + 1
+                    )))
+                })?;
             let (first, rest) = entries.split_at(entries.len().min(1));
             volume.apply_batch(first)?;
             // Once per recovery (not per entry), so crashing recoveries still converge.
@@ -419,7 +422,8 @@ impl Volume {
     pub fn write_staged(&mut self) -> Result<(), VolumeError> {
         let staged = std::mem::take(&mut self.staged);
         let blocks: Vec<(u64, &[u8])> = staged.iter().map(|(block, data)| (*block, &data[..])).collect();
-        if let Err((block, source)) = crate::device::write_blocks(&*self.dev, &blocks, MAX_RUN_BLOCKS as usize) {
+        let written = crate::device::write_blocks(&*self.dev, &blocks, MAX_RUN_BLOCKS as usize, &mut self.scratch);
+        if let Err((block, source)) = written {
             self.poisoned = true;
             return Err(VolumeError::Device { block, source });
         }

@@ -216,11 +216,7 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
     };
     let held = supervisor::Held {
         image: open_rw(&image)?,
-        image_read: if cfg.cache.page_cache_reads {
-            Some(std::fs::File::open(&image).map_err(|e| format!("{}: {e}", image.display()))?)
-        } else {
-            None
-        },
+        image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
         root: root.as_deref().map(open_rw).transpose()?,
         listener: bind(&cfg.server.socket)?,
     };

@@ -33,8 +33,8 @@ use slog::{error, info, warn, Logger};
 #[derive(Debug)]
 pub struct Held {
     pub image: File,
-    /// The image again, opened read-only and buffered, for page-cache reads (`--read-fd`).
-    pub image_read: Option<File>,
+    /// The image again, opened buffered, for the page cache (`--cache-fd`).
+    pub image_cached: Option<File>,
     pub root: Option<File>,
     pub listener: UnixListener,
 }
@@ -120,8 +120,8 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
     if let Some(root) = &held.root {
         inherit.push(("--root-fd", root.as_fd()));
     }
-    if let Some(read) = &held.image_read {
-        inherit.push(("--read-fd", read.as_fd()));
+    if let Some(cached) = &held.image_cached {
+        inherit.push(("--cache-fd", cached.as_fd()));
     }
     let mut cmd = Command::new(driver);
     for (flag, fd) in &inherit {

@@ -104,8 +104,8 @@ fn driver_is_sandboxed_and_holds_only_its_descriptors() {
     let log = serve.log();
     assert!(log.contains("open probe: denied"), "opening a file inside the driver must fail:\n{log}");
     assert!(!log.contains("opened a file inside the sandbox"), "{log}");
-    // Descriptors: stdin/stdout/stderr, the image (direct, and read-only for page-cache
-    // reads), the listening socket, the heartbeat pipe; plus what the running driver made
+    // Descriptors: stdin/stdout/stderr, the image (direct, and buffered for the page
+    // cache), the listening socket, the heartbeat pipe; plus what the running driver made
     // itself: the image's io_uring (and accepted connections: none yet).
     let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")

@@ -1,7 +1,9 @@
 //! [`FileDevice`]: a [`Device`] on a regular file or a block device.
 //!
 //! I/O is positional (pread/pwrite), so the device is shared between threads without seek
-//! state. It uses O_DIRECT when the file system accepts it, so that reads show what the media
+//! state. A second, buffered descriptor may be attached for the page cache
+//! ([`FileDevice::with_page_cache`]): `read_cached_at` and `write_many` use it, everything
+//! else stays direct. The device uses O_DIRECT when the file system accepts it, so that reads show what the media
 //! holds and not a page cache the driver's previous incarnation left behind; where O_DIRECT is
 //! refused (EINVAL: some file systems, e.g. older tmpfs) it falls back to buffered I/O, which
 //! is still correct because `flush` is fdatasync either way. Buffers that are not 4 KiB-aligned
@@ -41,7 +43,8 @@ pub struct FileDevice {
     direct: bool,
     size: u64,
     poisoned: AtomicBool,
-    /// The same file opened without O_DIRECT, for `read_cached_at` (see `with_read_cache`).
+    /// The same file opened read-write without O_DIRECT, for `read_cached_at` and
+    /// `write_many` (see `with_page_cache`).
     cached: Option<File>,
     /// For `write_many`: one system call submits a whole batch, and the device works on all
     /// of it at once. `None` where io_uring is unavailable (then one write after another).
@@ -101,11 +104,14 @@ impl FileDevice {
         Ok(dev)
     }
 
-    /// Serves `read_cached_at` through `file`, a second, buffered descriptor of the same file
-    /// or block device (checked: same device and inode), so that client reads of hot data
-    /// blocks come from the kernel's page cache. Every write still goes through the direct
-    /// descriptor, and a direct write invalidates the cached pages it covers.
-    pub fn with_read_cache(mut self, file: File) -> Result<FileDevice, DeviceError> {
+    /// Serves `read_cached_at` and `write_many` through `file`, a second, buffered read-write
+    /// descriptor of the same file or block device (checked: same device and inode), so that
+    /// data and tree blocks are written into the kernel's page cache and client reads of hot
+    /// data come from it. `flush` (fdatasync) writes them back: it covers the whole file
+    /// whatever the descriptor, and reports write-back errors. The log and the roots keep
+    /// going through the direct descriptor; a direct write or read first writes back the
+    /// dirty pages it covers, so the two never disagree.
+    pub fn with_page_cache(mut self, file: File) -> Result<FileDevice, DeviceError> {
         use std::os::unix::fs::MetadataExt;
         let meta = |f: &File| f.metadata().map_err(|e| io_error("stat", &self.name, 0, 0, e));
         let (ours, theirs) = (meta(&self.file)?, meta(&file)?);
@@ -115,7 +121,13 @@ impl FileDevice {
             (ours.dev(), ours.ino()) == (theirs.dev(), theirs.ino())
         };
         if !same {
-            let msg = "the read-cache descriptor is not the same file as the device".to_string();
+            let msg = "the page-cache descriptor is not the same file as the device".to_string();
+            return Err(io_error("open", &self.name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
+        }
+        let mode =
+            fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| io_error("fcntl", &self.name, 0, 0, e.into()))?;
+        if OFlag::from_bits_truncate(mode) & OFlag::O_ACCMODE != OFlag::O_RDWR {
+            let msg = "the page-cache descriptor is not open for reading and writing".to_string();
             return Err(io_error("open", &self.name, 0, 0, io::Error::new(io::ErrorKind::InvalidInput, msg)));
         }
         self.cached = Some(file);
@@ -251,6 +263,18 @@ impl Device for FileDevice {
     }
 
     fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+        if let Some(cached) = &self.cached {
+            // Into the page cache: the next flush (fdatasync, which covers the file whatever
+            // the descriptor) writes them back and reports any write-back error.
+            if self.poisoned.load(Ordering::SeqCst) {
+                return Err(self.poisoned_error());
+            }
+            for &(offset, buf) in writes {
+                check_io("write", offset, buf.len(), self.size)?;
+                cached.write_all_at(buf, offset).map_err(|e| self.poison("write", offset, buf.len(), e))?;
+            }
+            return Ok(());
+        }
         let Some(ring) = &self.ring else {
             return writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf));
         };
@@ -373,7 +397,7 @@ impl fmt::Debug for FileDevice {
             .field("direct", &self.direct)
             .field("size", &self.size)
             .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
-            .field("read_cache", &self.cached.is_some())
+            .field("page_cache", &self.cached.is_some())
             .finish()
     }
 }
@@ -515,14 +539,19 @@ mod tests {
         assert_eq!(cqe.result(), -libc::EACCES, "a restricted ring refuses other operations");
     }
 
+    fn rw(path: &Path) -> File {
+        OpenOptions::new().read(true).write(true).open(path).unwrap()
+    }
+
     /// A cached read after a direct write sees the new content (the write invalidated the
-    /// page cache), and a descriptor of another file is refused.
+    /// page cache); a direct read after a cached write sees it too, also after a reopen; a
+    /// descriptor of another file, or a read-only one, is refused.
     #[test]
-    fn read_cache_sees_direct_writes_and_must_be_the_same_file() {
+    fn page_cache_and_direct_io_agree_and_the_descriptor_must_fit() {
         let path = TempPath::new("cache");
         let dev = FileDevice::create(&path.0, 16 * BLOCK).unwrap();
-        let dev = dev.with_read_cache(File::open(&path.0).unwrap()).unwrap();
-        assert!(format!("{dev:?}").contains("read_cache: true"));
+        let dev = dev.with_page_cache(rw(&path.0)).unwrap();
+        assert!(format!("{dev:?}").contains("page_cache: true"));
         for seed in 0..3u8 {
             let mut block = AlignedBuf::blocks(2);
             block.copy_from_slice(&pattern(seed, 2 * BLOCK_SIZE));
@@ -538,12 +567,24 @@ mod tests {
         }
         let mut past = vec![0u8; BLOCK_SIZE];
         assert!(dev.read_cached_at(16 * BLOCK, &mut past).is_err(), "the range is checked");
+        let mut cached_write = AlignedBuf::blocks(1);
+        cached_write.copy_from_slice(&pattern(9, BLOCK_SIZE));
+        dev.write_many(&[(8 * BLOCK, &cached_write[..])]).unwrap();
+        let mut direct = AlignedBuf::blocks(1);
+        dev.read_at(8 * BLOCK, &mut direct).unwrap();
+        assert_eq!(&direct[..], &cached_write[..], "a direct read sees a write into the page cache");
+        dev.flush().unwrap();
+        drop(dev);
+        let mut again = AlignedBuf::blocks(1);
+        FileDevice::open(&path.0).unwrap().read_at(8 * BLOCK, &mut again).unwrap();
+        assert_eq!(&again[..], &cached_write[..], "and so does a reopened device");
         let other = TempPath::new("cache-other");
         FileDevice::create(&other.0, 16 * BLOCK).unwrap();
         let dev = FileDevice::open(&path.0).unwrap();
         let mut none = vec![0u8; BLOCK_SIZE];
         assert!(!dev.try_read_cached_at(3 * BLOCK, &mut none).unwrap(), "no cache: never a no-wait read");
-        assert!(dev.with_read_cache(File::open(&other.0).unwrap()).is_err());
+        assert!(FileDevice::open(&path.0).unwrap().with_page_cache(File::open(&path.0).unwrap()).is_err(), "read-only");
+        assert!(dev.with_page_cache(rw(&other.0)).is_err());
     }
 
     #[test]

@@ -101,9 +101,18 @@ pub(crate) fn check_io(op: &'static str, offset: u64, len: usize, size: u64) -> 
 /// Writes whole blocks (block number, one block of bytes; sorted by block number, no
 /// duplicates) as runs of consecutive blocks of at most `max_run` blocks, all submitted at
 /// once with `write_many`. On an error, the block number of the first block of the batch.
-pub fn write_blocks(dev: &dyn Device, blocks: &[(u64, &[u8])], max_run: usize) -> Result<(), (u64, DeviceError)> {
+/// `staging` is reused between calls (grown when too small).
+pub fn write_blocks(
+    dev: &dyn Device,
+    blocks: &[(u64, &[u8])],
+    max_run: usize,
+    staging: &mut AlignedBuf,
+) -> Result<(), (u64, DeviceError)> {
     let Some(&(first, _)) = blocks.first() else { return Ok(()) };
-    let mut staging = AlignedBuf::blocks(blocks.len());
+    if staging.len() < blocks.len() * BLOCK_SIZE {
+        *staging = AlignedBuf::blocks(blocks.len());
+    }
+    let staging = &mut staging[..blocks.len() * BLOCK_SIZE];
     for (k, (_, bytes)) in blocks.iter().enumerate() {
         staging[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(bytes);
     }
