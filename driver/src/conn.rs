@@ -172,10 +172,12 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             continue;
         }
         match req.command {
-            // A read whose data is cached is answered here; the others run on the
-            // connection's readers, several at once, since each waits for the device.
+            // A small read whose data is cached is answered here; the others run on the
+            // connection's readers, several at once: each waits for the device, or (a large
+            // one) spends a while checking hashes.
             session::Command::Read => {
-                if !read_hot(shared, &req, &mut out) && reads.send(req).is_err() {
+                let hot = req.length <= HOT_READ_MAX && read_hot(shared, &req, &mut out);
+                if !hot && reads.send(req).is_err() {
                     break Ok(());
                 }
             }
@@ -232,6 +234,9 @@ fn read_hot(shared: &Shared, req: &Request, out: &mut Vec<u8>) -> bool {
         }
     }
 }
+
+/// The largest read the connection's thread answers itself when its data is cached.
+const HOT_READ_MAX: u32 = 128 << 10;
 
 /// Reads served at once per connection.
 const READERS_PER_CONNECTION: usize = 4;
