@@ -176,7 +176,8 @@ fn watch(
             return Some(format!("no heartbeat for {} ms: killed", last.elapsed().as_millis()));
         }
         if !open {
-            std::thread::sleep(Duration::from_millis(20));
+            // The driver is exiting: poll often, a restart waits for its reaping.
+            std::thread::sleep(Duration::from_millis(1));
             continue;
         }
         let mut fds = [PollFd::new(beats.as_fd(), PollFlags::POLLIN)];
