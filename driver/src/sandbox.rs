@@ -83,6 +83,7 @@ fn allowed() -> Vec<i64> {
         libc::SYS_writev,
         libc::SYS_preadv,
         libc::SYS_preadv2,
+        libc::SYS_pwritev2,
         // batched writes on the image's ring (set up before the sandbox, restricted to writes)
         libc::SYS_io_uring_enter,
         libc::SYS_pwritev,

@@ -520,7 +520,7 @@ impl LogStore {
         if blocks > free {
             return Err(LogError::Full { needed: blocks, free });
         }
-        if let Err(source) = self.write_ring(self.head, &buf).and_then(|()| self.dev.flush()) {
+        if let Err(source) = self.write_ring(self.head, &buf) {
             self.poisoned = true;
             return Err(LogError::Device { what: "append batch", source });
         }
@@ -634,15 +634,16 @@ impl LogStore {
         Ok((buf, spans, prev))
     }
 
-    /// Writes `buf` at ring position `vblock`, in two writes when it wraps.
+    /// Writes `buf` durably at ring position `vblock`, in two writes when it wraps (each
+    /// durable: `write_durable` promises nothing about other writes).
     fn write_ring(&self, vblock: u64, buf: &[u8]) -> Result<(), DeviceError> {
         let n = self.region.blocks;
         let pos = vblock % n;
         let first_blocks = ((n - pos) as usize).min(buf.len() / BLOCK_SIZE);
         let (a, b) = buf.split_at(first_blocks * BLOCK_SIZE);
-        self.dev.write_at((self.region.start + pos) * BLOCK, a)?;
+        self.dev.write_durable((self.region.start + pos) * BLOCK, a)?;
         if !b.is_empty() {
-            self.dev.write_at(self.region.start * BLOCK, b)?;
+            self.dev.write_durable(self.region.start * BLOCK, b)?;
         }
         Ok(())
     }

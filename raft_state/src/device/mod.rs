@@ -69,6 +69,14 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.read_at(offset, buf)
     }
+    /// Writes `buf` at `offset` and makes it durable before returning, like `write_at` and
+    /// then `flush`, but it may leave other unflushed writes alone (a file's page cache): the
+    /// log's appends need their own bytes durable, not the data blocks written meanwhile.
+    /// An error poisons the device.
+    fn write_durable(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.write_at(offset, buf)?;
+        self.flush()
+    }
     /// Whether long sequential reads (a log scan) should be read ahead on another thread.
     /// Simulated devices say no: their tests count and order every operation.
     fn read_ahead(&self) -> bool {
