@@ -88,6 +88,7 @@ fn allowed() -> Vec<i64> {
         libc::SYS_io_uring_enter,
         libc::SYS_pwritev,
         libc::SYS_fdatasync,
+        libc::SYS_sync_file_range,
         libc::SYS_fsync,
         libc::SYS_lseek,
         libc::SYS_close,
