@@ -323,7 +323,7 @@ impl Device for FileDevice {
             }
             return Ok(());
         }
-        let Some(ring) = &self.ring else {
+        let Some(ring) = self.ring.as_ref().filter(|_| writes.len() > 1) else {
             return writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf));
         };
         for &(offset, buf) in writes {
