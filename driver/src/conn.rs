@@ -1,8 +1,10 @@
-//! One NBD connection: the handshake, then a reader that decodes requests and a writer thread
-//! that sends replies in whatever order they complete.
+//! One NBD connection: the handshake, then a thread that decodes requests and answers what
+//! it can at once (cached reads, flushes, errors: replies batched into one send before it
+//! would wait for the client), four readers for the other reads, and a reply writer for the
+//! write completions the applier could not send itself. Replies go out in whatever order
+//! they complete.
 //!
-//! Reads are served from the volume at once (they see every acknowledged write: a write is
-//! acknowledged only after it was applied). Writes, trims and write-zeroes become proposals to
+//! Reads see every acknowledged write: a write is acknowledged only after it was applied. Writes, trims and write-zeroes become proposals to
 //! the Raft node and are answered when their entries are committed and applied, so every
 //! acknowledged write is durable and FLUSH has nothing left to wait for. A request the node
 //! could not take because the driver is stopping gets no reply at all: the connection drops
@@ -85,7 +87,8 @@ impl Replies {
     }
 
     fn served(&self) {
-        if !self.shared.served.swap(true, Ordering::SeqCst) {
+        // Read first: a swap on every reply would make all connections write one cache line.
+        if !self.shared.served.load(Ordering::Relaxed) && !self.shared.served.swap(true, Ordering::SeqCst) {
             info!(self.log, "first request served");
         }
     }
@@ -176,7 +179,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
             // connection's readers, several at once: each waits for the device, or (a large
             // one) spends a while checking hashes.
             session::Command::Read => {
-                let hot = req.length <= HOT_READ_MAX && read_hot(shared, &req, &mut out);
+                let hot = req.length <= HOT_READ_MAX && answer_read(shared, &req, &mut out, true);
                 if !hot && reads.send(req).is_err() {
                     break Ok(());
                 }
@@ -213,18 +216,25 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, log: &Logger) -> Result<(), ses
     }
 }
 
-/// Answers a read into `out` if its data is all cached (or it fails); false: not cached,
-/// nothing appended.
-fn read_hot(shared: &Shared, req: &Request, out: &mut Vec<u8>) -> bool {
+/// Appends the reply to a read to `out`: the data, or EIO. With `nowait`, only if the data is
+/// all cached (false: nothing appended, ask a reader).
+fn answer_read(shared: &Shared, req: &Request, out: &mut Vec<u8>, nowait: bool) -> bool {
     let start = out.len();
     encode(out, req.handle, 0, &[]);
     let data_at = out.len();
     out.resize(data_at + req.length as usize, 0);
-    match read_volume(&shared.volume).try_read(req.offset, &mut out[data_at..]) {
-        Ok(true) => true,
-        Ok(false) => {
-            out.truncate(start);
-            false
+    let volume = read_volume(&shared.volume);
+    let read = if nowait {
+        volume.try_read(req.offset, &mut out[data_at..])
+    } else {
+        volume.read(req.offset, &mut out[data_at..]).map(|()| true)
+    };
+    match read {
+        Ok(done) => {
+            if !done {
+                out.truncate(start);
+            }
+            done
         }
         Err(_) => {
             // Logged by the volume.
@@ -251,14 +261,7 @@ fn serve_reads(queue: &Mutex<mpsc::Receiver<Request>>, shared: &Shared, replies:
         };
         let Ok(req) = next else { return };
         out.clear();
-        encode(&mut out, req.handle, 0, &[]);
-        let data_at = out.len();
-        out.resize(data_at + req.length as usize, 0);
-        if read_volume(&shared.volume).read(req.offset, &mut out[data_at..]).is_err() {
-            // Logged by the volume.
-            out.clear();
-            encode(&mut out, req.handle, session::NBD_EIO, &[]);
-        }
+        answer_read(shared, &req, &mut out, false);
         let _ = replies.send(&out);
     }
 }

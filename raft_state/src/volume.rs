@@ -629,28 +629,23 @@ impl Volume {
     /// hash check fails the read: never wrong data. Blocks that sit next to each other on the
     /// device are read with one read.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        self.check()?;
-        self.check_range(offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let result = self.read_runs(offset, buf, false);
-        if let Err(e) = &result {
-            warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
-        }
-        result.map(|_| ())
+        self.checked_read(offset, buf, false).map(|_| ())
     }
 
     /// Like `read`, but only when the data can be had without waiting for the media (all of
     /// it in a cache, e.g. the kernel's page cache): `Ok(false)` means "use `read`" and leaves
     /// `buf` unspecified. Lets a connection answer hot reads on its own thread.
     pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        self.checked_read(offset, buf, true)
+    }
+
+    fn checked_read(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
         self.check()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(true);
         }
-        let result = self.read_runs(offset, buf, true);
+        let result = self.read_runs(offset, buf, nowait);
         if let Err(e) = &result {
             warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
         }

@@ -637,3 +637,76 @@ fn batches_apply_like_single_entries() {
         assert!(h.read_all().expect("read") == model, "seed {seed}: after a crash");
     }
 }
+
+/// A device whose cache (the page cache, for a file) may hand out a bad copy of a block.
+#[derive(Debug)]
+struct BadCache {
+    disk: Arc<SimDisk>,
+    bad: std::sync::atomic::AtomicBool,
+}
+
+impl BadCache {
+    fn spoil(&self, buf: &mut [u8]) {
+        if self.bad.load(std::sync::atomic::Ordering::SeqCst) {
+            buf[7] ^= 0x10;
+        }
+    }
+}
+
+impl Device for BadCache {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.disk.flush()
+    }
+    fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.disk.read_at(offset, buf)?;
+        self.spoil(buf);
+        Ok(())
+    }
+    fn try_read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DeviceError> {
+        self.read_cached_at(offset, buf).map(|()| true)
+    }
+}
+
+/// A cached copy that fails its hash check is read again from the media, by `read` and by
+/// `try_read`; only when the media's copy is bad too does the read fail.
+#[test]
+fn a_bad_cached_copy_is_read_again_from_the_media() {
+    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 3));
+    let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
+    Volume::format(&*disk, None, opts).expect("format");
+    let dev = Arc::new(BadCache { disk: disk.clone(), bad: false.into() });
+    let (mut volume, mut store) = Volume::open(dev.clone(), None, logger()).expect("open");
+    let data = vec![0x3Cu8; 2 * BLOCK_SIZE];
+    let entry = Entry {
+        index: store.last_index() + 1,
+        term: 1,
+        data: Command::Write { offset: 0, data: &data }.encode(),
+        ..Default::default()
+    };
+    let hs = HardState { term: 1, vote: 1, commit: entry.index };
+    store.append(std::slice::from_ref(&entry), Some(&hs)).expect("append");
+    assert_eq!(volume.apply(&entry).expect("apply"), Applied::Done);
+    dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut buf = vec![0u8; 2 * BLOCK_SIZE];
+    volume.read(0, &mut buf).expect("read: the media's copy is good");
+    assert_eq!(buf, data);
+    let mut hot = vec![0u8; 2 * BLOCK_SIZE];
+    assert!(volume.try_read(0, &mut hot).expect("try_read"), "answered without waiting");
+    assert_eq!(hot, data);
+    let mut part = vec![0u8; 1024];
+    volume.read(512, &mut part).expect("a partial block too");
+    assert!(part.iter().all(|&b| b == 0x3C));
+    let ptr = volume.map.get(&*disk, 1).expect("get").expect("mapped");
+    disk.inject(SimFault::BitFlip { offset: ptr.block * BLOCK + 9, bit: 2 });
+    assert!(matches!(volume.read(0, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
+    assert!(matches!(volume.try_read(0, &mut hot), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
+}
