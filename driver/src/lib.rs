@@ -138,18 +138,14 @@ pub fn run(
     // Clients are let in only once everything committed is applied: a write acknowledged
     // by the previous incarnation may be committed only now (by the new leader's first
     // entry), and a read must see it. Until then they wait in the listening backlog.
-    let mut listener = Some(listener);
-    let mut start_serving = || -> std::io::Result<()> {
-        let (listener, accept_shared) = (listener.take(), accept_shared.clone());
-        if let Some(listener) = listener {
-            std::thread::Builder::new()
-                .name("rblk-accept".into())
-                .spawn(move || accept(listener, accept_shared, max_connections))?;
-        }
-        Ok(())
+    let start_serving = move || -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("rblk-accept".into())
+            .spawn(move || accept(listener, accept_shared, max_connections))
+            .map(drop)
     };
     let node_log = log.new(slog::o!("component" => "node"));
-    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, &mut start_serving, &node_log);
+    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, start_serving, &node_log);
     // Proposals sent from now on find the channel closed and are dropped unanswered.
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));
@@ -187,16 +183,7 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: us
 }
 
 /// An error with its sources, for logs and the exit message.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use raft_state::error_chain;
 
 /// A logger to stderr at `level` (trace, debug, info, warning, error, critical); the
 /// environment variable `RBLK_LOG` overrides it.

@@ -131,7 +131,7 @@ pub fn run(
     cfg: &NodeConfig,
     stop: &AtomicBool,
     heartbeat: Option<crate::Heartbeat>,
-    start_serving: &mut dyn FnMut() -> std::io::Result<()>,
+    start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let store = SharedLog(Arc::new(Mutex::new(store)));
@@ -162,7 +162,7 @@ fn node_loop(
     stop: &AtomicBool,
     mut heartbeat: Option<crate::Heartbeat>,
     to_apply: &SyncSender<ToApply>,
-    start_serving: &mut dyn FnMut() -> std::io::Result<()>,
+    start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let applied = read_volume(volume).applied_index();

@@ -23,6 +23,7 @@ use std::time::Duration;
 use raft::eraftpb::{Entry, HardState};
 use raft_state::command::Command;
 use raft_state::device::{CrashPolicy, Device, SimDisk, SimFault, BLOCK};
+use raft_state::error_chain as chain;
 use raft_state::layout::Geometry;
 use raft_state::log::LogStore;
 use raft_state::rng::Rng;
@@ -456,18 +457,6 @@ impl Run {
             Outcome::NotProposed => Ok(true),
         }
     }
-}
-
-/// An error with its sources.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[derive(Debug, Default)]
