@@ -967,6 +967,8 @@ impl Stream {
                     let blocks = window.len() as u64 / BLOCK;
                     if self.next + blocks > vblock {
                         self.windows.push_back((self.next, window));
+                    } else {
+                        let _ = self.spent.send(window);
                     }
                     self.next += blocks;
                 }
