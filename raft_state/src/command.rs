@@ -6,7 +6,9 @@
 //! payload    := `length` bytes for a write; empty for trim and write-zeroes
 //! ```
 //!
-//! Offsets and lengths are in bytes, multiples of 512. An entry with empty data is the
+//! Offsets and lengths are in bytes, of any alignment: NBD clients that did not learn the
+//! block sizes may write single bytes, and applying patches the blocks they touch (entries
+//! of earlier versions were all multiples of 512, which still decode). An entry with empty data is the
 //! leader's no-op and changes nothing. Every command is idempotent: applying it twice gives
 //! the same volume content, so replay and client resends (at-least-once delivery) are safe.
 
@@ -17,8 +19,6 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const COMMAND_MAGIC: [u8; 4] = *b"RBC1";
 /// Bytes before a write's payload.
 pub const COMMAND_HEADER: usize = 24;
-/// Offsets and lengths are multiples of this.
-pub const COMMAND_ALIGN: u64 = 512;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -60,8 +60,6 @@ pub enum CommandError {
     Magic,
     #[error("unknown command kind {0}")]
     Kind(u8),
-    #[error("offset {offset} or length {length} is not a multiple of 512")]
-    Misaligned { offset: u64, length: u64 },
     #[error("write payload is {got} bytes, header says {want}")]
     Length { got: usize, want: u64 },
 }
@@ -103,9 +101,6 @@ impl Command<'_> {
             return Err(CommandError::Magic);
         }
         let (offset, length) = (raw.offset.get(), raw.length.get());
-        if offset % COMMAND_ALIGN != 0 || length % COMMAND_ALIGN != 0 {
-            return Err(CommandError::Misaligned { offset, length });
-        }
         match raw.kind {
             1 if payload.len() as u64 == length => Ok(Command::Write { offset, data: payload }),
             1 => Err(CommandError::Length { got: payload.len(), want: length }),
@@ -147,9 +142,8 @@ mod tests {
     #[test]
     fn malformed_commands_are_refused() {
         assert_eq!(Command::decode(b"RBC"), Err(CommandError::Short(3)));
-        let mut unaligned = Command::Trim { offset: 0, length: 512 }.encode();
-        unaligned[8] = 1;
-        assert!(matches!(Command::decode(&unaligned), Err(CommandError::Misaligned { .. })));
+        // Byte-granular ranges are commands too (1-byte I/O from clients without block sizes).
+        assert_eq!(Command::decode(&Command::Write { offset: 3, data: b"x" }.encode()), Ok(Command::Write { offset: 3, data: b"x" }));
         let mut kind = Command::Trim { offset: 0, length: 512 }.encode();
         kind[4] = 9;
         assert_eq!(Command::decode(&kind), Err(CommandError::Kind(9)));

@@ -312,6 +312,37 @@ impl BlockTree {
         }
     }
 
+    /// Unmaps every index in `range` (clipped to the capacity) and appends the blocks the
+    /// unmapped leaf entries pointed at to `unmapped` (the caller frees them, as for `set`).
+    /// The work follows the tree, not the range: a subtree the range covers whole is dropped
+    /// at once (its nodes are read only to learn what it held), empty subtrees cost nothing,
+    /// and only the two edges of the range are copied into dirty nodes.
+    ///
+    /// On an error (a node that cannot be read or verified) the indexes before it may be
+    /// unmapped already, and nothing that is still mapped is reported: unmapping is
+    /// idempotent, so the caller may retry or report the damage.
+    pub fn unmap_range(
+        &mut self,
+        dev: &dyn Device,
+        range: std::ops::Range<u64>,
+        unmapped: &mut Vec<u64>,
+    ) -> Result<(), TreeError> {
+        let end = range.end.min(self.capacity());
+        if range.start >= end {
+            return Ok(());
+        }
+        let mut unmap = Unmap {
+            kind: self.kind,
+            volume_id: self.volume_id,
+            cache: &self.cache,
+            dev,
+            freed: &mut self.freed,
+            dirty: &mut self.dirty,
+            unmapped,
+        };
+        unmap.slot(&mut self.root, self.height - 1, 0, range.start, end)
+    }
+
     /// Writes every dirty node to a fresh block from `alloc`, children first, and returns the
     /// new root. The writes are not flushed: the caller flushes once before writing the root
     /// block that names this tree. Subtrees that became empty vanish.
@@ -560,6 +591,102 @@ impl Flusher<'_> {
     }
 }
 
+/// The walk behind [`BlockTree::unmap_range`].
+struct Unmap<'a> {
+    kind: TreeKind,
+    volume_id: [u8; 16],
+    cache: &'a NodeCache,
+    dev: &'a dyn Device,
+    freed: &'a mut Vec<u64>,
+    dirty: &'a mut u64,
+    unmapped: &'a mut Vec<u64>,
+}
+
+/// What a subtree held: its data blocks, its clean node blocks, its dirty node count.
+#[derive(Default)]
+struct Held {
+    data: Vec<u64>,
+    nodes: Vec<u64>,
+    dirty: u64,
+}
+
+impl Unmap<'_> {
+    /// Unmaps `[start, end)` below `slot`, a node at `level` whose first index is `base`.
+    fn slot(&mut self, slot: &mut Slot, level: u32, base: u64, start: u64, end: u64) -> Result<(), TreeError> {
+        let span = FANOUT.pow(level + 1);
+        if matches!(slot, Slot::Empty) || end <= base || start >= base + span {
+            return Ok(());
+        }
+        if start <= base && base + span <= end {
+            // Learn everything the subtree holds before dropping it: a node that cannot be
+            // read leaves the subtree as it was, so no block still mapped is reported.
+            let mut held = Held::default();
+            self.collect(slot, level, &mut held)?;
+            *slot = Slot::Empty;
+            *self.dirty -= held.dirty;
+            let mut cache = lock(self.cache);
+            for block in &held.nodes {
+                cache.remove(block);
+            }
+            drop(cache);
+            self.freed.extend(held.nodes);
+            self.unmapped.extend(held.data);
+            return Ok(());
+        }
+        if let Slot::Clean(ptr) = slot {
+            let node = BlockTree::cached(self.cache, self.kind, self.volume_id, self.dev, *ptr, level)?;
+            self.freed.push(ptr.block);
+            lock(self.cache).remove(&ptr.block);
+            *slot = Slot::Dirty(Box::new((*node).clone()));
+            *self.dirty += 1;
+        }
+        let Slot::Dirty(node) = slot else { return Ok(()) };
+        let child_span = FANOUT.pow(level);
+        let first = (start.max(base) - base) / child_span;
+        let last = (end.min(base + span) - 1 - base) / child_span;
+        for i in first..=last {
+            let child = &mut node.slots[i as usize];
+            if level == 0 {
+                if let Slot::Clean(p) = child {
+                    self.unmapped.push(p.block);
+                }
+                *child = Slot::Empty;
+            } else {
+                self.slot(child, level - 1, base + i * child_span, start, end)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds what the subtree at `slot` (a node at `level`) holds to `held`.
+    fn collect(&self, slot: &Slot, level: u32, held: &mut Held) -> Result<(), TreeError> {
+        let node = match slot {
+            Slot::Empty => return Ok(()),
+            Slot::Clean(ptr) => {
+                held.nodes.push(ptr.block);
+                BlockTree::cached(self.cache, self.kind, self.volume_id, self.dev, *ptr, level)?
+            }
+            Slot::Dirty(node) => {
+                held.dirty += 1;
+                // Walked in place: only clean children are read.
+                return self.collect_children(&node.slots, level, held);
+            }
+        };
+        self.collect_children(&node.slots, level, held)
+    }
+
+    fn collect_children(&self, slots: &[Slot], level: u32, held: &mut Held) -> Result<(), TreeError> {
+        for child in slots {
+            match child {
+                Slot::Clean(p) if level == 0 => held.data.push(p.block),
+                _ if level == 0 => {}
+                other => self.collect(other, level - 1, held)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 fn lock(cache: &NodeCache) -> std::sync::MutexGuard<'_, Nodes> {
     // The cache holds only verified copies of disk content: a panic elsewhere cannot leave it
     // inconsistent, so a poisoned lock is still good to use.
@@ -650,6 +777,24 @@ mod tests {
             let mut old_at = at;
             let mut old_model: BTreeMap<u64, Ptr> = BTreeMap::new();
             for step in 0..400u64 {
+                if rng.chance(1, 12) {
+                    // A range unmap removes exactly the mapped indexes of the range.
+                    let start = rng.below(span);
+                    let len = if rng.chance(1, 2) { 70 } else { span };
+                    let end = (start + 1 + rng.below(len)).min(span + 5);
+                    let mut unmapped = Vec::new();
+                    tree.unmap_range(&disk, start..end, &mut unmapped).expect("unmap");
+                    let gone: Vec<u64> = model.range(start..end).map(|(i, _)| *i).collect();
+                    let mut want: Vec<u64> = gone.iter().map(|i| model[i].block).collect();
+                    for i in gone {
+                        model.remove(&i);
+                    }
+                    unmapped.sort_unstable();
+                    want.sort_unstable();
+                    assert_eq!(unmapped, want, "seed {seed} step {step}: unmapped {start}..{end}");
+                    assert_eq!(tree.dirty_nodes(), count_dirty(&tree.root), "seed {seed} step {step}");
+                    continue;
+                }
                 let index = rng.below(span);
                 let target = if rng.chance(1, 4) { None } else { Some(ptr(step)) };
                 let old = tree.set(&disk, index, target).expect("set");

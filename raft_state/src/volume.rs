@@ -67,6 +67,9 @@ const MAX_RUN_BLOCKS: u64 = 256;
 const REPLAY_CHUNK_BYTES: u64 = 4 << 20;
 /// Paths of block-map nodes kept free for trims on a full volume between two checkpoints.
 const TRIM_SLACK_PATHS: u64 = 64;
+/// Whole blocks a trim or write-zeroes unmaps in one step (1 GiB): bounds the list of freed
+/// blocks it holds at once.
+const UNMAP_PIECE_BLOCKS: u64 = 1 << 18;
 /// Below this many times the data reserve, space is short: a freed durable block asks for the
 /// two checkpoints that release it.
 const LOW_SPACE_FACTOR: u64 = 2;
@@ -492,7 +495,12 @@ impl Volume {
                 Command::Write { data, .. } => {
                     self.patch(vb, &mut block, within..within + n, Some(&data[(at - offset) as usize..][..n]))
                 }
-                Command::Trim { .. } | Command::WriteZeroes { .. } if whole => self.put(vb, None),
+                Command::Trim { .. } | Command::WriteZeroes { .. } if whole => {
+                    // A run of whole blocks at once, by the tree's structure (bounded pieces,
+                    // so the list of freed blocks stays small whatever the range).
+                    n = ((end - at) / BLOCK).min(UNMAP_PIECE_BLOCKS) as usize * BLOCK_SIZE;
+                    self.unmap_whole(vb, (n / BLOCK_SIZE) as u64)
+                }
                 Command::Trim { .. } | Command::WriteZeroes { .. } => {
                     self.patch(vb, &mut block, within..within + n, None)
                 }
@@ -531,6 +539,25 @@ impl Volume {
             None => block[range].fill(0),
         }
         self.put(vb, Some(block))
+    }
+
+    /// Unmaps `count` whole blocks from `first_vb` on and frees what they pointed at: the
+    /// work follows the mapped part of the range, so a huge trim of a thin volume is cheap.
+    fn unmap_whole(&mut self, first_vb: u64, count: u64) -> Result<(), VolumeError> {
+        // The two edges of the range may dirty a path each (metadata_need counts one).
+        if self.alloc.free_blocks() < self.metadata_need() + u64::from(self.map.height()) {
+            self.space_pressure = 2;
+            return Err(AllocError::NoSpace.into());
+        }
+        let mut unmapped = Vec::new();
+        let result = self.map.unmap_range(&*self.dev, first_vb..first_vb + count, &mut unmapped);
+        for block in unmapped {
+            self.alloc.free(&*self.dev, block)?;
+        }
+        if self.alloc.free_blocks() < LOW_SPACE_FACTOR * (1 + self.data_reserve()) {
+            self.space_pressure = 2;
+        }
+        result.map_err(VolumeError::from)
     }
 
     /// Maps virtual block `vb` to a fresh copy of `content`, or unmaps it.
