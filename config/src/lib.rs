@@ -16,8 +16,14 @@
 //!   image; a multiple of 4096), `log_size = "64M"` (Raft log ring at format; a multiple of
 //!   4096, at least 64K). `size` and `log_size` matter only at format: an existing image
 //!   keeps the geometry it was formatted with.
-//! - `[server]` — the NBD endpoint. `socket = "rblk.sock"`, `max_connections = 64`,
-//!   `read_only = false`.
+//! - `[server]` — the NBD endpoint and what bounds its clients. `socket = "rblk.sock"`,
+//!   `max_connections = 64` (more clients wait in the backlog), `read_only = false`,
+//!   `max_inflight = "64M"` bytes of requests in flight in all and `max_inflight_per_connection
+//!   = "32M"` per connection (write payloads and read replies; at the limit a connection stops
+//!   reading its socket), `handshake_timeout = "10s"`, `stall_timeout = "30s"` (a request half
+//!   sent or replies unread for that long drop the connection; 0 never), `idle_timeout =
+//!   "60s"` (a connection silent between requests that long is closed, but only while other
+//!   clients wait for a slot; 0 never).
 //! - `[checkpoint]` — when committed writes are folded into a new root, which bounds replay
 //!   at restart. `log_bytes = "8M"` of log since the last checkpoint (at least 4K; the
 //!   storage caps it at a quarter of the ring), or `interval = "30s"` after the last one with
@@ -31,9 +37,10 @@
 //!   proposals persisted by one log append (the group-commit bound).
 //! - `[supervisor]` — keeping the driver alive. The driver beats every `heartbeat = "500ms"`;
 //!   after `heartbeat_timeout = "5s"` of silence the supervisor kills and restarts it,
-//!   backing off from `restart_backoff = "100ms"`, doubling up to `restart_backoff_max =
-//!   "5s"`; after `crash_loop_restarts = 5` restarts within `crash_loop_window = "30s"` it
-//!   gives up. Started as root, the driver runs as `user = "nobody"`, `group = "nogroup"`
+//!   A driver that was ready (recovered and served) is restarted at once whatever killed it;
+//!   while incarnations die before they are ready it backs off from `restart_backoff =
+//!   "100ms"`, doubling up to `restart_backoff_max = "5s"`, and after `max_failed_starts = 5`
+//!   of them in a row it gives up. Started as root, the driver runs as `user = "nobody"`, `group = "nogroup"`
 //!   (names or numeric ids, e.g. `"65534"`).
 //! - `[log]` — `level = "info"`: one of trace, debug, info, warning, error, critical. The
 //!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
@@ -115,15 +122,45 @@ pub struct ServerConfig {
     /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
     #[serde(with = "serde_path")]
     pub socket: PathBuf,
-    /// Client connections served at once (at least 1). Default 64.
+    /// Client connections served at once (at least 1); further clients wait in the listening
+    /// backlog until a slot frees. Default 64.
     pub max_connections: usize,
     /// Refuse writes, trims and zeroing. Default false.
     pub read_only: bool,
+    /// Bytes of requests in flight across all connections: write payloads until applied,
+    /// read replies until sent (at least 1M). At the limit connections stop reading their
+    /// sockets (backpressure). Default 64 MiB.
+    #[serde(with = "serde_size")]
+    pub max_inflight: u64,
+    /// The same, per connection (at least 4K, at most `max_inflight`). A request larger than
+    /// the budget is served alone. Default 32 MiB (one request of the largest size).
+    #[serde(with = "serde_size")]
+    pub max_inflight_per_connection: u64,
+    /// The handshake must finish within this (positive). Default 10 s.
+    #[serde(with = "serde_duration")]
+    pub handshake_timeout: Duration,
+    /// A request half sent, or replies the client does not read, for this long drop the
+    /// connection (0: never). Default 30 s.
+    #[serde(with = "serde_duration")]
+    pub stall_timeout: Duration,
+    /// A connection silent between requests for this long is closed while other clients wait
+    /// for a slot (0: never). An idle client is never closed otherwise. Default 60 s.
+    #[serde(with = "serde_duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { socket: PathBuf::from("rblk.sock"), max_connections: 64, read_only: false }
+        Self {
+            socket: PathBuf::from("rblk.sock"),
+            max_connections: 64,
+            read_only: false,
+            max_inflight: 64 << 20,
+            max_inflight_per_connection: 32 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -213,11 +250,10 @@ pub struct SupervisorConfig {
     /// The longest wait between restarts (at least `restart_backoff`). Default 5 s.
     #[serde(with = "serde_duration")]
     pub restart_backoff_max: Duration,
-    /// Give up after this many restarts (at least 1) ... Default 5.
-    pub crash_loop_restarts: u32,
-    /// ... within this window (positive). Default 30 s.
-    #[serde(with = "serde_duration")]
-    pub crash_loop_window: Duration,
+    /// Give up after this many incarnations in a row died before they were ready (at least
+    /// 1): recovery itself keeps failing. A driver that recovered and served is restarted
+    /// at once whatever killed it, and resets the count. Default 5.
+    pub max_failed_starts: u32,
     /// User (name or numeric uid) the driver runs as when started as root. Default `nobody`.
     pub user: String,
     /// Group (name or numeric gid) the driver runs as when started as root. Default `nogroup`.
@@ -231,8 +267,7 @@ impl Default for SupervisorConfig {
             heartbeat_timeout: Duration::from_secs(5),
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(5),
-            crash_loop_restarts: 5,
-            crash_loop_window: Duration::from_secs(30),
+            max_failed_starts: 5,
             user: "nobody".to_owned(),
             group: "nogroup".to_owned(),
         }
@@ -386,6 +421,22 @@ impl Config {
         if s.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1, got 0".into());
         }
+        if s.max_inflight < 1 << 20 {
+            return invalid("server.max_inflight", format!("must be at least 1M, got {}", size(s.max_inflight)));
+        }
+        if s.max_inflight_per_connection < BLOCK || s.max_inflight_per_connection > s.max_inflight {
+            return invalid(
+                "server.max_inflight_per_connection",
+                format!(
+                    "must be at least 4K and at most server.max_inflight ({}), got {}",
+                    size(s.max_inflight),
+                    size(s.max_inflight_per_connection)
+                ),
+            );
+        }
+        if s.handshake_timeout.is_zero() {
+            return invalid("server.handshake_timeout", "must be positive, got 0s".into());
+        }
 
         let c = &self.checkpoint;
         if c.log_bytes < BLOCK {
@@ -436,11 +487,8 @@ impl Config {
                 ),
             );
         }
-        if sv.crash_loop_restarts == 0 {
-            return invalid("supervisor.crash_loop_restarts", "must be at least 1, got 0".into());
-        }
-        if sv.crash_loop_window.is_zero() {
-            return invalid("supervisor.crash_loop_window", "must be positive, got 0s".into());
+        if sv.max_failed_starts == 0 {
+            return invalid("supervisor.max_failed_starts", "must be at least 1, got 0".into());
         }
         for (key, name, what) in [("supervisor.user", &sv.user, "user"), ("supervisor.group", &sv.group, "group")] {
             if !is_principal(name) {

@@ -40,6 +40,11 @@ fn defaults_validate() {
     assert_eq!(c.volume.log_size, 64 << 20);
     assert_eq!(c.server.socket, PathBuf::from("rblk.sock"));
     assert_eq!(c.server.max_connections, 64);
+    assert_eq!(c.server.max_inflight, 64 << 20);
+    assert_eq!(c.server.max_inflight_per_connection, 32 << 20);
+    assert_eq!(c.server.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.stall_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
     assert!(!c.server.read_only);
     assert_eq!(c.checkpoint.log_bytes, 8 << 20);
     assert_eq!(c.checkpoint.interval, Duration::from_secs(30));
@@ -51,8 +56,7 @@ fn defaults_validate() {
     assert_eq!(c.supervisor.heartbeat_timeout, Duration::from_secs(5));
     assert_eq!(c.supervisor.restart_backoff, Duration::from_millis(100));
     assert_eq!(c.supervisor.restart_backoff_max, Duration::from_secs(5));
-    assert_eq!(c.supervisor.crash_loop_restarts, 5);
-    assert_eq!(c.supervisor.crash_loop_window, Duration::from_secs(30));
+    assert_eq!(c.supervisor.max_failed_starts, 5);
     assert_eq!((c.supervisor.user.as_str(), c.supervisor.group.as_str()), ("nobody", "nogroup"));
     assert_eq!(c.log.level, LogLevel::Info);
 }
@@ -141,8 +145,7 @@ fn round_trip_through_to_toml_string() {
     c.supervisor.heartbeat_timeout = Duration::from_secs(7200);
     c.supervisor.restart_backoff = Duration::from_millis(1);
     c.supervisor.restart_backoff_max = Duration::from_secs(90);
-    c.supervisor.crash_loop_restarts = u32::MAX;
-    c.supervisor.crash_loop_window = Duration::MAX;
+    c.supervisor.max_failed_starts = u32::MAX;
     c.supervisor.user = "65534".into();
     c.supervisor.group = "rblk-users".into();
     c.log.level = LogLevel::Critical;
@@ -167,6 +170,13 @@ fn every_rule_rejects_naming_the_key() {
         ("[server]\nsocket = \"\"".into(), "server.socket", "must not be empty"),
         (format!("[server]\nsocket = \"{long_socket}\""), "server.socket", "at most 107"),
         ("[server]\nmax_connections = 0".into(), "server.max_connections", "at least 1"),
+        ("[server]\nmax_inflight = \"512K\"".into(), "server.max_inflight", "at least 1M"),
+        (
+            "[server]\nmax_inflight_per_connection = \"128M\"".into(),
+            "server.max_inflight_per_connection",
+            "at most server.max_inflight (64M)",
+        ),
+        ("[server]\nhandshake_timeout = \"0s\"".into(), "server.handshake_timeout", "must be positive"),
         ("[checkpoint]\nlog_bytes = 4095".into(), "checkpoint.log_bytes", "at least 4K"),
         ("[raft]\ntick = \"0ms\"".into(), "raft.tick", "must be positive"),
         ("[raft]\nheartbeat_ticks = 0".into(), "raft.heartbeat_ticks", "at least 1"),
@@ -186,8 +196,7 @@ fn every_rule_rejects_naming_the_key() {
             "supervisor.restart_backoff_max",
             "at least supervisor.restart_backoff (100ms), got 50ms",
         ),
-        ("[supervisor]\ncrash_loop_restarts = 0".into(), "supervisor.crash_loop_restarts", "at least 1"),
-        ("[supervisor]\ncrash_loop_window = \"0s\"".into(), "supervisor.crash_loop_window", "must be positive"),
+        ("[supervisor]\nmax_failed_starts = 0".into(), "supervisor.max_failed_starts", "at least 1"),
         ("[supervisor]\nuser = \"\"".into(), "supervisor.user", "user name or numeric id"),
         ("[supervisor]\nuser = \"no body\"".into(), "supervisor.user", "user name or numeric id"),
         ("[supervisor]\ngroup = \"a:b\"".into(), "supervisor.group", "group name or numeric id"),
@@ -208,7 +217,7 @@ fn rules_accept_their_boundaries() {
         "[checkpoint]\nlog_bytes = \"4K\"\ninterval = \"0s\"",
         "[cache]\nnodes = 0\nbitmaps = 0",
         "[raft]\nelection_ticks = 2\nheartbeat_ticks = 1\nmax_batch = 4096",
-        "[supervisor]\nheartbeat_timeout = \"501ms\"\nrestart_backoff_max = \"100ms\"\ncrash_loop_restarts = 1",
+        "[supervisor]\nheartbeat_timeout = \"501ms\"\nrestart_backoff_max = \"100ms\"\nmax_failed_starts = 1",
         "[supervisor]\nuser = \"65534\"\ngroup = \"65534\"",
     ];
     for text in ok {
@@ -261,7 +270,7 @@ fn wrong_types_are_named() {
         ("[server]\nread_only = \"yes\"", "server.read_only", "expected true or false"),
         ("[server]\nmax_connections = \"64\"", "server.max_connections", "expected a non-negative integer"),
         ("[cache]\nnodes = -1", "cache.nodes", "expected a non-negative integer"),
-        ("[supervisor]\ncrash_loop_restarts = 5000000000", "supervisor.crash_loop_restarts", "non-negative integer"),
+        ("[supervisor]\nmax_failed_starts = 5000000000", "supervisor.max_failed_starts", "non-negative integer"),
         ("[supervisor]\nuser = 65534", "supervisor.user", "expected a string"),
         ("[log]\nlevel = \"loud\"", "log.level", "expected one of trace, debug, info, warning, error, critical"),
         ("volume = 5", "volume", "expected a table"),

@@ -6,10 +6,12 @@
 //!
 //! ```text
 //!  accept thread ──► connection threads (handshake, decode, reads; one reply writer each)
-//!                          │ write / trim / write-zeroes as proposals (≤ 1 MiB each)
-//!                          ▼
-//!                    node thread (RawNode): propose all waiting → ONE log append + flush
-//!                          → apply to the volume → complete → reply
+//!    (waits for a slot)    │ each request first takes its bytes from the budgets
+//!                          │ write (≤ 1 MiB per entry) / trim / write-zeroes (one entry each)
+//!                          ▼ as proposals, one queue per connection
+//!                    node thread (RawNode): take round-robin → ONE log append + flush
+//!                          → applier thread: apply to the volume → complete → reply
+//!  heartbeat thread: beats while the node or the applier make progress
 //! ```
 //!
 //! Promises: a write is acknowledged only after its entry is durable in the log and applied;
@@ -18,14 +20,18 @@
 //! volume or a checkpoint stops the driver with an error (fail-stop); a stop request lets the
 //! node finish what it took, checkpoint, and return `Ok`, so the next start replays nothing.
 
+pub mod budget;
 pub mod cli;
 pub mod conn;
 pub mod node;
+pub mod queue;
 pub mod sandbox;
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use raft_state::device::Device;
 use raft_state::log::LogError;
@@ -53,7 +59,26 @@ pub struct DriverConfig {
     pub volume: VolumeOptions,
     pub node: NodeConfig,
     pub read_only: bool,
+    pub limits: Limits,
+}
+
+/// What bounds the clients: connections, bytes in flight, and how long the driver waits for
+/// a client (see `conn.rs` and `budget.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listening backlog.
     pub max_connections: usize,
+    /// Bytes of requests in flight (write payloads, read replies) per connection.
+    pub inflight_per_connection: u64,
+    /// Bytes of requests in flight across all connections.
+    pub inflight_total: u64,
+    /// The handshake must end within this.
+    pub handshake_timeout: Duration,
+    /// A request half sent, or replies unread, for this long drop the connection (0: never).
+    pub stall_timeout: Duration,
+    /// A connection silent between requests for this long is closed while other clients
+    /// wait for a slot (0: never).
+    pub idle_timeout: Duration,
 }
 
 /// NBD block sizes rblk advertises: 512-byte sectors work (read-modify-write below 4 KiB),
@@ -62,36 +87,40 @@ pub const MIN_BLOCK: u32 = 512;
 pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 32 << 20;
 
-/// The channel to the supervisor: one line `ready ms=<recovery ms> replayed=<entries>` after
-/// recovery, then `beat` lines while the node thread runs. Writes never block (the pipe is
-/// non-blocking; a full pipe drops a beat, a gone supervisor is ignored).
+/// The channel to the supervisor: one line `ready ms=<start to serving ms> replayed=<entries>`
+/// once the driver recovered and accepts clients (the supervisor counts that as progress),
+/// then `beat` lines from a thread of their own while the node or the applier make progress.
+/// Writes never block (the pipe is non-blocking; a full pipe drops a beat, a gone supervisor
+/// is ignored).
 #[derive(Debug)]
 pub struct Heartbeat {
     out: std::fs::File,
-    every: std::time::Duration,
-    last: std::time::Instant,
+    every: Duration,
 }
 
 impl Heartbeat {
-    pub fn new(out: std::fs::File, every: std::time::Duration) -> Heartbeat {
-        Heartbeat { out, every, last: std::time::Instant::now() }
+    pub fn new(out: std::fs::File, every: Duration) -> Heartbeat {
+        Heartbeat { out, every }
     }
 
-    fn line(&mut self, line: &str) {
+    /// Says `ready`, then beats every interval in which `alive` moved, until `done` is set.
+    /// The beats never wait behind request work: only a node or applier that stopped moving
+    /// (hung) silences them.
+    fn start(mut self, ms: u64, replayed: u64, alive: Arc<AtomicU64>, done: Arc<AtomicBool>) -> std::io::Result<()> {
         use std::io::Write;
-        let _ = self.out.write_all(line.as_bytes());
-        self.last = std::time::Instant::now();
-    }
-
-    pub fn ready(&mut self, ms: u64, replayed: u64) {
-        self.line(&format!("ready ms={ms} replayed={replayed}\n"));
-    }
-
-    /// Beats if the interval has passed.
-    pub fn beat(&mut self) {
-        if self.last.elapsed() >= self.every {
-            self.line("beat\n");
-        }
+        let _ = self.out.write_all(format!("ready ms={ms} replayed={replayed}\n").as_bytes());
+        std::thread::Builder::new().name("rblk-beat".into()).spawn(move || {
+            let mut seen = alive.load(Ordering::Relaxed);
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(self.every);
+                let now = alive.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    let _ = self.out.write_all(b"beat\n");
+                }
+            }
+        })?;
+        Ok(())
     }
 }
 
@@ -103,17 +132,15 @@ pub fn run(
     listener: UnixListener,
     cfg: DriverConfig,
     stop: Arc<AtomicBool>,
-    mut heartbeat: Option<Heartbeat>,
+    heartbeat: Option<Heartbeat>,
     log: Logger,
 ) -> Result<(), DriverError> {
     let started = std::time::Instant::now();
     let (volume, store) =
         Volume::open_with(dev, root_dev, cfg.volume.clone(), log.new(slog::o!("component" => "volume")))
             .map_err(DriverError::Volume)?;
-    if let Some(h) = heartbeat.as_mut() {
-        let stats = volume.stats();
-        h.ready(started.elapsed().as_millis() as u64, stats.applied_index - stats.root_applied_index);
-    }
+    let stats = volume.stats();
+    let replayed = stats.applied_index - stats.root_applied_index;
     let export = session::Export {
         size: volume.size(),
         read_only: cfg.read_only,
@@ -124,52 +151,75 @@ pub fn run(
         description: Some("rblk volume".into()),
     };
     let volume = Arc::new(RwLock::new(volume));
-    let (tx, rx) = mpsc::channel();
+    let proposals = Arc::new(queue::Proposals::new());
     let shared = Arc::new(conn::Shared {
         volume: volume.clone(),
         export,
-        proposals: tx,
+        proposals: proposals.clone(),
+        budget: budget::Budget::new(cfg.limits.inflight_total),
+        limits: cfg.limits.clone(),
         connections: AtomicUsize::new(0),
+        slot_freed: (Mutex::new(()), Condvar::new()),
+        crowded: AtomicBool::new(false),
         served: AtomicBool::new(false),
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();
-    let max_connections = cfg.max_connections;
+    let alive = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (beat_alive, beat_done) = (alive.clone(), done.clone());
     // Clients are let in only once everything committed is applied: a write acknowledged
     // by the previous incarnation may be committed only now (by the new leader's first
-    // entry), and a read must see it. Until then they wait in the listening backlog.
+    // entry), and a read must see it. Until then they wait in the listening backlog. Only
+    // then is the driver ready.
     let start_serving = move || -> std::io::Result<()> {
-        std::thread::Builder::new()
-            .name("rblk-accept".into())
-            .spawn(move || accept(listener, accept_shared, max_connections))
-            .map(drop)
+        std::thread::Builder::new().name("rblk-accept".into()).spawn(move || accept(listener, accept_shared))?;
+        if let Some(h) = heartbeat {
+            h.start(started.elapsed().as_millis() as u64, replayed, beat_alive, beat_done)?;
+        }
+        Ok(())
     };
     let node_log = log.new(slog::o!("component" => "node"));
-    let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, start_serving, &node_log);
-    // Proposals sent from now on find the channel closed and are dropped unanswered.
+    let result = node::run(volume, store, &proposals, &cfg.node, stop.as_ref(), &alive, start_serving, &node_log);
+    done.store(true, Ordering::Relaxed);
+    // Proposals made from now on are dropped unanswered (the queue is closed).
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));
     }
     result
 }
 
-fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: usize) {
+/// Accepts clients while there is a free slot; at `max_connections` it stops accepting, so
+/// further clients wait in the listening backlog (as with qemu-nbd) instead of being closed,
+/// and marks the driver crowded while one waits (idle connections then give up their slot).
+fn accept(listener: UnixListener, shared: Arc<conn::Shared>) {
+    let max_connections = shared.limits.max_connections;
     let mut next_id = 0u64;
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
+    loop {
+        let (lock, freed) = &shared.slot_freed;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logged = false;
+        while shared.connections.load(Ordering::SeqCst) >= max_connections {
+            let waiting = client_waiting(&listener);
+            shared.crowded.store(waiting, Ordering::Relaxed);
+            if waiting && !logged {
+                logged = true;
+                warn!(shared.log, "all connection slots taken: new clients wait"; "max" => max_connections);
+            }
+            guard = freed.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(guard);
+        shared.crowded.store(false, Ordering::Relaxed);
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
                 warn!(shared.log, "accept failed"; "error" => %e);
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
         next_id += 1;
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= max_connections {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            warn!(shared.log, "too many connections: refused"; "max" => max_connections);
-            continue;
-        }
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         info!(shared.log, "connection"; "conn" => next_id);
         let conn_shared = shared.clone();
         let id = next_id;
@@ -180,6 +230,13 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: us
             warn!(shared.log, "cannot start a connection thread"; "error" => %e);
         }
     }
+}
+
+/// Whether a client waits in the listening socket's backlog.
+fn client_waiting(listener: &UnixListener) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// An error with its sources, for logs and the exit message.
@@ -238,6 +295,13 @@ pub fn driver_config(cfg: &config::Config) -> DriverConfig {
         },
         node: node_config(cfg),
         read_only: cfg.server.read_only,
-        max_connections: cfg.server.max_connections,
+        limits: Limits {
+            max_connections: cfg.server.max_connections,
+            inflight_per_connection: cfg.server.max_inflight_per_connection,
+            inflight_total: cfg.server.max_inflight,
+            handshake_timeout: cfg.server.handshake_timeout,
+            stall_timeout: cfg.server.stall_timeout,
+            idle_timeout: cfg.server.idle_timeout,
+        },
     }
 }

@@ -9,8 +9,8 @@
 //! supervisor restarts it and recovery works from what is durable).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use raft_state::log::LogStore;
 use raft_state::volume::{lock_log, Applied, Volume};
 use slog::{debug, error, info, Logger};
 
+use crate::queue::Proposals;
 use crate::DriverError;
 
 /// What became of a proposal.
@@ -123,26 +124,33 @@ enum ToApply {
 ///
 /// `start_serving` is called once everything committed at the start (a previous incarnation's
 /// entries included) is applied, so that no client reads the volume before then.
+///
+/// `alive` counts the rounds of the node loop and the applier's batches: the heartbeat
+/// beats while it moves, so a stuck node or applier stops the beats, while a busy one never
+/// delays them. When `run` returns, `proposals` is closed: whatever is still queued, and
+/// whatever is proposed later, is dropped unanswered (after an error, so is everything the
+/// node took: a driver that fails never answers a request it did not complete).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     volume: Arc<RwLock<Volume>>,
     store: LogStore,
-    proposals: Receiver<Proposal>,
+    proposals: &Proposals,
     cfg: &NodeConfig,
     stop: &AtomicBool,
-    heartbeat: Option<crate::Heartbeat>,
+    alive: &Arc<AtomicU64>,
     start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let store = SharedLog(Arc::new(Mutex::new(store)));
     let (to_apply, applies) = mpsc::sync_channel::<ToApply>(APPLY_QUEUE);
     let applier = {
-        let (volume, store, log) = (volume.clone(), store.clone(), log.clone());
+        let (volume, store, log, alive) = (volume.clone(), store.clone(), log.clone(), alive.clone());
         std::thread::Builder::new()
             .name("rblk-apply".into())
-            .spawn(move || apply_loop(&volume, &store, &applies, &log))?
+            .spawn(move || apply_loop(&volume, &store, &applies, &alive, &log))?
     };
-    let result = node_loop(&volume, store, proposals, cfg, stop, heartbeat, &to_apply, start_serving, log);
+    let result = node_loop(&volume, store, proposals, cfg, stop, alive, &to_apply, start_serving, log);
+    proposals.close();
     if result.is_ok() {
         // The applier may have failed meanwhile; then its error is the one to report.
         let _ = to_apply.send(ToApply::Stop);
@@ -157,10 +165,10 @@ pub fn run(
 fn node_loop(
     volume: &RwLock<Volume>,
     store: SharedLog,
-    proposals: Receiver<Proposal>,
+    proposals: &Proposals,
     cfg: &NodeConfig,
     stop: &AtomicBool,
-    mut heartbeat: Option<crate::Heartbeat>,
+    alive: &AtomicU64,
     to_apply: &SyncSender<ToApply>,
     start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
@@ -194,33 +202,11 @@ fn node_loop(
     start_serving()?;
     info!(log, "serving"; "term" => node.raft.term, "applied" => read_volume(volume).applied_index());
     let mut next_tick = Instant::now() + cfg.tick;
-    let mut open = true;
-    while open {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        // Beats come from this loop, so a node stuck anywhere (or waiting on a stuck
-        // applier) stops them.
-        if let Some(h) = heartbeat.as_mut() {
-            h.beat();
-        }
-        let mut batch: Vec<Proposal> = Vec::new();
-        match proposals.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
-            Ok(p) => batch.push(p),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => open = false,
-        }
-        // Group commit: everything that is already waiting goes into the same append.
-        let mut bytes: u64 = batch.iter().map(|p| p.data.len() as u64).sum();
-        while bytes < cfg.max_batch_bytes {
-            match proposals.try_recv() {
-                Ok(p) => {
-                    bytes += p.data.len() as u64;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+    while !stop.load(Ordering::SeqCst) {
+        alive.fetch_add(1, Ordering::Relaxed);
+        // Group commit: everything that is already waiting goes into the same append, taken
+        // from the connections in turn.
+        let batch = proposals.take_batch(next_tick, cfg.max_batch_bytes);
         for p in batch {
             propose(&mut node, p, &mut waiting)?;
         }
@@ -232,7 +218,7 @@ fn node_loop(
     }
     // Clean stop: what was not proposed is dropped unanswered (clients resend after
     // reconnecting); everything proposed was committed and handed to the applier.
-    drop(proposals);
+    proposals.close();
     for (_, done) in waiting.drain() {
         done(Outcome::Stopped);
     }
@@ -309,12 +295,14 @@ fn apply_loop(
     volume: &RwLock<Volume>,
     store: &SharedLog,
     applies: &Receiver<ToApply>,
+    alive: &AtomicU64,
     log: &Logger,
 ) -> Result<(), DriverError> {
     loop {
         match applies.recv() {
             Ok(ToApply::Batch(entries, done)) => {
                 apply(volume, &entries, done, log)?;
+                alive.fetch_add(1, Ordering::Relaxed);
                 let due = read_volume(volume).should_checkpoint(&store.lock());
                 if due {
                     let started = Instant::now();

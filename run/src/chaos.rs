@@ -463,8 +463,7 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
 /// scenario's configuration merged over them section by section.
 fn server_config(scenario: &str) -> Result<String, String> {
     const DEFAULTS: &str = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\n\
-        restart_backoff = \"10ms\"\nrestart_backoff_max = \"200ms\"\ncrash_loop_restarts = 1000\n\
-        crash_loop_window = \"10s\"\n";
+        restart_backoff = \"10ms\"\nrestart_backoff_max = \"200ms\"\nmax_failed_starts = 1000\n";
     let mut merged: toml::Table = DEFAULTS.parse().map_err(|e| format!("chaos defaults: {e}"))?;
     let extra: toml::Table = scenario.parse().map_err(|e| format!("scenario config: {e}"))?;
     for (section, values) in extra {

@@ -5,14 +5,14 @@
 //! supervisor has open is close-on-exec). Because the listening socket outlives every driver
 //! incarnation, a client that connects during a restart waits in the backlog.
 //!
-//! It restarts the driver at once when it exits or is killed, backs off exponentially when
-//! it keeps dying quickly, and gives up (non-zero exit) after too many restarts within the
-//! crash-loop window. The driver reports `ready ms=.. replayed=..` after recovery and then
+//! It restarts the driver at once when it exits or is killed after it became ready (that
+//! incarnation made progress), backs off exponentially while incarnations die before they
+//! are ready, and gives up (non-zero exit) only after `max_failed_starts` such failures in a
+//! row. The driver reports `ready ms=.. replayed=..` after recovery and then
 //! beats; after `heartbeat_timeout` of silence it is killed (SIGKILL) and restarted. Every
 //! restart is logged with its cause, the incarnation and the recovery time. SIGTERM/SIGINT
 //! stop the driver cleanly (it checkpoints) and end the supervisor with exit 0.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -41,12 +41,17 @@ pub struct Held {
 
 /// How long a stopping driver gets to checkpoint before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
-/// A driver that ran this long was healthy: its death is restarted at once, without backoff.
-const HEALTHY_UPTIME: Duration = Duration::from_secs(1);
 /// How long a starting driver may take to recover before its silence counts.
 const RECOVERY_ALLOWANCE: Duration = Duration::from_secs(300);
 
-/// Supervises drivers until `stop` (Ok) or a crash loop (Err).
+/// Supervises drivers until `stop` (Ok) or until recovery itself keeps failing (Err).
+///
+/// The policy follows progress, not the clock: an incarnation that reported `ready` (it
+/// recovered and served) is restarted at once, however often that happens — a client that
+/// crashes the driver again and again must not end the service for everyone. Only
+/// incarnations that die before they are ready count as failures; after
+/// `max_failed_starts` of them in a row (backing off between them) the supervisor gives up,
+/// since restarting cannot fix a recovery that fails every time.
 pub fn supervise(
     driver: &PathBuf,
     held: &Held,
@@ -55,46 +60,48 @@ pub fn supervise(
     log: &Logger,
 ) -> Result<(), String> {
     let s = &cfg.supervisor;
-    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut failed_starts = 0u32;
     let mut backoff = s.restart_backoff;
     for incarnation in 1u64.. {
         let started = Instant::now();
         let (mut child, beats) = spawn(driver, held, cfg).map_err(|e| format!("starting {}: {e}", driver.display()))?;
         info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
-        let cause = watch(&mut child, beats, cfg, stop, incarnation, log);
-        let Some(cause) = cause else {
+        let end = watch(&mut child, beats, cfg, stop, incarnation, log);
+        let Some(Death { cause, ready }) = end else {
             info!(log, "stopped"; "incarnation" => incarnation);
             return Ok(());
         };
-        let uptime = started.elapsed();
-        warn!(log, "driver died"; "incarnation" => incarnation, "cause" => &cause, "uptime_ms" => uptime.as_millis() as u64);
-        let now = Instant::now();
-        restarts.push_back(now);
-        while restarts.front().is_some_and(|t| now.duration_since(*t) > s.crash_loop_window) {
-            restarts.pop_front();
+        let uptime_ms = started.elapsed().as_millis() as u64;
+        warn!(log, "driver died"; "incarnation" => incarnation, "cause" => &cause, "uptime_ms" => uptime_ms, "was_ready" => ready);
+        if ready {
+            failed_starts = 0;
+            backoff = s.restart_backoff;
+            info!(log, "restarting at once"; "why" => "the driver had recovered and served");
+            continue;
         }
-        if restarts.len() > s.crash_loop_restarts as usize {
+        failed_starts += 1;
+        if failed_starts >= s.max_failed_starts {
             let msg = format!(
-                "driver crash loop: {} restarts within {:?}, last cause: {cause}; giving up",
-                restarts.len(),
-                s.crash_loop_window
+                "driver crash loop: {failed_starts} starts in a row died before becoming ready, last cause: {cause}; giving up"
             );
             error!(log, "giving up"; "why" => &msg);
             return Err(msg);
         }
-        // At once after a driver that ran a while (a kill or a crash, not a loop); backing
-        // off while it keeps dying soon after starting.
-        if uptime >= HEALTHY_UPTIME {
-            backoff = s.restart_backoff;
-        } else if restarts.len() > 1 {
-            info!(log, "backing off"; "ms" => backoff.as_millis() as u64);
-            if sleep_unless(stop, backoff) {
-                return Ok(());
-            }
-            backoff = (backoff * 2).min(s.restart_backoff_max);
+        info!(log, "backing off"; "ms" => backoff.as_millis() as u64, "failed_starts" => failed_starts,
+            "why" => "the driver died before it was ready");
+        if sleep_unless(stop, backoff) {
+            return Ok(());
         }
+        backoff = (backoff * 2).min(s.restart_backoff_max);
     }
     Ok(())
+}
+
+/// How an incarnation ended, unless it was stopped on request.
+struct Death {
+    cause: String,
+    /// It had reported `ready`: it recovered and was serving.
+    ready: bool,
 }
 
 /// Sleeps `d` in small steps; true if `stop` was set meanwhile.
@@ -147,7 +154,7 @@ fn set_cloexec(fd: i32, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Watches one incarnation: `None` after a requested stop, else why it ended.
+/// Watches one incarnation: `None` after a requested stop, else how it ended.
 fn watch(
     child: &mut Child,
     mut beats: File,
@@ -155,7 +162,7 @@ fn watch(
     stop: &AtomicBool,
     incarnation: u64,
     log: &Logger,
-) -> Option<String> {
+) -> Option<Death> {
     let timeout = cfg.supervisor.heartbeat_timeout;
     let mut last = Instant::now();
     let mut ready = false;
@@ -167,13 +174,14 @@ fn watch(
             return None;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Some(describe(status));
+            return Some(Death { cause: describe(status), ready });
         }
         let allowed = if ready { timeout } else { RECOVERY_ALLOWANCE.max(timeout) };
         if last.elapsed() > allowed {
             let _ = child.kill();
             let _ = child.wait();
-            return Some(format!("no heartbeat for {} ms: killed", last.elapsed().as_millis()));
+            let cause = format!("no heartbeat for {} ms: killed", last.elapsed().as_millis());
+            return Some(Death { cause, ready });
         }
         if !open {
             // The driver is exiting: poll often, a restart waits for its reaping.

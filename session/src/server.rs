@@ -354,6 +354,15 @@ impl fmt::Debug for Request {
 /// [`SessionError::PayloadTooLong`] and the connection must drop, since skipping it would mean
 /// reading it. End of stream before a request is [`SessionError::Closed`]: the client went away.
 pub fn read_request<R: Read>(r: &mut R, max_payload: u32) -> Result<Request, SessionError> {
+    let mut request = read_request_header(r)?;
+    read_payload(r, &mut request, max_payload)?;
+    Ok(request)
+}
+
+/// The first half of [`read_request`]: the header alone, with `data` still empty. A server
+/// that budgets memory reads the header, waits until the payload fits its budget, and only
+/// then calls [`read_payload`] — until then the payload stays in the socket (backpressure).
+pub fn read_request_header<R: Read>(r: &mut R) -> Result<Request, SessionError> {
     let raw: RawRequest = read_raw(r, "request header")?;
     if raw.magic.get() != NBD_REQUEST_MAGIC {
         return Err(SessionError::BadMagic {
@@ -370,16 +379,21 @@ pub fn read_request<R: Read>(r: &mut R, max_payload: u32) -> Result<Request, Ses
         length: raw.length.get(),
         data: Vec::new(),
     };
-    // Only a WRITE carries data after the header (proto.md "Request message").
+    Ok(request)
+}
+
+/// The second half of [`read_request`]: the payload of a WRITE into `request.data` (other
+/// commands carry none, proto.md "Request message"). A payload above `max_payload` is
+/// [`SessionError::PayloadTooLong`]; the connection must drop.
+pub fn read_payload<R: Read>(r: &mut R, request: &mut Request, max_payload: u32) -> Result<(), SessionError> {
     if request.command != Command::Write {
-        return Ok(request);
+        return Ok(());
     }
     if request.length > max_payload {
         return Err(SessionError::PayloadTooLong { handle: request.handle, length: request.length, max: max_payload });
     }
-    let mut data = vec![0; request.length as usize];
-    read_full(r, &mut data, "write payload", false)?;
-    Ok(Request { data, ..request })
+    request.data = vec![0; request.length as usize];
+    read_full(r, &mut request.data, "write payload", false)
 }
 
 /// Whether `buffered` (bytes already received, not yet parsed) holds a whole request, so
@@ -425,6 +439,14 @@ pub fn write_reply<W: Write>(w: &mut W, handle: u64, error: u32, data: &[u8]) ->
 /// - past the end of the export → `NBD_ENOSPC` for WRITE and WRITE_ZEROES, `NBD_EINVAL` for READ
 ///   and TRIM.
 pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
+    check_request_for(req, export, true)
+}
+
+/// [`check_request`] for a client that did (`block_sizes_known`) or did not learn the export's
+/// size constraints during the handshake. A client that never asked for `NBD_INFO_BLOCK_SIZE`
+/// may not know the minimum block, and the server SHOULD then accept requests of any
+/// alignment, down to one byte (proto.md "Size constraints"); only the other rules apply.
+pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool) -> Option<u32> {
     let advertised = export.transmission_flags();
     let fua = if advertised & NBD_FLAG_SEND_FUA != 0 { NBD_CMD_FLAG_FUA } else { 0 };
     let allowed_flags = match req.command {
@@ -447,7 +469,7 @@ pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
     if req.length == 0 {
         return Some(NBD_EINVAL);
     }
-    let min = u64::from(export.min_block);
+    let min = if block_sizes_known { u64::from(export.min_block) } else { 1 };
     if !req.offset.is_multiple_of(min) || !u64::from(req.length).is_multiple_of(min) {
         return Some(NBD_EINVAL);
     }

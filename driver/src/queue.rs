@@ -1,0 +1,148 @@
+//! The proposals waiting for the Raft node, one queue per connection, taken round-robin.
+//!
+//! A single FIFO would let one client's backlog delay every other client's writes by the
+//! whole backlog. Here the node takes one proposal from each connection that has any, in
+//! turn, until its batch is full: a light client's write waits behind at most one batch,
+//! whatever a flooding client has queued (deficit round-robin with a quantum of one request;
+//! requests are bounded by the connection budgets, see `budget.rs`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::node::{Outcome, Proposal};
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Proposals {
+    state: Mutex<State>,
+    arrived: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Waiting proposals by connection; a connection is in `order` iff its queue is non-empty.
+    queues: HashMap<u64, VecDeque<Proposal>>,
+    order: VecDeque<u64>,
+    /// The node has stopped: nothing more is taken.
+    closed: bool,
+}
+
+impl Proposals {
+    pub fn new() -> Proposals {
+        Proposals::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves whole proposals in whole queues.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a proposal of connection `conn`. After `close` it is completed at once with
+    /// `Outcome::Stopped` (no reply: the client resends after reconnecting).
+    pub fn push(&self, conn: u64, p: Proposal) {
+        let mut s = self.lock();
+        if s.closed {
+            drop(s);
+            (p.done)(Outcome::Stopped);
+            return;
+        }
+        let queue = s.queues.entry(conn).or_default();
+        queue.push_back(p);
+        if queue.len() == 1 {
+            s.order.push_back(conn);
+        }
+        drop(s);
+        self.arrived.notify_one();
+    }
+
+    /// Waits until something is queued or `until` passes, then takes proposals round-robin
+    /// across connections until they hold `max_bytes` (at least one is taken when any waits).
+    pub fn take_batch(&self, until: Instant, max_bytes: u64) -> Vec<Proposal> {
+        let mut s = self.lock();
+        while s.order.is_empty() && !s.closed {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Vec::new();
+            }
+            s = self.arrived.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while bytes < max_bytes {
+            let Some(conn) = s.order.pop_front() else { break };
+            let Some(queue) = s.queues.get_mut(&conn) else { continue };
+            let Some(p) = queue.pop_front() else { continue };
+            bytes += p.data.len() as u64;
+            batch.push(p);
+            if queue.is_empty() {
+                s.queues.remove(&conn);
+            } else {
+                s.order.push_back(conn);
+            }
+        }
+        batch
+    }
+
+    /// No more proposals are taken; everything waiting is completed with `Outcome::Stopped`.
+    pub fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.order.clear();
+        let queues = std::mem::take(&mut s.queues);
+        drop(s);
+        for p in queues.into_values().flatten() {
+            (p.done)(Outcome::Stopped);
+        }
+        self.arrived.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn proposal(tag: u8, bytes: usize, stopped: Option<Arc<AtomicUsize>>) -> Proposal {
+        Proposal {
+            data: vec![tag; bytes],
+            done: Box::new(move |o| {
+                if let (Outcome::Stopped, Some(n)) = (o, stopped) {
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+            }),
+        }
+    }
+
+    /// A connection with a long backlog gets one turn per round: the other's proposal is in
+    /// the first batch, second in line.
+    #[test]
+    fn connections_take_turns() {
+        let q = Proposals::new();
+        for _ in 0..100 {
+            q.push(1, proposal(1, 1000, None));
+        }
+        q.push(2, proposal(2, 1000, None));
+        let batch = q.take_batch(Instant::now(), 3000);
+        let tags: Vec<u8> = batch.iter().map(|p| p.data[0]).collect();
+        assert_eq!(tags, [1, 2, 1]);
+        let rest = q.take_batch(Instant::now(), u64::MAX);
+        assert_eq!(rest.len(), 98);
+        assert!(rest.iter().all(|p| p.data[0] == 1));
+        assert!(q.take_batch(Instant::now(), u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn closing_completes_what_waits_and_what_comes_later_as_stopped() {
+        let q = Proposals::new();
+        let stopped = Arc::new(AtomicUsize::new(0));
+        q.push(1, proposal(1, 10, Some(stopped.clone())));
+        q.push(2, proposal(2, 10, Some(stopped.clone())));
+        q.close();
+        assert_eq!(stopped.load(Ordering::SeqCst), 2);
+        q.push(1, proposal(1, 10, Some(stopped.clone())));
+        assert_eq!(stopped.load(Ordering::SeqCst), 3);
+        assert!(q.take_batch(Instant::now() + std::time::Duration::from_secs(5), 100).is_empty(), "no wait");
+    }
+}
