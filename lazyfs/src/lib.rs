@@ -802,7 +802,7 @@ impl Mounted {
     pub fn unmount(mut self) -> io::Result<()> {
         unmount(&self.mountpoint)?;
         match self.session.take() {
-            Some(session) => session.umount_and_join(),
+            Some(session) => session.join(),
             None => Ok(()),
         }
     }
