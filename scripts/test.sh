@@ -2,6 +2,7 @@
 # The README's test command: installs what a fresh Debian machine lacks, then runs the format
 # check, clippy and the whole test suite. Long runs are opt-in:
 #   RBLK_SIM_SEEDS=N    seeded random runs per simulation suite; RBLK_SIM_SEED=S replays one
+#   RBLK_POWERCUT_CUTS=N  power cuts per power-cut test; RBLK_POWERCUT_SEED=S replays one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,8 @@ need protoc=protobuf-compiler `# raft-proto is generated with prost at build tim
   nbdfuse=nbdfuse              `# the export as a file, for mkfs.ext4 and e2fsck` \
   fio=fio                      `# fio's nbd engine with verify` \
   nbdkit=nbdkit                `# a peer to compare with in benchmarks` \
-  mkfs.ext4=e2fsprogs
+  mkfs.ext4=e2fsprogs \
+  fusermount3=fuse3            `# lazyfs (FUSE, no libfuse needed) under the power-cut test`
 
 # Every real-client test must run, not skip, once its tools are here.
 export RBLK_REQUIRE_CLIENTS=1
