@@ -97,6 +97,10 @@ impl Heartbeat {
 
 /// Opens the volume and serves `listener` until `stop` is set (then returns `Ok` after a
 /// final checkpoint) or a fatal error. With a heartbeat, reports recovery and beats.
+///
+/// Threads it leaves when it returns (which a process exiting ends anyway): the accept thread
+/// ends at the next connection, closing the listener; each connection's threads end when
+/// its client goes (writes are no longer answered). Once they have, nothing holds `dev`.
 pub fn run(
     dev: Arc<dyn Device>,
     root_dev: Option<Arc<dyn Device>>,
@@ -135,17 +139,22 @@ pub fn run(
     });
     let accept_shared = shared.clone();
     let max_connections = cfg.max_connections;
+    // Set once the node has returned: the accept thread then ends at its next connection
+    // (a process exits anyway; a driver run in-process must let go of its volume).
+    let node_done = Arc::new(AtomicBool::new(false));
+    let accept_done = node_done.clone();
     // Clients are let in only once everything committed is applied: a write acknowledged
     // by the previous incarnation may be committed only now (by the new leader's first
     // entry), and a read must see it. Until then they wait in the listening backlog.
     let start_serving = move || -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("rblk-accept".into())
-            .spawn(move || accept(listener, accept_shared, max_connections))
+            .spawn(move || accept(listener, accept_shared, max_connections, &accept_done))
             .map(drop)
     };
     let node_log = log.new(slog::o!("component" => "node"));
     let result = node::run(volume, store, rx, &cfg.node, stop.as_ref(), heartbeat, start_serving, &node_log);
+    node_done.store(true, Ordering::SeqCst);
     // Proposals sent from now on find the channel closed and are dropped unanswered.
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));
@@ -153,9 +162,14 @@ pub fn run(
     result
 }
 
-fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: usize) {
+fn accept(listener: UnixListener, shared: Arc<conn::Shared>, max_connections: usize, node_done: &AtomicBool) {
     let mut next_id = 0u64;
     for stream in listener.incoming() {
+        if node_done.load(Ordering::SeqCst) {
+            // Nothing would answer its writes: the client reconnects to the next incarnation.
+            info!(shared.log, "the node has stopped: no more connections");
+            return;
+        }
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
