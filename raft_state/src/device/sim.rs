@@ -1,7 +1,7 @@
 //! A simulated disk for crash and fault tests.
 //!
-//! It keeps the *durable image* apart from the writes issued since the last flush (TigerBeetle
-//! keeps faults apart from pristine data in the same way). Reads see the volatile view: the
+//! It keeps the *durable image* apart from the writes not yet durable (TigerBeetle keeps
+//! faults apart from pristine data in the same way). Reads see the volatile view: the
 //! durable image with the pending writes applied in order, as a real disk's cache would show.
 //! A crash resolves every pending write to one [`WriteFate`]: kept, dropped, or torn at
 //! 512-byte granularity (each sector kept or not), then the durable image is all that remains.
