@@ -126,6 +126,10 @@ impl Heartbeat {
 
 /// Opens the volume and serves `listener` until `stop` is set (then returns `Ok` after a
 /// final checkpoint) or a fatal error. With a heartbeat, reports recovery and beats.
+///
+/// Threads it leaves when it returns (which a process exiting ends anyway): the accept thread
+/// ends at the next connection, closing the listener; each connection's threads end when
+/// its client goes (writes are no longer answered). Once they have, nothing holds `dev`.
 pub fn run(
     dev: Arc<dyn Device>,
     root_dev: Option<Arc<dyn Device>>,
@@ -167,13 +171,13 @@ pub fn run(
     let accept_shared = shared.clone();
     let alive = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
-    let (beat_alive, beat_done) = (alive.clone(), done.clone());
+    let (beat_alive, beat_done, accept_done) = (alive.clone(), done.clone(), done.clone());
     // Clients are let in only once everything committed is applied: a write acknowledged
     // by the previous incarnation may be committed only now (by the new leader's first
     // entry), and a read must see it. Until then they wait in the listening backlog. Only
     // then is the driver ready.
     let start_serving = move || -> std::io::Result<()> {
-        std::thread::Builder::new().name("rblk-accept".into()).spawn(move || accept(listener, accept_shared))?;
+        std::thread::Builder::new().name("rblk-accept".into()).spawn(move || accept(listener, accept_shared, &accept_done))?;
         if let Some(h) = heartbeat {
             h.start(started.elapsed().as_millis() as u64, replayed, beat_alive, beat_done)?;
         }
@@ -181,7 +185,9 @@ pub fn run(
     };
     let node_log = log.new(slog::o!("component" => "node"));
     let result = node::run(volume, store, &proposals, &cfg.node, stop.as_ref(), &alive, start_serving, &node_log);
-    done.store(true, Ordering::Relaxed);
+    // The accept thread ends at its next connection, the heartbeat at its next beat (a
+    // process exits anyway; a driver run in-process must let go of its volume).
+    done.store(true, Ordering::SeqCst);
     // Proposals made from now on are dropped unanswered (the queue is closed).
     if let Err(e) = &result {
         warn!(log, "driver stops on an error"; "error" => error_chain(e));
@@ -192,7 +198,7 @@ pub fn run(
 /// Accepts clients while there is a free slot; at `max_connections` it stops accepting, so
 /// further clients wait in the listening backlog (as with qemu-nbd) instead of being closed,
 /// and marks the driver crowded while one waits (idle connections then give up their slot).
-fn accept(listener: UnixListener, shared: Arc<conn::Shared>) {
+fn accept(listener: UnixListener, shared: Arc<conn::Shared>, node_done: &AtomicBool) {
     let max_connections = shared.limits.max_connections;
     let mut next_id = 0u64;
     loop {
@@ -210,7 +216,13 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>) {
         }
         drop(guard);
         shared.crowded.store(false, Ordering::Relaxed);
-        let stream = match listener.accept() {
+        let accepted = listener.accept();
+        if node_done.load(Ordering::SeqCst) {
+            // Nothing would answer its writes: the client reconnects to the next incarnation.
+            info!(shared.log, "the node has stopped: no more connections");
+            return;
+        }
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!(shared.log, "accept failed"; "error" => %e);

@@ -1385,7 +1385,8 @@ mod tests {
                 let d = Arc::new(SimDisk::new(72 * BLOCK, seed));
                 let mut s = open(&d, 64, &Anchor::genesis(voters())).expect("open");
                 s.append(&[entry(1, 1, 100)], Some(&hs(1, 1))).expect("append");
-                d.crash_after_ops(Some(1)); // the write of the next batch happens, its flush does not
+                // The power goes off in the next batch's durable write: it may be kept or torn.
+                d.crash_after_ops(Some(0));
                 assert!(s.append(&[entry(2, 1, 9000), entry(3, 1, 10)], Some(&hs(1, 1))).is_err());
                 assert!(matches!(s.append(&[], None), Err(LogError::Poisoned)), "fail-stop");
                 d.crash(policy.clone());
@@ -1492,7 +1493,8 @@ mod tests {
         let mut s = open(&d, 2048, &Anchor::genesis(voters())).expect("open");
         s.append(&[entry(1, 1, 10)], Some(&hs(1, 1))).expect("append");
         let batch: Vec<Entry> = (2..=6).map(|i| entry(i, 1, 1 << 20)).collect(); // several records
-        d.crash_after_ops(Some(1));
+                                                                                 // The append is one durable write: the power goes off in it, so it stays pending.
+        d.crash_after_ops(Some(0));
         assert!(matches!(s.append(&batch, Some(&hs(1, 1))), Err(LogError::Device { .. })));
         let sectors = d.pending_sectors()[0];
         // Only the first sector (the first record's header) is lost.

@@ -15,7 +15,7 @@ mod file;
 mod sim;
 
 pub use file::FileDevice;
-pub use sim::{CrashPolicy, SimDisk, SimFault, TraceOp, WriteFate};
+pub use sim::{CrashPolicy, Planted, ResolvedWrite, SimDisk, SimFault, TraceOp, WriteFate};
 
 use std::alloc::{self, Layout};
 use std::fmt;

@@ -1,14 +1,30 @@
 //! A simulated disk for crash and fault tests.
 //!
-//! It keeps the *durable image* apart from the writes issued since the last flush (TigerBeetle
-//! keeps faults apart from pristine data in the same way). Reads see the volatile view: the
+//! It keeps the *durable image* apart from the writes not yet durable (TigerBeetle keeps
+//! faults apart from pristine data in the same way). Reads see the volatile view: the
 //! durable image with the pending writes applied in order, as a real disk's cache would show.
 //! A crash resolves every pending write to one [`WriteFate`]: kept, dropped, or torn at
 //! 512-byte granularity (each sector kept or not), then the durable image is all that remains.
 //!
+//! It makes durable exactly what [`super::FileDevice`] does, no more: `flush` (fdatasync)
+//! makes every completed write durable, and `write_durable` (one O_DIRECT write with
+//! RWF_DSYNC) makes only its own bytes durable; every other write stays pending, whichever
+//! path it took. In particular data and tree blocks that the real device writes through the
+//! page cache (`write_many`) are written back by fdatasync only: the `sync_file_range` it
+//! issues to start write-back early promises nothing, so here they are plain pending writes.
+//! A durable write supersedes the sectors it covers in older pending writes (an O_DIRECT write
+//! first writes back and drops the cached pages it covers; a drive's cache holds the newest
+//! content of a sector), so no crash can bring older bytes back over it.
+//!
 //! Faults are explicit ([`SimFault`]) or drawn from the disk's own seeded [`Rng`], so a run is
 //! reproduced exactly from its seed. `crash_after_ops` makes the device go down after the N-th
-//! write or flush, which lets a test stop a workload at every point of its I/O trace.
+//! write or flush, which lets a test stop a workload at every point of its I/O trace. The
+//! write that meets the cut fails, yet may have reached the media in part, as a write the power
+//! interrupts: it stays pending for the crash to resolve.
+//!
+//! For suites that must show they can fail, [`SimDisk::plant`] plants a bug in the disk
+//! itself ([`Planted`]): test-only switches that make it lie about durability the way a
+//! broken driver would, without touching product code.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -49,8 +65,32 @@ pub enum CrashPolicy {
     DropAll,
     /// Each write independently kept, dropped or torn, drawn from the disk's seeded RNG.
     Random,
+    /// Each write independently kept or dropped whole, never torn, drawn from the disk's
+    /// seeded RNG. Tearing at 512 bytes rarely lets a 4 KiB block survive whole; only whole
+    /// writes kept out of order expose a block written before the blocks it names are durable.
+    RandomWhole,
     /// One fate per pending write, oldest first (missing entries mean `Keep`).
     Fates(Vec<WriteFate>),
+}
+
+/// What a crash did to one pending write (see [`SimDisk::crash`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedWrite {
+    pub offset: u64,
+    pub len: usize,
+    pub fate: WriteFate,
+}
+
+/// A bug planted in the disk, for tests only: a suite run on a disk with a planted bug must
+/// find violations, which shows it can fail at all. A real device has none of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planted {
+    /// `write_durable` acts like `write_at`: the write stays pending. A driver on this disk
+    /// acknowledges writes before their log records are durable.
+    DsyncNotDurable,
+    /// `flush` makes nothing durable (it still counts, is traced and may fail): as if the
+    /// fdatasync before and after every root write were gone. `write_durable` still works.
+    FlushIgnored,
 }
 
 /// A fault armed on the disk.
@@ -71,13 +111,22 @@ pub enum SimFault {
     WriteError { offset: u64 },
     /// The next flush fails with EIO and poisons the disk. The pending writes stay pending:
     /// after a failed fdatasync nobody knows which reached the media, so the crash decides.
+    /// A durable write syncs too: if it comes first, it fails (EIO) instead and stays pending.
     FlushError,
 }
 
 /// One device operation, as recorded in the trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TraceOp {
-    Write { offset: u64, len: usize },
+    Write {
+        offset: u64,
+        len: usize,
+    },
+    /// `write_durable`: the write and its own durability, one operation.
+    WriteDurable {
+        offset: u64,
+        len: usize,
+    },
     Flush,
 }
 
@@ -95,13 +144,33 @@ struct State {
     rng: Rng,
     faults: Vec<SimFault>,
     read_errors: Vec<u64>,
-    /// Writes and flushes completed so far.
+    /// Writes (plain or durable) and flushes completed so far.
     ops: u64,
     /// The device goes down once `ops` reaches this.
     crash_at: Option<u64>,
     down: bool,
+    /// The device went down by `crash_at` and no operation has met the cut yet: the next one
+    /// is the one the power went off in.
+    cut_open: bool,
     poisoned: bool,
     trace: Vec<TraceOp>,
+    planted: Vec<Planted>,
+}
+
+impl State {
+    /// Puts `data` at `offset` in the durable image, and into the sectors older pending writes
+    /// share with it: whatever their fate, those sectors now end up holding `data`.
+    fn make_durable(&mut self, offset: u64, data: &[u8]) {
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        self.durable[start..end].copy_from_slice(data);
+        for p in &mut self.pending {
+            let (p_start, p_end) = (p.offset as usize, p.offset as usize + p.data.len());
+            let (from, to) = (start.max(p_start), end.min(p_end));
+            if from < to {
+                p.data[from - p_start..to - p_start].copy_from_slice(&data[from - start..to - start]);
+            }
+        }
+    }
 }
 
 /// A simulated disk; see the module docs.
@@ -131,8 +200,10 @@ impl SimDisk {
             ops: 0,
             crash_at: None,
             down: false,
+            cut_open: false,
             poisoned: false,
             trace: Vec::new(),
+            planted: Vec::new(),
         };
         Self { size, state: Mutex::new(state) }
     }
@@ -157,23 +228,35 @@ impl SimDisk {
         self.lock().pending.iter().map(|p| p.data.len() / SECTOR_SIZE).collect()
     }
 
-    /// Writes and flushes completed so far.
+    /// Writes (plain or durable) and flushes completed so far.
     pub fn ops(&self) -> u64 {
         self.lock().ops
     }
 
-    /// Every write and flush so far, in order.
+    /// Every write (plain or durable) and flush so far, in order.
     pub fn trace(&self) -> Vec<TraceOp> {
         self.lock().trace.clone()
     }
 
-    /// After `n` more completed writes or flushes, every operation fails with
-    /// [`DeviceError::Crashed`] until [`SimDisk::crash`] is called. `None` disarms.
+    /// After `n` more completed writes (plain or durable) or flushes, every operation fails with
+    /// [`DeviceError::Crashed`] until [`SimDisk::crash`] is called. The write that meets the
+    /// cut (the next one) stays pending, durable or not: the crash decides what of it reached
+    /// the media. `None` disarms.
     pub fn crash_after_ops(&self, n: Option<u64>) {
         let mut s = self.lock();
         s.crash_at = n.map(|n| s.ops + n);
-        if s.crash_at == Some(s.ops) {
+        if s.crash_at == Some(s.ops) && !s.down {
             s.down = true;
+            s.cut_open = true;
+        }
+    }
+
+    /// Plants a bug in the disk (tests that show a suite can fail; see [`Planted`]). It stays
+    /// planted across crashes.
+    pub fn plant(&self, bug: Planted) {
+        let mut s = self.lock();
+        if !s.planted.contains(&bug) {
+            s.planted.push(bug);
         }
     }
 
@@ -214,9 +297,11 @@ impl SimDisk {
 
     /// Power loss: resolves the pending writes by `policy` into the durable image, then the
     /// disk comes back up with exactly the durable content, faults and poison cleared.
-    pub fn crash(&self, policy: CrashPolicy) {
+    /// Returns what became of each pending write, oldest first (for a test's fault report).
+    pub fn crash(&self, policy: CrashPolicy) -> Vec<ResolvedWrite> {
         let mut s = self.lock();
         let pending = std::mem::take(&mut s.pending);
+        let mut resolved = Vec::with_capacity(pending.len());
         for (i, write) in pending.into_iter().enumerate() {
             let fate = match &policy {
                 CrashPolicy::KeepAll => WriteFate::Keep,
@@ -230,7 +315,15 @@ impl SimDisk {
                         _ => WriteFate::Torn { kept: (0..sectors).map(|_| s.rng.chance(1, 2)).collect() },
                     }
                 }
+                CrashPolicy::RandomWhole => {
+                    if s.rng.chance(1, 2) {
+                        WriteFate::Keep
+                    } else {
+                        WriteFate::Drop
+                    }
+                }
             };
+            resolved.push(ResolvedWrite { offset: write.offset, len: write.data.len(), fate: fate.clone() });
             let at = write.offset as usize;
             match fate {
                 WriteFate::Keep => s.durable[at..at + write.data.len()].copy_from_slice(&write.data),
@@ -250,7 +343,9 @@ impl SimDisk {
         s.read_errors.clear();
         s.crash_at = None;
         s.down = false;
+        s.cut_open = false;
         s.poisoned = false;
+        resolved
     }
 
     /// A fresh disk with this one's durable image (pending writes dropped) and a new seed.
@@ -258,18 +353,79 @@ impl SimDisk {
         SimDisk::from_image(self.durable_image(), seed)
     }
 
+    /// A write, made durable on its own (`write_durable`) or left pending (`write_at`).
+    fn write(&self, offset: u64, buf: &[u8], durable: bool) -> Result<(), DeviceError> {
+        check_io("write", offset, buf.len(), self.size)?;
+        let mut s = self.lock();
+        if s.poisoned {
+            return Err(DeviceError::Poisoned { device: "simdisk".into() });
+        }
+        // The write the power goes off in may reach the media in part: it stays pending, and
+        // the crash decides its fate (for a durable write too: it never completed).
+        let at_cut = s.down && s.cut_open;
+        if let Err(e) = Self::count_op(&mut s) {
+            if at_cut {
+                s.pending.push(Pending { offset, data: buf.to_vec() });
+            }
+            return Err(e);
+        }
+        let len = buf.len();
+        s.trace.push(if durable { TraceOp::WriteDurable { offset, len } } else { TraceOp::Write { offset, len } });
+        let durable = durable && !s.planted.contains(&Planted::DsyncNotDurable);
+        let mut target = offset;
+        // A durable write syncs like a flush, and fails like one: EIO, poisoned, and its bytes
+        // may or may not have reached the media.
+        if let Some(i) = s.faults.iter().position(|f| durable && *f == SimFault::FlushError) {
+            s.faults.remove(i);
+            s.poisoned = true;
+            let at = offset as usize;
+            s.volatile[at..at + buf.len()].copy_from_slice(buf);
+            s.pending.push(Pending { offset, data: buf.to_vec() });
+            return Err(eio("write", offset, buf.len()));
+        }
+        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::WriteError { offset: o } if *o == offset)) {
+            s.faults.remove(i);
+            s.poisoned = true;
+            let at = offset as usize;
+            s.volatile[at..at + buf.len()].copy_from_slice(buf);
+            s.pending.push(Pending { offset, data: buf.to_vec() });
+            return Err(eio("write", offset, buf.len()));
+        }
+        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::LoseWrite { offset: o } if *o == offset)) {
+            s.faults.remove(i);
+            return Ok(());
+        }
+        if let Some(i) =
+            s.faults.iter().position(|f| matches!(f, SimFault::MisdirectWrite { from, .. } if *from == offset))
+        {
+            if let SimFault::MisdirectWrite { to, .. } = s.faults.remove(i) {
+                check_io("misdirected write", to, buf.len(), self.size)?;
+                target = to;
+            }
+        }
+        // Rewriting a block cures its latent read error (the drive remaps the sector).
+        let end = target + buf.len() as u64;
+        s.read_errors.retain(|&b| b < target || b >= end);
+        let at = target as usize;
+        s.volatile[at..at + buf.len()].copy_from_slice(buf);
+        if durable {
+            s.make_durable(target, buf);
+        } else {
+            s.pending.push(Pending { offset: target, data: buf.to_vec() });
+        }
+        Ok(())
+    }
+
     fn count_op(s: &mut State) -> Result<(), DeviceError> {
         if s.down {
-            return Err(DeviceError::Crashed);
-        }
-        if s.crash_at == Some(s.ops) {
-            s.down = true;
+            s.cut_open = false;
             return Err(DeviceError::Crashed);
         }
         s.ops += 1;
         if s.crash_at == Some(s.ops) {
-            // The op completes; the next one finds the device down.
+            // The op completes; the next one finds the device down (it meets the cut).
             s.down = true;
+            s.cut_open = true;
         }
         Ok(())
     }
@@ -302,41 +458,13 @@ impl Device for SimDisk {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
-        check_io("write", offset, buf.len(), self.size)?;
-        let mut s = self.lock();
-        if s.poisoned {
-            return Err(DeviceError::Poisoned { device: "simdisk".into() });
-        }
-        Self::count_op(&mut s)?;
-        s.trace.push(TraceOp::Write { offset, len: buf.len() });
-        let mut target = offset;
-        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::WriteError { offset: o } if *o == offset)) {
-            s.faults.remove(i);
-            s.poisoned = true;
-            let at = offset as usize;
-            s.volatile[at..at + buf.len()].copy_from_slice(buf);
-            s.pending.push(Pending { offset, data: buf.to_vec() });
-            return Err(eio("write", offset, buf.len()));
-        }
-        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::LoseWrite { offset: o } if *o == offset)) {
-            s.faults.remove(i);
-            return Ok(());
-        }
-        if let Some(i) =
-            s.faults.iter().position(|f| matches!(f, SimFault::MisdirectWrite { from, .. } if *from == offset))
-        {
-            if let SimFault::MisdirectWrite { to, .. } = s.faults.remove(i) {
-                check_io("misdirected write", to, buf.len(), self.size)?;
-                target = to;
-            }
-        }
-        // Rewriting a block cures its latent read error (the drive remaps the sector).
-        let end = target + buf.len() as u64;
-        s.read_errors.retain(|&b| b < target || b >= end);
-        let at = target as usize;
-        s.volatile[at..at + buf.len()].copy_from_slice(buf);
-        s.pending.push(Pending { offset: target, data: buf.to_vec() });
-        Ok(())
+        self.write(offset, buf, false)
+    }
+
+    /// Makes exactly this write durable, as one O_DIRECT write with RWF_DSYNC does; other
+    /// pending writes stay pending. One operation for `crash_after_ops` and the trace.
+    fn write_durable(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.write(offset, buf, true)
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
@@ -350,6 +478,9 @@ impl Device for SimDisk {
             s.faults.remove(i);
             s.poisoned = true;
             return Err(eio("flush", 0, 0));
+        }
+        if s.planted.contains(&Planted::FlushIgnored) {
+            return Ok(());
         }
         let pending = std::mem::take(&mut s.pending);
         for write in pending {
@@ -640,6 +771,18 @@ mod tests {
     }
 
     #[test]
+    fn flush_error_fails_the_sync_of_the_next_durable_write() {
+        let disk = SimDisk::new(4 * BLOCK, 61);
+        disk.inject(SimFault::FlushError);
+        let err = disk.write_durable(BLOCK, &[1; B]).unwrap_err();
+        assert!(is_eio(&err, "write"), "{err:?}");
+        assert_eq!(disk.pending_writes(), 1, "a failed durable write is not durable");
+        assert!(matches!(disk.flush(), Err(DeviceError::Poisoned { .. })));
+        disk.crash(CrashPolicy::DropAll);
+        assert_eq!(disk.durable_image(), vec![0; 4 * B]);
+    }
+
+    #[test]
     fn trace_records_writes_and_flushes() {
         let disk = SimDisk::new(4 * BLOCK, 31);
         disk.write_at(0, &[1; B]).unwrap();
@@ -660,6 +803,134 @@ mod tests {
         ];
         assert_eq!(disk.trace(), want);
         assert_eq!(disk.ops(), want.len() as u64);
+    }
+
+    #[test]
+    fn write_durable_leaves_an_earlier_plain_write_pending() {
+        let disk = SimDisk::new(4 * BLOCK, 37);
+        disk.write_at(BLOCK, &[1; B]).unwrap();
+        disk.write_durable(2 * BLOCK, &[2; B]).unwrap();
+        let image = disk.durable_image();
+        assert_eq!(block_of(&image, 1), [0; B], "the plain write became durable");
+        assert_eq!(block_of(&image, 2), [2; B], "the durable write is not durable");
+        assert_eq!(disk.pending_writes(), 1);
+        assert_eq!(read(&disk, BLOCK, B), [1; B]);
+        // A crash can drop the earlier write, never the durable one.
+        let resolved = disk.crash(CrashPolicy::DropAll);
+        assert_eq!(resolved, [ResolvedWrite { offset: BLOCK, len: B, fate: WriteFate::Drop }]);
+        let image = disk.durable_image();
+        assert_eq!(block_of(&image, 1), [0; B]);
+        assert_eq!(block_of(&image, 2), [2; B]);
+    }
+
+    /// A durable write the power goes off in never completed: like any interrupted write it
+    /// may be kept, dropped or torn.
+    #[test]
+    fn write_durable_is_one_traced_op_and_a_cut_in_it_leaves_it_to_the_crash() {
+        for (policy, survived) in [(CrashPolicy::DropAll, 0u8), (CrashPolicy::KeepAll, 3)] {
+            let disk = SimDisk::new(4 * BLOCK, 41);
+            disk.crash_after_ops(Some(2));
+            disk.write_at(0, &[1; B]).unwrap();
+            disk.write_durable(BLOCK, &[2; B]).unwrap();
+            assert!(matches!(disk.write_durable(2 * BLOCK, &[3; B]), Err(DeviceError::Crashed)));
+            // After the cut nothing reaches the media.
+            assert!(matches!(disk.write_durable(3 * BLOCK, &[4; B]), Err(DeviceError::Crashed)));
+            let trace = [TraceOp::Write { offset: 0, len: B }, TraceOp::WriteDurable { offset: BLOCK, len: B }];
+            assert_eq!(disk.trace(), trace);
+            assert_eq!(disk.ops(), 2);
+            assert_eq!(disk.pending_writes(), 2);
+            disk.crash(policy);
+            let image = disk.durable_image();
+            assert_eq!(block_of(&image, 0), [survived.min(1); B]);
+            assert_eq!(block_of(&image, 1), [2; B]);
+            assert_eq!(block_of(&image, 2), [survived; B]);
+            assert_eq!(block_of(&image, 3), [0; B]);
+        }
+    }
+
+    /// An older pending write to the same sectors cannot come back over a durable write,
+    /// whatever the crash does to it; its other sectors keep their own fate.
+    #[test]
+    fn write_durable_supersedes_older_pending_writes_to_its_sectors() {
+        for policy in [CrashPolicy::KeepAll, CrashPolicy::DropAll, CrashPolicy::Random, CrashPolicy::RandomWhole] {
+            let disk = SimDisk::new(4 * BLOCK, 43);
+            disk.write_at(0, &[1; 2 * B]).unwrap();
+            disk.write_durable(BLOCK, &[2; B]).unwrap();
+            assert_eq!(read(&disk, 0, 2 * B), [[1; B], [2; B]].concat());
+            disk.crash(policy.clone());
+            let image = disk.durable_image();
+            assert_eq!(block_of(&image, 1), [2; B], "{policy:?}");
+            assert!(block_of(&image, 0).iter().all(|&b| b <= 1), "{policy:?}");
+        }
+    }
+
+    /// The page-cache path of the real device (`write_many`, then write-back started with
+    /// sync_file_range) promises nothing until fdatasync: here every such write stays pending.
+    #[test]
+    fn write_many_leaves_every_write_pending_until_flush() {
+        let disk = SimDisk::new(4 * BLOCK, 47);
+        disk.write_many(&[(0, &[1; B][..]), (2 * BLOCK, &[2; 2 * B][..])]).unwrap();
+        assert_eq!(disk.pending_writes(), 2);
+        assert_eq!(disk.durable_image(), vec![0; 4 * B]);
+        disk.flush().unwrap();
+        assert_eq!(disk.pending_writes(), 0);
+        assert_eq!(block_of(&disk.durable_image(), 3), [2; B]);
+    }
+
+    #[test]
+    fn random_whole_keeps_or_drops_whole_writes_and_reports_the_fates() {
+        let mut kept = 0;
+        for seed in 0..16 {
+            let disk = SimDisk::new(8 * BLOCK, seed);
+            for i in 0..8u64 {
+                disk.write_at(i * BLOCK, &[1 + i as u8; B]).unwrap();
+            }
+            let resolved = disk.crash(CrashPolicy::RandomWhole);
+            assert_eq!(resolved.len(), 8);
+            let image = disk.durable_image();
+            for (i, r) in resolved.iter().enumerate() {
+                assert_eq!(r.offset, i as u64 * BLOCK);
+                let want = match r.fate {
+                    WriteFate::Keep => 1 + i as u8,
+                    WriteFate::Drop => 0,
+                    WriteFate::Torn { .. } => panic!("RandomWhole tore a write"),
+                };
+                kept += usize::from(r.fate == WriteFate::Keep);
+                assert_eq!(block_of(&image, i as u64), [want; B]);
+            }
+        }
+        assert!(kept > 16 && kept < 112, "kept {kept} of 128");
+    }
+
+    #[test]
+    fn planted_dsync_not_durable_leaves_durable_writes_pending() {
+        let disk = SimDisk::new(4 * BLOCK, 53);
+        disk.plant(Planted::DsyncNotDurable);
+        disk.write_durable(BLOCK, &[1; B]).unwrap();
+        assert_eq!(disk.pending_writes(), 1);
+        assert_eq!(read(&disk, BLOCK, B), [1; B]);
+        disk.crash(CrashPolicy::DropAll);
+        assert_eq!(disk.durable_image(), vec![0; 4 * B]);
+        // Flush still works, and the bug outlives the crash.
+        disk.write_durable(BLOCK, &[2; B]).unwrap();
+        assert_eq!(disk.pending_writes(), 1);
+        disk.flush().unwrap();
+        assert_eq!(block_of(&disk.durable_image(), 1), [2; B]);
+    }
+
+    #[test]
+    fn planted_flush_ignored_makes_nothing_durable_but_write_durable_works() {
+        let disk = SimDisk::new(4 * BLOCK, 59);
+        disk.plant(Planted::FlushIgnored);
+        disk.write_at(0, &[1; B]).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(disk.pending_writes(), 1);
+        assert_eq!(disk.trace(), [TraceOp::Write { offset: 0, len: B }, TraceOp::Flush]);
+        disk.write_durable(BLOCK, &[2; B]).unwrap();
+        disk.crash(CrashPolicy::DropAll);
+        let image = disk.durable_image();
+        assert_eq!(block_of(&image, 0), [0; B]);
+        assert_eq!(block_of(&image, 1), [2; B]);
     }
 
     #[test]
