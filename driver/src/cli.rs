@@ -120,8 +120,23 @@ fn image(args: &Args, cfg: &config::Config) -> Result<Arc<dyn Device>, String> {
     Ok(Arc::new(dev))
 }
 
+/// Buffers of 256 KiB and more (write payloads, read replies, entries) are mapped and
+/// unmapped one by one instead of kept in malloc's per-thread arenas. glibc otherwise raises
+/// its mmap threshold as large blocks are freed and then keeps up to several of them in each
+/// of its arenas: under 64 flooding connections that held the driver's peak memory near 300
+/// MiB while the bytes actually in flight were bounded by a 64 MiB budget (140 MiB with this).
+fn return_large_buffers_at_once() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is called before any other thread
+    // exists, and a failure (return 0) leaves the defaults in place, which is harmless.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
 /// The `rblk-driver` program (its binary lives in the `run` package, beside `rblk`).
 pub fn main() -> ExitCode {
+    return_large_buffers_at_once();
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

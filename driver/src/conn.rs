@@ -561,7 +561,9 @@ fn split(req: &Request) -> Vec<Vec<u8>> {
     let end = req.offset + u64::from(req.length);
     let whole = match req.command {
         session::Command::Trim => Some(Command::Trim { offset: req.offset, length: u64::from(req.length) }),
-        session::Command::WriteZeroes => Some(Command::WriteZeroes { offset: req.offset, length: u64::from(req.length) }),
+        session::Command::WriteZeroes => {
+            Some(Command::WriteZeroes { offset: req.offset, length: u64::from(req.length) })
+        }
         _ => None,
     };
     if let Some(cmd) = whole {
@@ -620,7 +622,9 @@ mod tests {
         let no_hole = split(&req(session::Command::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 0, huge));
         assert_eq!(no_hole.len(), 1);
         assert!(no_hole[0].len() <= 64);
-        assert!(matches!(Command::decode(&no_hole[0]), Ok(Command::WriteZeroes { offset: 0, length }) if length == u64::from(huge)));
+        assert!(
+            matches!(Command::decode(&no_hole[0]), Ok(Command::WriteZeroes { offset: 0, length }) if length == u64::from(huge))
+        );
         let trim = split(&req(session::Command::Trim, 0, 0, huge));
         assert_eq!(trim.len(), 1);
         assert!(matches!(Command::decode(&trim[0]), Ok(Command::Trim { .. })));

@@ -177,7 +177,9 @@ pub fn run(
     // entry), and a read must see it. Until then they wait in the listening backlog. Only
     // then is the driver ready.
     let start_serving = move || -> std::io::Result<()> {
-        std::thread::Builder::new().name("rblk-accept".into()).spawn(move || accept(listener, accept_shared, &accept_done))?;
+        std::thread::Builder::new()
+            .name("rblk-accept".into())
+            .spawn(move || accept(listener, accept_shared, &accept_done))?;
         if let Some(h) = heartbeat {
             h.start(started.elapsed().as_millis() as u64, replayed, beat_alive, beat_done)?;
         }

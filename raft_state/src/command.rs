@@ -143,7 +143,10 @@ mod tests {
     fn malformed_commands_are_refused() {
         assert_eq!(Command::decode(b"RBC"), Err(CommandError::Short(3)));
         // Byte-granular ranges are commands too (1-byte I/O from clients without block sizes).
-        assert_eq!(Command::decode(&Command::Write { offset: 3, data: b"x" }.encode()), Ok(Command::Write { offset: 3, data: b"x" }));
+        assert_eq!(
+            Command::decode(&Command::Write { offset: 3, data: b"x" }.encode()),
+            Ok(Command::Write { offset: 3, data: b"x" })
+        );
         let mut kind = Command::Trim { offset: 0, length: 512 }.encode();
         kind[4] = 9;
         assert_eq!(Command::decode(&kind), Err(CommandError::Kind(9)));

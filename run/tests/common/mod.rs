@@ -122,4 +122,3 @@ pub fn status_field(pid: i32, field: &str) -> String {
         .trim()
         .to_string()
 }
-
