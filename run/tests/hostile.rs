@@ -316,7 +316,7 @@ fn twenty_kills_in_ten_seconds_do_not_end_the_service() {
         while !writer_stop.load(Ordering::SeqCst) || written < 200 {
             let block = written % 4096;
             let stamp = [(written % 251) as u8 + 1; 4096];
-            client.write(block * 4096, &stamp, written % 3 == 0).expect("write completes through kills");
+            client.write(block * 4096, &stamp, written.is_multiple_of(3)).expect("write completes through kills");
             assert_eq!(client.read(block * 4096, 4096).expect("read"), stamp.to_vec(), "block {block}");
             written += 1;
         }
