@@ -415,12 +415,15 @@ fn bad_input_gets_errors_or_a_dropped_connection_and_others_are_unaffected() {
         let _ = s.write_all(garbage);
         assert!(closed(&mut s), "garbage in the handshake must drop the connection");
     }
-    // Transmission errors that keep the connection: the spec names an errno for each.
+    // Transmission errors that keep the connection: the spec names an errno for each. This
+    // client entered with NBD_OPT_EXPORT_NAME and never learned the block sizes, so a
+    // misaligned request is not an error for it (the server SHOULD accept any alignment,
+    // proto.md "Size constraints": `hostile.rs` tests 1-byte I/O; `session`'s check_request
+    // tests refuse misaligned requests from clients that did learn them).
     let mut s = connect(&server);
     hello(&mut s);
     let cases: Vec<(Vec<u8>, u32, &str)> = vec![
         (request(0, 0, 1, size, 4096), 22, "read past the end: EINVAL"),
-        (request(0, 0, 2, 100, 512), 22, "misaligned read: EINVAL"),
         (request(0, 0, 3, 0, 0), 22, "zero length: EINVAL"),
         (request(0, 0, 4, 0, 64 << 20), 22, "read above the maximum: EINVAL"),
         (request(4, 0, 5, size - 4096, 8192), 22, "trim past the end: EINVAL"),
