@@ -509,6 +509,20 @@ mod tests {
         raw.as_bytes().to_vec()
     }
 
+    // proto.md "Size constraints": a client that did not learn the block sizes may use any
+    // alignment (the server SHOULD accept it); every other rule still holds.
+    #[test]
+    fn clients_without_block_sizes_may_use_any_alignment() {
+        use Command::*;
+        let rw = export();
+        for r in [req(Read, 0, 1, 1), req(Write, 0, 4097, 3), req(Trim, 0, 100, 1), req(WriteZeroes, 0, 7, 9)] {
+            assert_eq!(check_request_for(&r, &rw, false), None, "{r:?}");
+            assert_eq!(check_request_for(&r, &rw, true), Some(NBD_EINVAL), "{r:?}");
+        }
+        assert_eq!(check_request_for(&req(Read, 0, rw.size - 1, 2), &rw, false), Some(NBD_EINVAL), "past the end");
+        assert_eq!(check_request_for(&req(Read, 0, 3, 0), &rw, false), Some(NBD_EINVAL), "zero length");
+    }
+
     // proto.md "Error values": reads and trims past the end are EINVAL, writes (and write
     // zeroes, "NBD_CMD_WRITE_ZEROES") past the end ENOSPC; unaligned requests EINVAL; writes and
     // trims on a read-only export EPERM; unknown commands and flags EINVAL.
