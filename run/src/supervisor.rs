@@ -88,7 +88,7 @@ pub fn supervise(
             return Err(msg);
         }
         info!(log, "backing off"; "ms" => backoff.as_millis() as u64, "failed_starts" => failed_starts,
-            "why" => "the driver died before it was ready");
+            "why" => "the incarnation ended before it was ready");
         if sleep_unless(stop, backoff) {
             return Ok(());
         }
