@@ -173,11 +173,20 @@ fn a_bad_block_is_still_answered_eio() {
     let (path, driver) = start(&disk, &dir);
     let client = session::Client::connect(&path, "").expect("client");
     client.write(0, &[5u8; 4096], true).expect("write");
-    // Find the data block by its content and make it unreadable.
+    // Find the data block by its content (past the roots and the log ring, which holds the
+    // payload too) and make it unreadable. An acknowledged write's block is written just after
+    // the reply: look again until it is there.
     let mut buf = vec![0u8; 4096];
-    let at = (0..disk.size() / BLOCK)
-        .find(|b| disk.read_at(b * BLOCK, &mut buf).is_ok() && buf == [5u8; 4096])
-        .expect("the data block");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        let found =
+            (3 + 256..disk.size() / BLOCK).find(|b| disk.read_at(b * BLOCK, &mut buf).is_ok() && buf == [5u8; 4096]);
+        if let Some(at) = found {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "the data block was never written");
+        std::thread::sleep(Duration::from_millis(5));
+    };
     disk.inject(SimFault::ReadError { offset: at * BLOCK });
     match client.read(0, 4096) {
         Err(session::SessionError::Nbd { errno, .. }) => assert_eq!(errno, session::NBD_EIO),
