@@ -51,7 +51,7 @@ fn defaults_validate() {
     assert_eq!((c.cache.nodes, c.cache.bitmaps), (16384, 256));
     assert_eq!(c.raft.tick, Duration::from_millis(100));
     assert_eq!((c.raft.election_ticks, c.raft.heartbeat_ticks), (10, 3));
-    assert_eq!(c.raft.max_batch, 4 << 20);
+    assert_eq!(c.raft.max_batch, 1 << 20);
     assert_eq!(c.supervisor.heartbeat, Duration::from_millis(500));
     assert_eq!(c.supervisor.heartbeat_timeout, Duration::from_secs(5));
     assert_eq!(c.supervisor.restart_backoff, Duration::from_millis(100));
@@ -112,8 +112,8 @@ fn a_file_changes_only_what_it_names() {
 #[test]
 fn sizes_take_integers_and_strings() {
     let c =
-        Config::from_toml_str("[volume]\nsize = 8192\nlog_size = \"128K\"\n[raft]\nmax_batch = \"1 MiB\"\n").unwrap();
-    assert_eq!((c.volume.size, c.volume.log_size, c.raft.max_batch), (8192, 128 << 10, 1 << 20));
+        Config::from_toml_str("[volume]\nsize = 8192\nlog_size = \"128K\"\n[raft]\nmax_batch = \"2 MiB\"\n").unwrap();
+    assert_eq!((c.volume.size, c.volume.log_size, c.raft.max_batch), (8192, 128 << 10, 2 << 20));
     // Dotted keys and inline tables are the same TOML.
     let dotted = Config::from_toml_str("volume.size = \"2G\"\n").unwrap();
     let inline = Config::from_toml_str("volume = { size = \"2G\" }\n").unwrap();
