@@ -73,10 +73,6 @@ impl Budget {
     pub fn used(&self) -> u64 {
         self.lock().used
     }
-
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
 }
 
 /// Bytes taken from a budget, given back when dropped.

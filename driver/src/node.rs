@@ -216,9 +216,9 @@ fn node_loop(
         }
         drive(&mut node, &mut waiting, to_apply)?;
     }
-    // Clean stop: what was not proposed is dropped unanswered (clients resend after
-    // reconnecting); everything proposed was committed and handed to the applier.
-    proposals.close();
+    // Clean stop: what was not proposed is dropped unanswered when `run` closes the queue
+    // (clients resend after reconnecting); everything proposed was committed and handed to
+    // the applier.
     for (_, done) in waiting.drain() {
         done(Outcome::Stopped);
     }

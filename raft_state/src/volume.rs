@@ -538,7 +538,7 @@ impl Volume {
             Some(src) => block[range].copy_from_slice(src),
             None => block[range].fill(0),
         }
-        self.put(vb, Some(block))
+        self.put(vb, block)
     }
 
     /// Unmaps `count` whole blocks from `first_vb` on and frees what they pointed at: the
@@ -560,27 +560,19 @@ impl Volume {
         result.map_err(VolumeError::from)
     }
 
-    /// Maps virtual block `vb` to a fresh copy of `content`, or unmaps it.
-    fn put(&mut self, vb: u64, content: Option<&[u8]>) -> Result<(), VolumeError> {
-        let free = self.alloc.free_blocks();
-        let reserve = if content.is_some() { 1 + self.data_reserve() } else { self.metadata_need() };
-        if free < reserve {
+    /// Maps virtual block `vb` to a fresh copy of `content` (unmapping is `unmap_whole`).
+    fn put(&mut self, vb: u64, content: &[u8]) -> Result<(), VolumeError> {
+        if self.alloc.free_blocks() < 1 + self.data_reserve() {
             // Checkpoints release what earlier trims freed; ask for them.
             self.space_pressure = 2;
             return Err(AllocError::NoSpace.into());
         }
-        let target = match content {
-            None => None,
-            Some(bytes) => {
-                let block = self.alloc.allocate(&*self.dev)?;
-                self.staged.insert(block, bytes.to_vec());
-                Some(Ptr { block, hash: hash::data_block(bytes) })
-            }
-        };
-        let mapped = self.map_block(vb, target);
-        if let (Err(VolumeError::Tree(_)), Some(fresh)) = (&mapped, target) {
+        let block = self.alloc.allocate(&*self.dev)?;
+        self.staged.insert(block, content.to_vec());
+        let mapped = self.map_block(vb, Some(Ptr { block, hash: hash::data_block(content) }));
+        if let Err(VolumeError::Tree(_)) = &mapped {
             // Not mapped (a damaged node on the path): the fresh copy goes back.
-            self.alloc.free(&*self.dev, fresh.block)?;
+            self.alloc.free(&*self.dev, block)?;
         }
         mapped
     }

@@ -14,18 +14,15 @@
 //! 30 in all); `RBLK_POWERCUT_MODE=tear|reorder` picks the mode (default: alternating);
 //! `RBLK_POWERCUT_SEED=S` replays one cut.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use raft_state::rng::Rng;
 
 mod common;
-use common::{have, Scratch, MIB};
+use common::{have, Scratch, Serve, MIB};
 
 const BLOCK: u64 = 4096;
 const SIZE: u64 = 32 * MIB;
@@ -69,85 +66,6 @@ fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
         return Err(format!("block {block}: holds block {at}'s write {id}"));
     }
     Ok(id)
-}
-
-struct Serve {
-    child: Child,
-    log: PathBuf,
-    socket: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Scratch, image: &Path, config: &str, name: &str) -> Serve {
-        let cfg = dir.path("rblk.toml");
-        std::fs::write(&cfg, config).expect("config");
-        let log = dir.path(&format!("{name}.log"));
-        let socket = dir.path(&format!("{name}.sock"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rblk"))
-            .arg("serve")
-            .arg(image)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg(&cfg)
-            .env("RBLK_LOG", "info")
-            .env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("rblk serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("uri");
-        Serve { child, log, socket }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn driver_pid(&self) -> Option<i32> {
-        let pid = self.child.id();
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-        children.split_whitespace().next()?.parse().ok()
-    }
-
-    /// SIGKILL for the supervisor and its driver; returns once neither holds the image.
-    fn kill_all(mut self) {
-        let driver = self.driver_pid();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(pid) = driver {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            // Gone, or a zombie (which holds no descriptors).
-            while let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
-                    || Instant::now() > deadline
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
-
-    fn stop(mut self) -> Result<(), String> {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let status = self.child.wait().map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("rblk serve exited with {status} after SIGTERM:\n{}", self.log_tail()));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Per block of a writer's region: the last acknowledged write and the write in flight.
@@ -226,7 +144,7 @@ fn cut_once(seed: u64, page_cache: bool, mode: lazyfs::Mode) -> Result<Outcome, 
         return Err(format!("rblk format: {}", String::from_utf8_lossy(&out.stderr)));
     }
     let config = server_config(page_cache);
-    let serve = Serve::start(&dir, &image, &config, "before");
+    let serve = Serve::launch(&dir, &image, None, &config, "before", &[]);
     let clients: Vec<session::Client> = (0..CONNECTIONS)
         .map(|_| session::Client::connect(&serve.socket, ""))
         .collect::<Result<_, _>>()
@@ -278,12 +196,17 @@ fn cut_once(seed: u64, page_cache: bool, mode: lazyfs::Mode) -> Result<Outcome, 
     // Power back: the durable state only.
     let options = lazyfs::Options { mode: lazyfs::Mode::Keep, seed, cached: false };
     let mounted = lazyfs::mount(&backing, &mnt, options).map_err(|e| format!("remount: {e}"))?;
-    let serve = Serve::start(&dir, &image, &config, "after");
+    let serve = Serve::launch(&dir, &image, None, &config, "after", &[]);
     let acked = models.iter().flatten().filter(|c| c.acked != 0).count() as u64;
     let result = verify(&serve, &models, blocks);
     match result {
         Ok(()) => {
-            serve.stop()?;
+            let log = serve.log.clone();
+            let status = serve.stop();
+            if !status.success() {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                return Err(format!("rblk serve exited with {status} after SIGTERM:\n{log}"));
+            }
             mounted.unmount().map_err(|e| format!("unmount: {e}"))?;
             Ok(Outcome { acked, cut, how })
         }

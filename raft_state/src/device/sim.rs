@@ -375,15 +375,11 @@ impl SimDisk {
         let mut target = offset;
         // A durable write syncs like a flush, and fails like one: EIO, poisoned, and its bytes
         // may or may not have reached the media.
-        if let Some(i) = s.faults.iter().position(|f| durable && *f == SimFault::FlushError) {
-            s.faults.remove(i);
-            s.poisoned = true;
-            let at = offset as usize;
-            s.volatile[at..at + buf.len()].copy_from_slice(buf);
-            s.pending.push(Pending { offset, data: buf.to_vec() });
-            return Err(eio("write", offset, buf.len()));
-        }
-        if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::WriteError { offset: o } if *o == offset)) {
+        // A failed write, too, may have reached the media in part.
+        let fails = |f: &SimFault| {
+            (durable && *f == SimFault::FlushError) || matches!(f, SimFault::WriteError { offset: o } if *o == offset)
+        };
+        if let Some(i) = s.faults.iter().position(fails) {
             s.faults.remove(i);
             s.poisoned = true;
             let at = offset as usize;

@@ -63,13 +63,29 @@ impl Serve {
 
     /// Formats a volume of `size` (if missing) and serves it.
     pub fn start_sized(dir: &Scratch, size: &str, config: &str, env: &[(&str, &str)]) -> Serve {
+        Serve::launch(dir, &dir.path("v.img"), Some(size), config, "serve", env)
+    }
+
+    /// Serves `image` (formatted at `size` if given and missing), with its socket and log
+    /// named after `name` in `dir`.
+    pub fn launch(
+        dir: &Scratch,
+        image: &std::path::Path,
+        size: Option<&str>,
+        config: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Serve {
         let cfg = dir.path("rblk.toml");
         std::fs::write(&cfg, config).expect("config");
-        let log = dir.path("serve.log");
-        let socket = dir.path("s.sock");
+        let log = dir.path(&format!("{name}.log"));
+        let socket = dir.path(&format!("{name}.sock"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rblk"));
-        cmd.arg("serve").arg(dir.path("v.img")).arg("--socket").arg(&socket).arg("--config").arg(&cfg);
-        cmd.arg("--size").arg(size).env("RBLK_LOG", "info").env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"));
+        cmd.arg("serve").arg(image).arg("--socket").arg(&socket).arg("--config").arg(&cfg);
+        if let Some(size) = size {
+            cmd.arg("--size").arg(size);
+        }
+        cmd.env("RBLK_LOG", "info").env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -93,11 +109,43 @@ impl Serve {
         }
     }
 
+    /// The last 30 lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
     /// The current driver's pid (the supervisor's only child).
     pub fn driver_pid(&self) -> i32 {
-        let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", self.child.id(), self.child.id()))
-            .expect("children");
-        children.split_whitespace().next().expect("a driver is running").parse().expect("pid")
+        self.try_driver_pid().expect("a driver is running")
+    }
+
+    /// The current driver's pid, if one is running.
+    pub fn try_driver_pid(&self) -> Option<i32> {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// SIGKILL for the supervisor and its driver; returns once neither holds the image.
+    pub fn kill_all(mut self) {
+        let driver = self.try_driver_pid();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(pid) = driver {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Gone, or a zombie (which holds no descriptors).
+            while let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+                    || Instant::now() > deadline
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     pub fn stop(mut self) -> std::process::ExitStatus {
