@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The benchmark (not a test): rblk (through its supervisor, as users run it) against nbdkit's
 # file plugin, qemu-nbd (raw, cache=none, aio=native) and the device limit (fio io_uring,
-# direct I/O), with fio's nbd engine as the one client. Writes bench-results/results.md, .json
-# and .png (gnuplot). Options go to scripts/bench.py (--rounds, --runtime, --size, --targets).
+# direct I/O), with fio's nbd engine as the one client. Jobs: 4K random writes on a fresh thin
+# image, then, once the image is filled, 4K random and 1M sequential reads and writes, fsync and
+# flush patterns, and a light QD1 fsync client beside a 1M write flood (its p99 is the fairness
+# number). Writes bench-results/results.md, .json and .png (gnuplot: a panel per job, throughput
+# above p99). Options go to scripts/bench.py (--rounds, --runtime, --size, --targets).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/deps.sh
