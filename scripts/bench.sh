@@ -12,4 +12,4 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 source "$root/scripts/deps.sh"
 need protoc=protobuf-compiler fio=fio nbdkit=nbdkit qemu-nbd=qemu-utils gnuplot=gnuplot-nox
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p run
-exec python3 "$root/scripts/bench.py" --rblk "$root/target/release/rblk" "$@"
+exec python3 "$root/scripts/bench.py" --rblk "${CARGO_TARGET_DIR:-$root/target}/release/rblk" "$@"
