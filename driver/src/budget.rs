@@ -5,8 +5,13 @@
 //! when its reply is handed to the socket. A connection whose request does not fit waits
 //! *without reading its socket*, so the client's own sends block (unix and TCP backpressure)
 //! instead of the driver queueing without bound (qemu-nbd and SPDK bound requests in flight
-//! the same way). The global budget admits waiters in arrival order, so a connection that
-//! keeps asking cannot starve one that asks rarely.
+//! the same way).
+//!
+//! The global budget admits its waiters fairly: first the one whose connection holds the
+//! fewest bytes (arrival order among equals), so a light client's 4 KiB write is admitted as
+//! soon as 4 KiB come back, ahead of connections that already hold megabytes, and a connection
+//! that keeps asking cannot starve one that asks rarely. The first in line is never overtaken
+//! by a smaller request that would fit sooner, so large requests are not starved either.
 //!
 //! A request larger than a whole budget is still served, alone: it waits until nothing else
 //! holds that budget.
@@ -28,9 +33,22 @@ pub struct Budget {
 #[derive(Debug, Default)]
 struct State {
     used: u64,
-    /// Tickets handed out and the one whose turn it is: waiters are admitted in order.
     next_ticket: u64,
-    turn: u64,
+    waiting: Vec<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// Ranked by the bytes this budget holds (the waiter's connection); unranked waiters rank
+    /// as holding nothing, so they go in arrival order.
+    rank: Option<Arc<Budget>>,
+}
+
+impl Waiter {
+    fn key(&self) -> (u64, u64) {
+        (self.rank.as_ref().map_or(0, |b| b.used()), self.ticket)
+    }
 }
 
 impl Budget {
@@ -43,16 +61,33 @@ impl Budget {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn fits(&self, s: &State, cost: u64) -> bool {
+        s.used == 0 || s.used + cost <= self.limit
+    }
+
     /// Takes `cost` bytes, waiting (in arrival order) until they fit.
     pub fn take(self: &Arc<Self>, cost: u64) -> Held {
+        self.take_ranked(cost, None)
+    }
+
+    /// Takes `cost` bytes, waiting until they fit and no waiter ranks before this one: the
+    /// one whose `rank` budget holds fewer bytes, or as many and came first.
+    ///
+    /// Lock order: this budget, then `rank`'s (which is never held while taking this one).
+    pub fn take_ranked(self: &Arc<Self>, cost: u64, rank: Option<&Arc<Budget>>) -> Held {
         let mut s = self.lock();
         let ticket = s.next_ticket;
         s.next_ticket += 1;
-        while s.turn != ticket || !(s.used == 0 || s.used + cost <= self.limit) {
+        s.waiting.push(Waiter { ticket, rank: rank.cloned() });
+        loop {
+            let first = s.waiting.iter().min_by_key(|w| w.key()).map(|w| w.ticket);
+            if first == Some(ticket) && self.fits(&s, cost) {
+                break;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+        s.waiting.retain(|w| w.ticket != ticket);
         s.used += cost;
-        s.turn += 1;
         drop(s);
         // The next in line may fit too.
         self.changed.notify_all();
@@ -62,7 +97,7 @@ impl Budget {
     /// Takes `cost` bytes if they fit now and nobody waits.
     pub fn try_take(self: &Arc<Self>, cost: u64) -> Option<Held> {
         let mut s = self.lock();
-        if s.turn != s.next_ticket || !(s.used == 0 || s.used + cost <= self.limit) {
+        if !s.waiting.is_empty() || !self.fits(&s, cost) {
             return None;
         }
         s.used += cost;
@@ -114,9 +149,10 @@ impl Grant {
             wait();
             connection.take(cost)
         });
+        // Ranked by what the connection holds, this request included.
         let g = global.try_take(cost).unwrap_or_else(|| {
             wait();
-            global.take(cost)
+            global.take_ranked(cost, Some(connection))
         });
         Grant { _connection: c, _global: g }
     }
@@ -165,18 +201,44 @@ mod tests {
             let b = b.clone();
             std::thread::spawn(move || b.take(9000))
         };
-        loop {
-            let s = b.lock();
-            if s.next_ticket != s.turn {
-                break;
-            }
-            drop(s);
-            std::thread::yield_now();
-        }
+        wait_until_waiting(&b, 1);
         assert!(b.try_take(1000).is_none(), "someone waits: no overtaking");
         drop(held);
         let large = large.join().expect("join");
         assert_eq!(b.used(), 9000);
         drop(large);
+    }
+
+    fn wait_until_waiting(b: &Budget, n: usize) {
+        while b.lock().waiting.len() < n {
+            std::thread::yield_now();
+        }
+    }
+
+    /// A connection that holds nothing passes connections that hold a lot: a light client is
+    /// admitted before a flood's next request, whatever the arrival order.
+    #[test]
+    fn the_connection_holding_least_goes_first() {
+        let global = Budget::new(10_000);
+        let (flood, light) = (Budget::new(100_000), Budget::new(100_000));
+        let flood_held = vec![Grant::take(&flood, &global, 5000, || {}), Grant::take(&flood, &global, 5000, || {})];
+        let next_flood = {
+            let (flood, global) = (flood.clone(), global.clone());
+            std::thread::spawn(move || Grant::take(&flood, &global, 5000, || {}))
+        };
+        wait_until_waiting(&global, 1);
+        let next_light = {
+            let (light, global) = (light.clone(), global.clone());
+            std::thread::spawn(move || Grant::take(&light, &global, 5000, || {}))
+        };
+        wait_until_waiting(&global, 2);
+        let mut flood_held = flood_held.into_iter();
+        drop(flood_held.next());
+        let light_grant = next_light.join().expect("light admitted first");
+        assert!(!next_flood.is_finished(), "the flood waits for the next bytes");
+        drop(flood_held);
+        let flood_grant = next_flood.join().expect("flood admitted after");
+        drop((light_grant, flood_grant));
+        assert_eq!((global.used(), flood.used(), light.used()), (0, 0, 0));
     }
 }

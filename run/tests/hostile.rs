@@ -54,14 +54,7 @@ impl Raw {
     }
 
     fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32, data: &[u8]) {
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&flags.to_be_bytes());
-        req.extend_from_slice(&command.to_be_bytes());
-        req.extend_from_slice(&handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&length.to_be_bytes());
-        self.stream.write_all(&req).expect("request");
+        self.stream.write_all(&request(command, flags, handle, offset, length)).expect("request");
         self.stream.write_all(data).expect("payload");
     }
 
@@ -73,18 +66,53 @@ impl Raw {
     /// Like `reply`, for replies in any order: `read_len` says, by handle, how much data a
     /// successful reply carries.
     fn reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> (u32, u64) {
+        self.try_reply_by(read_len, data).expect("reply")
+    }
+
+    fn try_reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> std::io::Result<(u32, u64)> {
         let mut head = [0u8; 16];
-        self.stream.read_exact(&mut head).expect("reply");
+        self.stream.read_exact(&mut head)?;
         assert_eq!(u32::from_be_bytes(head[..4].try_into().expect("4")), 0x6744_6698, "reply magic");
         let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
         let handle = u64::from_be_bytes(head[8..].try_into().expect("8"));
         let read_len = read_len(handle);
         if error == 0 && read_len > 0 {
             data.resize(read_len, 0);
-            self.stream.read_exact(data).expect("read data");
+            self.stream.read_exact(data)?;
         }
-        (error, handle)
+        Ok((error, handle))
     }
+}
+
+/// A request's 28-byte header.
+fn request(command: u16, flags: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut req = Vec::with_capacity(28);
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&flags.to_be_bytes());
+    req.extend_from_slice(&command.to_be_bytes());
+    req.extend_from_slice(&handle.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&length.to_be_bytes());
+    req
+}
+
+/// Writes all of `bytes` unless `stop` is set while the socket pushes back (the stream has a
+/// write timeout) or the connection fails; says whether it wrote them.
+fn write_unless(stream: &mut UnixStream, mut bytes: &[u8], stop: &AtomicBool) -> bool {
+    while !bytes.is_empty() {
+        match stream.write(bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if stop.load(Ordering::SeqCst) {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 fn peak_rss_kib(pid: i32) -> u64 {
@@ -294,6 +322,97 @@ fn a_light_client_is_served_beside_a_flood() {
         flooded.load(Ordering::Relaxed)
     );
     assert!(max < Duration::from_secs(2), "a light write waited {max:?} behind the flood");
+    assert!(serve.stop().success());
+}
+
+/// A mixed storm — write floods, huge trims and zeroing, reads whose replies are never read,
+/// connections opened and dropped — once starved the heartbeat for 5.8 s, and the supervisor
+/// killed a driver that was working. The beat now comes from its own thread and follows the
+/// node's and applier's progress, not request load: under a heartbeat timeout of 2 s (a
+/// fraction of the default 5 s) the storm never costs the driver its life.
+#[test]
+fn a_storm_does_not_starve_the_heartbeat() {
+    let dir = Scratch::new("hostile-storm");
+    let config = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"2s\"\n";
+    let serve = Serve::start_sized(&dir, "1G", config, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let driver = serve.driver_pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients: Vec<std::thread::JoinHandle<()>> = (0..12u64)
+        .map(|c| {
+            let (socket, stop) = (serve.socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut raw = Raw::connect(&socket);
+                let mut reader = Raw { stream: raw.stream.try_clone().expect("clone") };
+                // A sender blocked by backpressure must still see `stop`.
+                raw.stream.set_write_timeout(Some(Duration::from_millis(500))).expect("timeout");
+                // Big reads whose replies are never read (they fill the socket and their
+                // connection's budget); the other connections read every reply.
+                let silent_reads = c % 4 == 3;
+                let replies = std::thread::spawn(move || {
+                    let mut data = Vec::new();
+                    if silent_reads {
+                        return;
+                    }
+                    while let Ok((error, _)) = reader.try_reply_by(|_| 0, &mut data) {
+                        assert_eq!(error, 0);
+                    }
+                });
+                let payload = vec![c as u8; 1 << 20];
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let offset = (i * 7 + c * 61) % 960 * MIB;
+                    let (command, flags, from, length) = match c % 4 {
+                        0 | 1 => (WRITE, 0, offset, 1 << 20),
+                        2 if i.is_multiple_of(2) => (TRIM, 0, 0, 960 << 20),
+                        2 => (WRITE_ZEROES, FLAG_NO_HOLE, offset % (704 * MIB), 256 << 20),
+                        _ => (READ, 0, offset, 32 << 20),
+                    };
+                    let data: &[u8] = if command == WRITE { &payload } else { &[] };
+                    let header = request(command, flags, i, from, length);
+                    if !(write_unless(&mut raw.stream, &header, &stop) && write_unless(&mut raw.stream, data, &stop)) {
+                        break;
+                    }
+                    i += 1;
+                }
+                let _ = raw.stream.shutdown(std::net::Shutdown::Both);
+                let _ = replies.join();
+            })
+        })
+        .collect();
+    // Connections that come and go, some in the middle of their handshake.
+    let (socket, churn_stop) = (serve.socket.clone(), stop.clone());
+    clients.push(std::thread::spawn(move || {
+        while !churn_stop.load(Ordering::SeqCst) {
+            if let Ok(mut s) = UnixStream::connect(&socket) {
+                let _ = s.write_all(b"NBDMAGIC");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            serve.try_driver_pid(),
+            Some(driver),
+            "the driver was replaced during the storm:\n{}",
+            serve.log_tail()
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("storm client");
+    }
+    // Still the same incarnation, and it serves (past the storm's range: requests the driver
+    // took before the storm's sockets closed may still be applied).
+    let client = session::Client::connect(&serve.socket, "").expect("client after the storm");
+    client.write(1000 * MIB, &[7u8; 4096], true).expect("write after the storm");
+    assert!(client.read(1000 * MIB, 4096).expect("read after the storm") == vec![7u8; 4096]);
+    drop(client);
+    let log = serve.log();
+    assert!(!log.contains("no heartbeat"), "{log}");
+    assert_eq!(serve.driver_pid(), driver, "{log}");
     assert!(serve.stop().success());
 }
 
