@@ -59,7 +59,7 @@ pub struct NodeConfig {
 
 /// Batches of committed entries the node thread may hand the applier before it waits: the
 /// log runs at most this far ahead of the volume (which bounds the ring space it takes).
-const APPLY_QUEUE: usize = 2;
+const APPLY_QUEUE: usize = 1;
 
 /// The log, shared by the node thread (which appends) and the applier (which reads its
 /// positions for a checkpoint and compacts it).
@@ -290,7 +290,17 @@ fn hand_over(
         .map_err(|_| DriverError::Raft("the applier stopped (its error is logged)".into()))
 }
 
+/// How often an idle applier looks whether its checkpoint finished (or failed).
+const CHECKPOINT_POLL: Duration = Duration::from_millis(50);
+
 /// The applier: applies what the node thread hands over, completes proposals, checkpoints.
+///
+/// A checkpoint is taken in two halves: sealing it (its trees written, its root prepared)
+/// holds the volume for a moment; making it durable (the device flush and the root write,
+/// the slow part) runs on a checkpoint thread while this one goes on applying and readers go
+/// on reading; the checkpoint thread then installs the root. One checkpoint at a time: when
+/// the next is due before the last is durable, the applier waits for it (which also bounds
+/// the log the ring must hold). An error of either half is fatal, like every volume error.
 fn apply_loop(
     volume: &RwLock<Volume>,
     store: &SharedLog,
@@ -298,33 +308,93 @@ fn apply_loop(
     alive: &AtomicU64,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    loop {
-        match applies.recv() {
-            Ok(ToApply::Batch(entries, done)) => {
-                apply(volume, &entries, done, log)?;
-                alive.fetch_add(1, Ordering::Relaxed);
-                let due = read_volume(volume).should_checkpoint(&store.lock());
-                if due {
-                    let started = Instant::now();
-                    write_volume(volume).checkpoint_shared(&store.0).map_err(DriverError::Volume)?;
-                    debug!(log, "checkpoint"; "ms" => started.elapsed().as_millis() as u64);
+    std::thread::scope(|scope| {
+        let mut checkpoint: Option<std::thread::ScopedJoinHandle<'_, Result<(), DriverError>>> = None;
+        let mut result = Ok(());
+        loop {
+            if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
+                if let Err(e) = join_checkpoint(&mut checkpoint) {
+                    result = Err(e);
+                    break;
                 }
             }
-            Ok(ToApply::Barrier(done)) => {
-                let _ = done.send(());
+            match applies.recv_timeout(CHECKPOINT_POLL) {
+                Ok(ToApply::Batch(entries, done)) => {
+                    if let Err(e) = apply(volume, &entries, done, log) {
+                        result = Err(e);
+                        break;
+                    }
+                    alive.fetch_add(1, Ordering::Relaxed);
+                    if !read_volume(volume).should_checkpoint(&store.lock()) {
+                        continue;
+                    }
+                    // One at a time: the previous one first.
+                    if let Err(e) = join_checkpoint(&mut checkpoint) {
+                        result = Err(e);
+                        break;
+                    }
+                    let started = Instant::now();
+                    let sealed = match write_volume(volume).seal_checkpoint(&*store.0) {
+                        Ok(sealed) => sealed,
+                        Err(e) => {
+                            result = Err(DriverError::Volume(e));
+                            break;
+                        }
+                    };
+                    let sealed_ms = started.elapsed().as_millis() as u64;
+                    let spawned = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
+                        let durable = sealed.make_durable();
+                        let applied = sealed.applied_index();
+                        write_volume(volume)
+                            .finish_checkpoint(sealed, durable, &*store.0)
+                            .map_err(DriverError::Volume)?;
+                        debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms,
+                            "ms" => started.elapsed().as_millis() as u64);
+                        Ok(())
+                    });
+                    match spawned {
+                        Ok(handle) => checkpoint = Some(handle),
+                        Err(e) => {
+                            result = Err(DriverError::Io(e));
+                            break;
+                        }
+                    }
+                }
+                Ok(ToApply::Barrier(done)) => {
+                    let _ = done.send(());
+                }
+                Ok(ToApply::Stop) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // The node thread failed; it reports why. No checkpoint after a failure.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = join_checkpoint(&mut checkpoint);
+                    return Ok(());
+                }
             }
-            Ok(ToApply::Stop) => break,
-            // The node thread failed; it reports why. No checkpoint after a failure.
-            Err(_) => return Ok(()),
         }
-    }
+        // The pending checkpoint ends either way; its error counts unless one came first.
+        let pending = join_checkpoint(&mut checkpoint);
+        result.and(pending)
+    })?;
     let mut guard = write_volume(volume);
     let started = Instant::now();
     if guard.stats().applied_index > guard.stats().root_applied_index {
-        guard.checkpoint_shared(&store.0).map_err(DriverError::Volume)?;
+        guard.checkpoint(&*store.0).map_err(DriverError::Volume)?;
     }
     info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
     Ok(())
+}
+
+/// Waits for the checkpoint thread, if one runs, and returns its result.
+fn join_checkpoint(
+    checkpoint: &mut Option<std::thread::ScopedJoinHandle<'_, Result<(), DriverError>>>,
+) -> Result<(), DriverError> {
+    match checkpoint.take() {
+        None => Ok(()),
+        Some(handle) => {
+            handle.join().unwrap_or_else(|_| Err(DriverError::Raft("the checkpoint thread panicked".into())))
+        }
+    }
 }
 
 fn apply(

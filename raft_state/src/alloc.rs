@@ -72,6 +72,10 @@ pub struct Allocator {
     deferred: Vec<u64>,
     /// Blocks freed before the last checkpoint: released by the next one.
     release: Vec<u64>,
+    /// Blocks the last checkpoint released (free in its bitmap) while its root is not durable
+    /// yet: the backup root, which reaches them, is still needed, so they are not handed out
+    /// until `root_durable`.
+    quarantine: HashSet<u64>,
 }
 
 impl Allocator {
@@ -120,6 +124,7 @@ impl Allocator {
             fresh: HashSet::new(),
             deferred: Vec::new(),
             release,
+            quarantine: HashSet::new(),
         }
     }
 
@@ -153,8 +158,9 @@ impl Allocator {
         self.used
     }
 
+    /// Blocks that can be handed out now.
     pub fn free_blocks(&self) -> u64 {
-        self.data_blocks - self.used
+        self.data_blocks - self.used - self.quarantine.len() as u64
     }
 
     /// The most blocks a checkpoint of the allocator can need: every bitmap block and every
@@ -234,9 +240,12 @@ impl Allocator {
             let in_map = (self.data_blocks - index * BITS_PER_BITMAP).min(BITS_PER_BITMAP) as usize;
             let lo = if step == 0 { start_bit } else { 0 };
             let hi = if step == maps { start_bit } else { in_map };
-            let map = self.bitmap(dev, index)?;
-            if let Some(bit) = (lo..hi).find(|&b| map.bits[b / 8] & (1 << (b % 8)) == 0) {
-                let block = self.data_start + index * BITS_PER_BITMAP + bit as u64;
+            let first = self.data_start + index * BITS_PER_BITMAP;
+            self.bitmap(dev, index)?;
+            let (map, quarantine) = (self.loaded.get(&index).ok_or(AllocError::NoSpace)?, &self.quarantine);
+            let free = |b: usize| map.bits[b / 8] & (1 << (b % 8)) == 0 && !quarantine.contains(&(first + b as u64));
+            if let Some(bit) = (lo..hi).find(|&b| free(b)) {
+                let block = first + bit as u64;
                 self.set_bit(dev, block, true)?;
                 self.fresh.insert(block);
                 self.cursor = (block - self.data_start + 1) % self.data_blocks;
@@ -262,10 +271,12 @@ impl Allocator {
     /// the tree to record in the root. The writes are not flushed; the caller flushes once
     /// before writing the root block. Call after the block map tree was flushed.
     ///
-    /// The released blocks are free in the bitmap this writes, but this checkpoint's own
-    /// blocks are never taken from them: until the new root is durable, the backup root (which
-    /// reaches them) is still needed. They are handed out only after this returns.
+    /// The released blocks are free in the bitmap this writes, but nothing is allocated from
+    /// them — neither this checkpoint's own blocks nor anything after — until the caller says
+    /// the new root is durable (`root_durable`): until then the backup root, which reaches
+    /// them, is still needed.
     pub fn checkpoint(&mut self, dev: &dyn Device) -> Result<TreeRef, AllocError> {
+        debug_assert!(self.quarantine.is_empty(), "a checkpoint's root is not durable yet");
         let release = std::mem::take(&mut self.release);
         // Clearing their bits will dirty these bitmap blocks: stage them before reserving.
         for &block in &release {
@@ -297,9 +308,10 @@ impl Allocator {
                 reserved.push(self.allocate(dev)?);
             }
         }
-        for block in release {
+        for &block in &release {
             self.set_bit(dev, block, false)?;
         }
+        self.quarantine.extend(release);
         let mut indexes: Vec<u64> = staged.into_iter().collect();
         indexes.sort_unstable();
         for index in indexes {
@@ -320,6 +332,11 @@ impl Allocator {
         self.release = std::mem::take(&mut self.deferred);
         self.fresh.clear();
         Ok(at)
+    }
+
+    /// The root of the last checkpoint is durable: the blocks it released may be handed out.
+    pub fn root_durable(&mut self) {
+        self.quarantine.clear();
     }
 }
 
@@ -372,10 +389,12 @@ mod tests {
         let mut a = Allocator::new(VOL, start, blocks).expect("new");
         let kept: Vec<u64> = (0..10).map(|_| a.allocate(&disk).expect("allocate")).collect();
         let at1 = a.checkpoint(&disk).expect("checkpoint 1"); // root 1 reaches `kept`
+        a.root_durable();
         for &b in &kept[..5] {
             a.free(&disk, b).expect("free");
         }
         let at2 = a.checkpoint(&disk).expect("checkpoint 2"); // root 2 does not; root 1 is backup
+        a.root_durable();
         let used2 = a.used();
         for _ in 0..blocks {
             match a.allocate(&disk) {
@@ -408,6 +427,19 @@ mod tests {
         for &k in &kept[5..] {
             assert!(b.is_used(&disk, k).expect("bit"));
         }
+        // Until root 3 is durable, nothing is handed out from them; then they are free.
+        let mut taken = Vec::new();
+        while let Ok(block) = b.allocate(&disk) {
+            assert!(!kept[..5].contains(&block), "block {block} handed out before root 3 is durable");
+            taken.push(block);
+        }
+        b.root_durable();
+        let mut again = Vec::new();
+        while let Ok(block) = b.allocate(&disk) {
+            again.push(block);
+        }
+        again.sort_unstable();
+        assert_eq!(again, kept[..5].to_vec(), "free once root 3 is durable");
     }
 
     /// Random allocations, frees and checkpoints; after each checkpoint the allocator reopened
@@ -427,20 +459,58 @@ mod tests {
             let mut live: Vec<u64> = Vec::new(); // blocks the "volume" uses
             let empty = TreeRef { block: 0, hash: [0; 32], height: 1 };
             let mut roots = vec![(a.tree_ref_for_test(), live.clone())];
+            // While the last checkpoint's root is not durable (`root_durable` not called yet),
+            // the blocks of the root before the backup are still reachable by the backup's
+            // recovery: nothing is handed out from them.
+            let mut pending: Option<BTreeSet<u64>> = None;
             for step in 0..300 {
                 match rng.below(10) {
-                    0..=5 => match a.allocate(&disk) {
-                        Ok(b) => live.push(b),
-                        Err(AllocError::NoSpace) => {}
-                        Err(e) => panic!("seed {seed} step {step}: {e}"),
-                    },
+                    0..=5 => {
+                        // Sometimes a burst that wraps around the region.
+                        let burst = if rng.chance(1, 8) { 1 + rng.below(blocks / 2) } else { 1 };
+                        for _ in 0..burst {
+                            // Leaves the next checkpoint its blocks, as the volume does.
+                            if a.free_blocks() <= a.metadata_bound() + 4 {
+                                break;
+                            }
+                            match a.allocate(&disk) {
+                                Ok(b) => {
+                                    if let Some(old_backup) = &pending {
+                                        assert!(
+                                            !old_backup.contains(&b),
+                                            "seed {seed} step {step}: block {b} reused early"
+                                        );
+                                    }
+                                    live.push(b);
+                                }
+                                Err(AllocError::NoSpace) => break,
+                                Err(e) => panic!("seed {seed} step {step}: {e}"),
+                            }
+                        }
+                    }
                     6..=8 if !live.is_empty() => {
-                        let b = live.swap_remove(rng.below(live.len() as u64) as usize);
-                        a.free(&disk, b).expect("free");
+                        for _ in 0..1 + rng.below(live.len() as u64 / 2 + 1) {
+                            if live.is_empty() {
+                                break;
+                            }
+                            let b = live.swap_remove(rng.below(live.len() as u64) as usize);
+                            a.free(&disk, b).expect("free");
+                        }
                     }
                     _ => {
+                        if pending.take().is_some() {
+                            a.root_durable();
+                        }
                         let at = a.checkpoint(&disk).expect("checkpoint");
                         roots.push((at, live.clone()));
+                        if rng.chance(1, 2) {
+                            a.root_durable();
+                        } else if roots.len() >= 3 {
+                            let (old_at, old_live) = &roots[roots.len() - 3];
+                            let mut reach: BTreeSet<u64> = old_live.iter().copied().collect();
+                            reach.extend(reachable_alloc(&disk, *old_at));
+                            pending = Some(reach);
+                        }
                         // Current and backup reach: their live blocks and their allocator trees.
                         let (backup_at, backup_live) = roots[roots.len() - 2].clone();
                         let mut reach: BTreeSet<u64> = live.iter().chain(backup_live.iter()).copied().collect();

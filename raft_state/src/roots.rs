@@ -577,12 +577,24 @@ impl Roots {
     /// Writes the next root (generation +1, version H(b, c)) over the overwrite slot and
     /// flushes; only then does it become current. A write or flush error poisons the set.
     pub fn commit(&mut self, root_dev: &dyn Device, payload: RootPayload) -> Result<&Root, RootError> {
+        let next = self.prepare(payload)?;
+        if let Err(e) = next.write(root_dev) {
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(self.install(next))
+    }
+
+    /// The next root, encoded, for `NextRoot::write` (which needs no access to the set, so it
+    /// can run while the set is read elsewhere) and then `install`. Encoding errors are
+    /// refused here, before any I/O, and do not poison.
+    pub fn prepare(&self, payload: RootPayload) -> Result<NextRoot, RootError> {
         if self.poisoned {
             return Err(RootError::Poisoned);
         }
         let c = &self.current;
         let b = c.predecessor_version();
-        let next = Root {
+        let root = Root {
             slot: self.overwrite,
             generation: c.generation + 1,
             version: hash::root_version(&b, &c.version),
@@ -592,21 +604,43 @@ impl Roots {
             geometry: c.geometry,
             payload,
         };
-        // Encoding errors are refused before any I/O and do not poison.
-        let buf = next.encode()?;
-        let slot = next.slot;
-        let written = root_dev.write_at(u64::from(slot) * BLOCK, &buf).and_then(|()| {
-            crate::failpoint("roots::after_write");
-            root_dev.flush()
-        });
-        if let Err(source) = written {
-            self.poisoned = true;
-            return Err(RootError::Device { slot, source });
-        }
+        let buf = root.encode()?;
+        Ok(NextRoot { root, buf })
+    }
+
+    /// Makes a root that `NextRoot::write` made durable the current one. Only the root
+    /// prepared from the current set may be installed (one at a time).
+    pub fn install(&mut self, next: NextRoot) -> &Root {
         let old_current_slot = self.current.slot;
-        self.overwrite = 3 - slot - old_current_slot;
-        self.backup = Some(std::mem::replace(&mut self.current, next));
-        Ok(&self.current)
+        self.overwrite = 3 - next.root.slot - old_current_slot;
+        self.backup = Some(std::mem::replace(&mut self.current, next.root));
+        &self.current
+    }
+}
+
+/// A root prepared by `Roots::prepare`: written and flushed by `write`, then installed.
+#[derive(Debug)]
+pub struct NextRoot {
+    root: Root,
+    buf: AlignedBuf,
+}
+
+impl NextRoot {
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// Writes the root over its slot and flushes. After an error the root set must not be
+    /// used again (the caller poisons it or stops).
+    pub fn write(&self, root_dev: &dyn Device) -> Result<(), RootError> {
+        let slot = self.root.slot;
+        root_dev
+            .write_at(u64::from(slot) * BLOCK, &self.buf)
+            .and_then(|()| {
+                crate::failpoint("roots::after_write");
+                root_dev.flush()
+            })
+            .map_err(|source| RootError::Device { slot, source })
     }
 }
 

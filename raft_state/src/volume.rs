@@ -59,6 +59,8 @@ pub enum VolumeError {
     Devices(String),
     #[error("the volume is poisoned by an earlier I/O error; restart to recover")]
     Poisoned,
+    #[error("a checkpoint was started while the previous one's root is not durable yet")]
+    CheckpointPending,
 }
 
 /// Whole blocks of one write placed at a time (bounds the placement list).
@@ -151,6 +153,8 @@ pub struct Volume {
     last_checkpoint: Instant,
     /// Checkpoints still wanted to release freed blocks while space is short (see `put`).
     space_pressure: u8,
+    /// A sealed checkpoint whose root is not durable yet: its applied index and log tail.
+    sealed: Option<(u64, u64)>,
     /// New data blocks not written yet: a batch of entries writes them at its end, in runs of
     /// device-consecutive blocks (next fit hands out consecutive blocks), one write per run.
     staged: std::collections::BTreeMap<u64, Vec<u8>>,
@@ -305,6 +309,7 @@ impl Volume {
             options,
             last_checkpoint: Instant::now(),
             space_pressure: 0,
+            sealed: None,
             staged: std::collections::BTreeMap::new(),
             scratch: AlignedBuf::blocks(0),
             poisoned: false,
@@ -769,13 +774,20 @@ impl Volume {
     /// something applied, or space is short and freed blocks wait for release.
     pub fn should_checkpoint(&self, store: &LogStore) -> bool {
         let root = &self.roots.current().payload;
+        // Measured from the last sealed checkpoint, durable or not.
+        let (root_applied, root_tail) = self.sealed.unwrap_or((root.applied_index, root.log_tail));
         let (_, ring_blocks) = store.usage();
         let limit = (self.options.checkpoint_log_bytes / BLOCK).clamp(1, (ring_blocks / 4).max(1));
-        let since_root = store.head().saturating_sub(root.log_tail);
-        let pending = self.applied_index > root.applied_index || self.map.is_dirty();
+        let since_root = store.head().saturating_sub(root_tail);
+        let pending = self.applied_index > root_applied || self.map.is_dirty();
         since_root >= limit
             || (pending && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
             || self.space_pressure > 0
+    }
+
+    /// Whether a sealed checkpoint waits for `finish_checkpoint`.
+    pub fn checkpoint_pending(&self) -> bool {
+        self.sealed.is_some()
     }
 
     /// Clean shutdown: checkpoints what was applied since the current root, so the next open
@@ -789,32 +801,63 @@ impl Volume {
     }
 
     /// Makes everything applied so far the new current root and compacts the log to what the
-    /// backup root still needs. Any error poisons the volume.
-    pub fn checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
-        self.checkpoint_via(store)
+    /// backup root still needs: `seal_checkpoint`, `make_durable` and `finish_checkpoint` in
+    /// one go. Any error poisons the volume.
+    pub fn checkpoint(&mut self, mut store: impl LogAccess) -> Result<(), VolumeError> {
+        let sealed = self.seal_checkpoint(&mut store)?;
+        let durable = sealed.make_durable();
+        self.finish_checkpoint(sealed, durable, &mut store)
     }
 
-    /// `checkpoint` with a log another thread keeps appending to: the lock is taken only to
-    /// read the log's positions and to compact it, never while the trees are written.
-    pub fn checkpoint_shared(&mut self, store: &Mutex<LogStore>) -> Result<(), VolumeError> {
-        self.checkpoint_via(store)
-    }
-
-    fn checkpoint_via(&mut self, mut store: impl LogAccess) -> Result<(), VolumeError> {
+    /// The first half of a checkpoint, under the volume's lock: writes the staged data
+    /// blocks, the block map and the allocator for the next root (not flushed) and prepares
+    /// that root. The caller makes it durable with `SealedCheckpoint::make_durable` — without
+    /// the volume, so applying and reading go on meanwhile — and then hands it back to
+    /// `finish_checkpoint`. One checkpoint at a time; any error poisons the volume.
+    pub fn seal_checkpoint(&mut self, mut store: impl LogAccess) -> Result<SealedCheckpoint, VolumeError> {
         self.check()?;
-        let result = self.try_checkpoint(&mut store);
+        if self.sealed.is_some() {
+            return Err(VolumeError::CheckpointPending);
+        }
+        let result = self.try_seal(&mut store);
         match &result {
-            Ok(()) => {
+            Ok(sealed) => {
+                self.sealed = Some((sealed.next.root().payload.applied_index, sealed.next.root().payload.log_tail));
                 self.last_checkpoint = Instant::now();
-                self.space_pressure = self.space_pressure.saturating_sub(1);
             }
             Err(_) => self.poisoned = true,
         }
         result
     }
 
-    fn try_checkpoint(&mut self, store: &mut impl LogAccess) -> Result<(), VolumeError> {
-        // Data blocks first: the flush below makes them durable with the trees.
+    /// Installs the root `make_durable` wrote (or poisons the volume with its error), lets
+    /// the allocator hand out what the checkpoint released, and compacts the log to what the
+    /// new backup root still needs.
+    pub fn finish_checkpoint(
+        &mut self,
+        sealed: SealedCheckpoint,
+        durable: Result<(), VolumeError>,
+        mut store: impl LogAccess,
+    ) -> Result<(), VolumeError> {
+        self.sealed = None;
+        if let Err(e) = durable {
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.roots.install(sealed.next);
+        self.alloc.root_durable();
+        self.space_pressure = self.space_pressure.saturating_sub(1);
+        if let Some(backup) = self.roots.backup() {
+            if let Err(e) = store.compact(backup.payload.applied_index + 1, backup.payload.log_tail) {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn try_seal(&mut self, store: &mut impl LogAccess) -> Result<SealedCheckpoint, VolumeError> {
+        // Data blocks first: the flush of `make_durable` makes them durable with the trees.
         self.write_staged()?;
         let dev = &*self.dev;
         let alloc = &mut self.alloc;
@@ -828,9 +871,6 @@ impl Volume {
             self.alloc.free(dev, block)?;
         }
         let alloc_ref = self.alloc.checkpoint(dev)?;
-        dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
-        // The new trees are durable; no root names them yet.
-        crate::failpoint("checkpoint::before_root");
         // Everything up to the head is durable; what lies past the applied index is replayed
         // after this root.
         let (log_tail, log_head) = store.positions(self.applied_index + 1);
@@ -847,28 +887,64 @@ impl Volume {
             alloc_hash: alloc_ref.hash,
             used_blocks: self.alloc.used(),
         };
-        self.roots.commit(&*self.root_dev, payload)?;
-        if let Some(backup) = self.roots.backup() {
-            store.compact(backup.payload.applied_index + 1, backup.payload.log_tail)?;
-        }
+        let next = self.roots.prepare(payload)?;
+        Ok(SealedCheckpoint { dev: self.dev.clone(), root_dev: self.root_dev.clone(), next })
+    }
+}
+
+/// A checkpoint whose trees are written but not yet flushed, and its root, prepared: see
+/// `Volume::seal_checkpoint`.
+#[derive(Debug)]
+pub struct SealedCheckpoint {
+    dev: Arc<dyn Device>,
+    root_dev: Arc<dyn Device>,
+    next: roots::NextRoot,
+}
+
+impl SealedCheckpoint {
+    /// Flushes the device (the trees and every data block written before the seal become
+    /// durable), then writes the root over its slot and flushes it. Needs no volume: blocks
+    /// written meanwhile are fresh ones that no root names.
+    pub fn make_durable(&self) -> Result<(), VolumeError> {
+        self.dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
+        // The new trees are durable; no root names them yet.
+        crate::failpoint("checkpoint::before_root");
+        self.next.write(&*self.root_dev)?;
         Ok(())
+    }
+
+    /// The index the root records as applied.
+    pub fn applied_index(&self) -> u64 {
+        self.next.root().payload.applied_index
     }
 }
 
 /// What a checkpoint needs of the log: where the next entry to apply lies and how far the
-/// log reaches (read together), and compaction.
-trait LogAccess {
+/// log reaches (read together), and compaction. The log itself, or one behind the mutex that
+/// it shares with the thread appending to it (taken only for these two calls, never while
+/// the trees are written).
+pub trait LogAccess {
     fn positions(&self, next_index: u64) -> (u64, u64);
     fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError>;
 }
 
-impl LogAccess for &mut LogStore {
+impl LogAccess for LogStore {
     fn positions(&self, next_index: u64) -> (u64, u64) {
         (self.tail_for(next_index), self.head())
     }
 
     fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
         LogStore::compact(self, index, keep_from)
+    }
+}
+
+impl<T: LogAccess> LogAccess for &mut T {
+    fn positions(&self, next_index: u64) -> (u64, u64) {
+        (**self).positions(next_index)
+    }
+
+    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
+        (**self).compact(index, keep_from)
     }
 }
 
