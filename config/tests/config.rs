@@ -51,7 +51,7 @@ fn defaults_validate() {
     assert_eq!((c.cache.nodes, c.cache.bitmaps), (16384, 256));
     assert_eq!(c.raft.tick, Duration::from_millis(100));
     assert_eq!((c.raft.election_ticks, c.raft.heartbeat_ticks), (10, 3));
-    assert_eq!(c.raft.max_batch, 1 << 20);
+    assert_eq!(c.raft.max_batch, 512 << 10);
     assert_eq!(c.supervisor.heartbeat, Duration::from_millis(500));
     assert_eq!(c.supervisor.heartbeat_timeout, Duration::from_secs(5));
     assert_eq!(c.supervisor.restart_backoff, Duration::from_millis(100));
