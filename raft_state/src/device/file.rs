@@ -313,10 +313,18 @@ impl Device for FileDevice {
                 cached.write_all_at(buf, offset).map_err(|e| self.poison("write", offset, buf.len(), e))?;
             }
             // Start writing them back now, without waiting, so that the next flush (the
-            // checkpoint's, which stalls the applier) finds little left to do.
+            // checkpoint's) finds little left to do — but only when they lie close together:
+            // the kernel writes back every dirty page of the range, on this thread, so for
+            // blocks scattered over the device (a checkpoint's tree nodes on a full volume)
+            // that costs the caller more than the flush saves (sealing a checkpoint of 1,500
+            // scattered nodes took 33 ms with it, 20 ms without).
             let from = writes.iter().map(|&(o, _)| o).min().unwrap_or(0);
             let to = writes.iter().map(|&(o, b)| o + b.len() as u64).max().unwrap_or(0);
-            if let (Ok(at), Ok(len)) = (libc::off64_t::try_from(from), libc::off64_t::try_from(to - from)) {
+            let written: u64 = writes.iter().map(|&(_, b)| b.len() as u64).sum();
+            let compact = to - from <= 2 * written;
+            if let (true, Ok(at), Ok(len)) =
+                (compact, libc::off64_t::try_from(from), libc::off64_t::try_from(to - from))
+            {
                 // SAFETY: a plain system call on a descriptor open for as long as `self`; no
                 // memory is passed. Its result is only a hint's: errors show up at the flush.
                 let _ = unsafe { libc::sync_file_range(cached.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE) };
