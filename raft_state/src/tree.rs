@@ -157,6 +157,8 @@ pub struct BlockTree {
     dirty: u64,
     /// Bounded: memory follows the working set, not the size of the tree.
     cache: NodeCache,
+    /// Where `flush` encodes the nodes it writes (kept between flushes up to a bound).
+    arena: AlignedBuf,
 }
 
 impl std::fmt::Debug for BlockTree {
@@ -191,7 +193,16 @@ impl BlockTree {
         }
         let root = if at.block == 0 { Slot::Empty } else { Slot::Clean(Ptr { block: at.block, hash: at.hash }) };
         let cache = Mutex::new(ClockCache::new(DEFAULT_NODE_CACHE));
-        Ok(Self { kind, volume_id, height: at.height, root, freed: Vec::new(), dirty: 0, cache })
+        Ok(Self {
+            kind,
+            volume_id,
+            height: at.height,
+            root,
+            freed: Vec::new(),
+            dirty: 0,
+            cache,
+            arena: AlignedBuf::blocks(0),
+        })
     }
 
     /// Keeps at most `nodes` clean nodes in memory (dirty nodes stay until `flush`).
@@ -351,10 +362,25 @@ impl BlockTree {
         dev: &dyn Device,
         alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
     ) -> Result<TreeRef, TreeError> {
-        let mut flusher =
-            Flusher { kind: self.kind, volume_id: self.volume_id, cache: &self.cache, alloc, written: Vec::new() };
+        // Every node written is one of the dirty ones: the arena holds them all.
+        let need = self.dirty as usize;
+        if self.arena.len() < need * BLOCK_SIZE {
+            self.arena = AlignedBuf::blocks(need);
+        }
+        let mut flusher = Flusher {
+            kind: self.kind,
+            volume_id: self.volume_id,
+            cache: &self.cache,
+            alloc,
+            arena: &mut self.arena,
+            written: Vec::with_capacity(need),
+        };
         let ptr = flusher.flush_slot(&mut self.root, self.height - 1)?;
-        write_runs(dev, flusher.written)?;
+        let written = std::mem::take(&mut flusher.written);
+        write_runs(dev, &self.arena, &written)?;
+        if self.arena.len() > MAX_KEPT_ARENA {
+            self.arena = AlignedBuf::blocks(0);
+        }
         self.dirty = 0;
         Ok(match ptr {
             Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
@@ -519,25 +545,39 @@ impl BlockTree {
     }
 }
 
-/// What `BlockTree::flush` needs on its way down the tree. The nodes it encodes are written
-/// at the end, in runs of consecutive blocks (the allocator hands out consecutive blocks, so
-/// a checkpoint writes its nodes with a few large writes instead of one write each).
+/// The arena `flush` keeps between calls, at most (larger ones are dropped after use): a
+/// checkpoint after 8 MiB of random 4 KiB writes to a full 1 GiB volume writes about 1,600
+/// nodes (6.4 MiB).
+const MAX_KEPT_ARENA: usize = 8 << 20;
+
+/// What `BlockTree::flush` needs on its way down the tree. Each node is encoded in place, in
+/// the next block of the arena, and written at the end: the allocator hands out consecutive
+/// blocks, so runs of consecutive blocks are consecutive in the arena too and go out with one
+/// write each, straight from it.
 struct Flusher<'a> {
     kind: TreeKind,
     volume_id: [u8; 16],
     cache: &'a NodeCache,
     alloc: &'a mut dyn FnMut() -> Result<u64, TreeError>,
-    written: Vec<(u64, Box<[u8]>)>,
+    arena: &'a mut AlignedBuf,
+    /// The block each arena block goes to, in arena order.
+    written: Vec<u64>,
 }
 
-/// Writes `(block, 4 KiB)` pairs, consecutive blocks with one write.
-fn write_runs(dev: &dyn Device, mut nodes: Vec<(u64, Box<[u8]>)>) -> Result<(), TreeError> {
+/// Writes the arena's blocks to theirs: consecutive blocks (in both) with one write.
+fn write_runs(dev: &dyn Device, arena: &[u8], blocks: &[u64]) -> Result<(), TreeError> {
     const MAX_RUN: usize = 256;
-    nodes.sort_unstable_by_key(|(block, _)| *block);
-    let blocks: Vec<(u64, &[u8])> = nodes.iter().map(|(block, bytes)| (*block, &bytes[..])).collect();
-    let mut staging = AlignedBuf::blocks(0);
-    crate::device::write_blocks(dev, &blocks, MAX_RUN, &mut staging)
-        .map_err(|(block, source)| TreeError::Device { block, source })
+    let mut writes = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && j - i < MAX_RUN && blocks[j] == blocks[j - 1] + 1 {
+            j += 1;
+        }
+        writes.push((blocks[i] * BLOCK, &arena[i * BLOCK_SIZE..j * BLOCK_SIZE]));
+        i = j;
+    }
+    dev.write_many(&writes).map_err(|source| TreeError::Device { block: blocks.first().copied().unwrap_or(0), source })
 }
 
 impl Flusher<'_> {
@@ -568,7 +608,16 @@ impl Flusher<'_> {
             return Ok(None);
         }
         let block = (self.alloc)()?;
-        let raw = RawNode {
+        let at = self.written.len() * BLOCK_SIZE;
+        if self.arena.len() < at + BLOCK_SIZE {
+            // Sized from the dirty count, which bounds the nodes written; grown all the same.
+            let mut bigger = AlignedBuf::blocks((self.written.len() + 1) * 2);
+            bigger[..at].copy_from_slice(&self.arena[..at]);
+            *self.arena = bigger;
+        }
+        let bytes = &mut self.arena[at..at + BLOCK_SIZE];
+        let raw = RawNode::mut_from_bytes(bytes).map_err(|_| TreeError::NoSpace)?;
+        *raw = RawNode {
             magic: NODE_MAGIC,
             format_version: U32::new(NODE_FORMAT_VERSION),
             level: U32::new(level),
@@ -580,9 +629,8 @@ impl Flusher<'_> {
             entries,
             padding: [0; 1472],
         };
-        let bytes: Box<[u8]> = raw.as_bytes().into();
-        let ptr = Ptr { block, hash: hash::tree_node(&bytes) };
-        self.written.push((block, bytes));
+        let ptr = Ptr { block, hash: hash::tree_node(bytes) };
+        self.written.push(block);
         // The node just written is the working set: keep it (its children are all clean now).
         if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
             lock(self.cache).insert(block, (ptr.hash, level, Arc::new(*node)));

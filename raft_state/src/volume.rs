@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::{ConfState, Entry, EntryType};
-use slog::{info, warn, Logger};
+use slog::{debug, info, warn, Logger};
 
 use crate::alloc::{AllocError, Allocator};
 use crate::command::Command;
@@ -858,7 +858,9 @@ impl Volume {
 
     fn try_seal(&mut self, store: &mut impl LogAccess) -> Result<SealedCheckpoint, VolumeError> {
         // Data blocks first: the flush of `make_durable` makes them durable with the trees.
+        let started = Instant::now();
         self.write_staged()?;
+        let dirty = self.map.dirty_nodes();
         let dev = &*self.dev;
         let alloc = &mut self.alloc;
         let map_ref = self.map.flush(dev, &mut || {
@@ -870,7 +872,9 @@ impl Volume {
         for block in self.map.take_freed() {
             self.alloc.free(dev, block)?;
         }
+        let map_us = started.elapsed().as_micros() as u64;
         let alloc_ref = self.alloc.checkpoint(dev)?;
+        debug!(self.log, "sealed"; "dirty_nodes" => dirty, "map_us" => map_us, "us" => started.elapsed().as_micros() as u64);
         // Everything up to the head is durable; what lies past the applied index is replayed
         // after this root.
         let (log_tail, log_head) = store.positions(self.applied_index + 1);
