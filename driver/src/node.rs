@@ -261,7 +261,7 @@ fn drive(
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
-            node.store().lock().append(&entries, hs.as_ref()).map_err(DriverError::Log)?;
+            node.store().lock().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;
         }
         let mut light = node.advance(rd);
         if let Some(commit) = light.commit_index() {

@@ -259,6 +259,10 @@ pub struct LogStore {
     /// Header checksum of the last record written or recovered.
     last_checksum: Hash,
     poisoned: bool,
+    /// Reused by every append: a record's data before it is sealed into sectors, and the
+    /// sealed batch (grown to the largest batch; every byte of it is written anew each time).
+    record: Vec<u8>,
+    sealed: AlignedBuf,
     log: Logger,
 }
 
@@ -306,6 +310,8 @@ impl LogStore {
             retain: a.retain_from,
             last_checksum: [0; 32],
             poisoned: false,
+            record: Vec::new(),
+            sealed: AlignedBuf::blocks(0),
             log,
         };
         let recovered = store.recover(a)?;
@@ -499,12 +505,17 @@ impl LogStore {
     /// batch: the records are written, then flushed once. On return they are durable and
     /// visible through `Storage`. Any I/O error poisons the store.
     pub fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), LogError> {
+        self.append_owned(entries.to_vec(), hard_state)
+    }
+
+    /// `append` of entries the store may keep as they are (no copy of their data).
+    pub fn append_owned(&mut self, entries: Vec<Entry>, hard_state: Option<&HardState>) -> Result<(), LogError> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
         let hs = hard_state.cloned().unwrap_or_else(|| self.hard_state.clone());
         if let Some(first) = entries.first().map(|e| e.index) {
-            self.check_append(entries, first)?;
+            self.check_append(&entries, first)?;
         }
         if hs.term < self.hard_state.term {
             return Err(LogError::BadAppend {
@@ -514,20 +525,20 @@ impl LogStore {
         }
         // A commit index learnt through `set_commit` is never persisted lower.
         let hs = HardState { commit: hs.commit.max(self.hard_state.commit), ..hs };
-        let (buf, spans, last_checksum) = self.encode_batch(entries, &hs)?;
-        let blocks = buf.len() as u64 / BLOCK;
+        let (bytes, spans, last_checksum) = self.encode_batch(&entries, &hs)?;
+        let blocks = bytes as u64 / BLOCK;
         let free = self.region.blocks - (self.head - self.retain);
         if blocks > free {
             return Err(LogError::Full { needed: blocks, free });
         }
-        if let Err(source) = self.write_ring(self.head, &buf) {
+        if let Err(source) = self.write_ring(self.head, &self.sealed[..bytes]) {
             self.poisoned = true;
             return Err(LogError::Device { what: "append batch", source });
         }
         debug!(self.log, "appended"; "vblock" => self.head, "blocks" => blocks, "entries" => entries.len());
         if let Some(first) = entries.first().map(|e| e.index) {
             self.truncate_from(first);
-            self.entries.extend(entries.iter().cloned());
+            self.entries.extend(entries);
         }
         self.hard_state = hs;
         self.head += blocks;
@@ -559,7 +570,8 @@ impl LogStore {
 
     /// Encodes a batch into records of at most [`MAX_RECORD_BLOCKS`] each, chained, starting at
     /// the current head.
-    fn encode_batch(&self, entries: &[Entry], hs: &HardState) -> Result<(AlignedBuf, Vec<Span>, Hash), LogError> {
+    /// The batch goes into `self.sealed`; returns its length in bytes.
+    fn encode_batch(&mut self, entries: &[Entry], hs: &HardState) -> Result<(usize, Vec<Span>, Hash), LogError> {
         // Group entries into records by encoded size.
         let record_room = MAX_RECORD_BLOCKS as usize * BLOCK_DATA - HEADER_SIZE;
         let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, payload bytes)
@@ -578,16 +590,21 @@ impl LogStore {
         }
         groups.push((start, entries.len(), bytes));
         let total_blocks: usize = groups.iter().map(|&(_, _, b)| (HEADER_SIZE + b).div_ceil(BLOCK_DATA)).sum();
-        let mut buf = AlignedBuf::blocks(total_blocks);
+        if self.sealed.len() < total_blocks * BLOCK_SIZE {
+            self.sealed = AlignedBuf::blocks(total_blocks);
+        }
         let mut spans = Vec::with_capacity(groups.len());
         let mut prev = self.last_checksum;
         let mut at = 0usize;
         let mut vblock = self.head;
-        let mut record = Vec::new();
         for (start, end, payload_len) in groups {
             let blocks = (HEADER_SIZE + payload_len).div_ceil(BLOCK_DATA);
-            record.clear();
-            record.resize(HEADER_SIZE + payload_len, 0);
+            // Every byte of the record is written below (header, then the entries filling the
+            // payload exactly): only growth needs zeros.
+            if self.record.len() < HEADER_SIZE + payload_len {
+                self.record.resize(HEADER_SIZE + payload_len, 0);
+            }
+            let record = &mut self.record[..HEADER_SIZE + payload_len];
             let mut payload = &mut record[HEADER_SIZE..];
             for e in &entries[start..end] {
                 // Cannot fail: the slice was sized from encoded_len.
@@ -621,7 +638,7 @@ impl LogStore {
             record[..HEADER_SIZE].copy_from_slice(raw.as_bytes());
             let checksum = hash::log_header_checksum(&record[..CHECKED_HEADER]);
             record[CHECKED_HEADER..HEADER_SIZE].copy_from_slice(&checksum);
-            seal(&record, &mut buf[at..at + blocks * BLOCK_SIZE], tag_of(&checksum));
+            seal(record, &mut self.sealed[at..at + blocks * BLOCK_SIZE], tag_of(&checksum));
             prev = checksum;
             spans.push(Span {
                 vblock,
@@ -631,7 +648,7 @@ impl LogStore {
             at += blocks * BLOCK_SIZE;
             vblock += blocks as u64;
         }
-        Ok((buf, spans, prev))
+        Ok((at, spans, prev))
     }
 
     /// Writes `buf` durably at ring position `vblock`, in two writes when it wraps (each
@@ -1549,9 +1566,10 @@ mod tests {
         #[test]
         fn header_round_trip_and_bit_flips(n in 0usize..4, len in 0usize..3000, flip in 0usize..(HEADER_SIZE * 8)) {
             let d = disk(32);
-            let s = open(&d, 32, &Anchor::genesis(voters())).expect("open");
+            let mut s = open(&d, 32, &Anchor::genesis(voters())).expect("open");
             let es: Vec<Entry> = (1..=n as u64).map(|i| entry(i, 2, len)).collect();
-            let (mut buf, spans, last) = s.encode_batch(&es, &hs(2, 0)).expect("encode");
+            let (bytes, spans, last) = s.encode_batch(&es, &hs(2, 0)).expect("encode");
+            let mut buf = s.sealed[..bytes].to_vec();
             prop_assert_eq!(spans.len(), 1);
             let h = parse_header(&buf, 0, VOL).expect("parse");
             prop_assert_eq!(h.checksum, last);
