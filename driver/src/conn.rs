@@ -29,7 +29,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use raft_state::command::Command;
+use raft_state::command::{Command, COMMAND_HEADER};
 use raft_state::volume::{Applied, Volume};
 use session::{Export, Request};
 use slog::{debug, info, warn, Logger};
@@ -308,7 +308,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             out.clear();
         }
         reader.get_mut().between_requests = reader.buffer().is_empty();
-        let mut req = match session::read_request_header(&mut reader) {
+        let req = match session::read_request_header(&mut reader) {
             Ok(req) => req,
             Err(e) => break Err(e),
         };
@@ -328,9 +328,14 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
                 out.clear();
             }
         });
-        if let Err(e) = session::read_payload(&mut reader, &mut req, limit) {
-            break Err(e);
-        }
+        // A write's payload is read straight into its entries, behind their headers.
+        let pieces = match req.command {
+            session::Command::Write => match read_write_pieces(&mut reader, &req) {
+                Ok(pieces) => pieces,
+                Err(e) => break Err(e),
+            },
+            _ => Vec::new(),
+        };
         if let Some(errno) = session::check_request_for(&req, &shared.export, negotiated.block_size_requested) {
             encode(&mut out, req.handle, errno, &[]);
             continue;
@@ -345,8 +350,9 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
                     break Ok(());
                 }
             }
-            session::Command::Write | session::Command::Trim | session::Command::WriteZeroes => {
-                submit(&answer, req, grant);
+            session::Command::Write => submit(&answer, req.handle, pieces, grant),
+            session::Command::Trim | session::Command::WriteZeroes => {
+                submit(&answer, req.handle, vec![range_command(&req)], grant);
             }
             // Every acknowledged write is already durable (committed to the log).
             session::Command::Flush => encode(&mut out, req.handle, 0, &[]),
@@ -499,10 +505,7 @@ fn reply_now_or_later(replies: &Replies, tx: &Sender<Reply>, handle: u64, error:
 /// `MAX_ENTRY_DATA`; a trim or write-zeroes of any length is one); the reply goes out when
 /// all of them are applied, with the worst error among them. The request's bytes stay taken
 /// from the budgets until then.
-fn submit(answer: &Answer, req: Request, grant: Grant) {
-    let pieces: Vec<Vec<u8>> = split(&req);
-    let handle = req.handle;
-    drop(req);
+fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant) {
     let state = Arc::new(Mutex::new(Pending {
         remaining: pieces.len(),
         error: 0,
@@ -552,35 +555,38 @@ fn errno(applied: Applied) -> u32 {
     }
 }
 
-/// The encoded commands of a request: a write in pieces of at most `MAX_ENTRY_DATA` bytes
-/// that start at block boundaries after the first; a trim or write-zeroes as one command for
-/// its whole range, whatever its length (applying it costs what the range has mapped).
+/// Reads a write's payload into its commands: pieces of at most `MAX_ENTRY_DATA` bytes that
+/// start at `MAX_ENTRY_DATA` boundaries after the first, each read in place behind its
+/// command header (no zeroing, no copy).
+fn read_write_pieces<R: Read>(r: &mut R, req: &Request) -> Result<Vec<Vec<u8>>, session::SessionError> {
+    let end = req.offset + u64::from(req.length);
+    let mut out = Vec::with_capacity((req.length as usize).div_ceil(MAX_ENTRY_DATA) + 1);
+    let mut at = req.offset;
+    while at < end {
+        let next = ((at / MAX_ENTRY_DATA as u64 + 1) * MAX_ENTRY_DATA as u64).min(end);
+        let len = (next - at) as usize;
+        let mut piece = Vec::with_capacity(COMMAND_HEADER + len);
+        piece.extend_from_slice(&Command::write_header(at, next - at));
+        session::read_appended(r, &mut piece, len)?;
+        out.push(piece);
+        at = next;
+    }
+    Ok(out)
+}
+
+/// A trim or write-zeroes as one command for its whole range, whatever its length (applying
+/// it costs what the range has mapped).
 ///
 /// WRITE_ZEROES with NO_HOLE is applied like one without: the range reads as zeros and its
 /// blocks are unmapped. In a copy-on-write volume every later write goes to a fresh block
 /// anyway, so keeping zero blocks allocated would reserve nothing for it; writing them would
 /// only cost the client's bandwidth and the device's space.
-fn split(req: &Request) -> Vec<Vec<u8>> {
-    let end = req.offset + u64::from(req.length);
-    let whole = match req.command {
-        session::Command::Trim => Some(Command::Trim { offset: req.offset, length: u64::from(req.length) }),
-        session::Command::WriteZeroes => {
-            Some(Command::WriteZeroes { offset: req.offset, length: u64::from(req.length) })
-        }
-        _ => None,
-    };
-    if let Some(cmd) = whole {
-        return vec![cmd.encode()];
+fn range_command(req: &Request) -> Vec<u8> {
+    let (offset, length) = (req.offset, u64::from(req.length));
+    match req.command {
+        session::Command::WriteZeroes => Command::WriteZeroes { offset, length }.encode(),
+        _ => Command::Trim { offset, length }.encode(),
     }
-    let mut out = Vec::new();
-    let mut at = req.offset;
-    while at < end {
-        let next = ((at / MAX_ENTRY_DATA as u64 + 1) * MAX_ENTRY_DATA as u64).min(end);
-        let from = (at - req.offset) as usize;
-        out.push(Command::Write { offset: at, data: &req.data[from..from + (next - at) as usize] }.encode());
-        at = next;
-    }
-    out
 }
 
 #[cfg(test)]
@@ -588,19 +594,20 @@ mod tests {
     use super::*;
 
     fn req(command: session::Command, flags: u16, offset: u64, length: u32) -> Request {
-        let data = if command == session::Command::Write { (0..length).map(|i| i as u8).collect() } else { Vec::new() };
-        Request { handle: 1, command, flags, offset, length, data }
+        Request { handle: 1, command, flags, offset, length, data: Vec::new() }
     }
 
     /// Pieces cover the request exactly, in order, none above `MAX_ENTRY_DATA`, and cut at
-    /// 1 MiB boundaries so later pieces are block-aligned.
+    /// `MAX_ENTRY_DATA` boundaries so later pieces are block-aligned; a payload cut short is
+    /// an error.
     #[test]
-    fn split_covers_the_request_in_entry_sized_pieces() {
+    fn write_pieces_cover_the_request_in_entry_sized_pieces() {
         for (offset, length) in [(0u64, 512u32), (512, 4096), (1_048_064, 2_999_808), (7 << 20, 32 << 20)] {
             let r = req(session::Command::Write, 0, offset, length);
+            let payload: Vec<u8> = (0..length).map(|i| (i % 251) as u8).collect();
             let mut at = offset;
             let mut data = Vec::new();
-            for piece in split(&r) {
+            for piece in read_write_pieces(&mut &payload[..], &r).expect("pieces") {
                 let Command::Write { offset: o, data: d } = Command::decode(&piece).expect("decode") else {
                     panic!("not a write")
                 };
@@ -611,7 +618,9 @@ mod tests {
                 data.extend_from_slice(d);
             }
             assert_eq!(at, offset + u64::from(length));
-            assert_eq!(data, r.data);
+            assert_eq!(data, payload);
+            let short = &payload[..payload.len() - 1];
+            assert!(matches!(read_write_pieces(&mut &short[..], &r), Err(session::SessionError::Truncated { .. })));
         }
     }
 
@@ -619,18 +628,16 @@ mod tests {
     /// 160 MiB of zeros built in memory per 28-byte request).
     #[test]
     fn range_commands_are_one_entry_of_constant_size() {
-        let plain = split(&req(session::Command::WriteZeroes, 0, 4096, 8192));
-        assert!(matches!(Command::decode(&plain[0]), Ok(Command::WriteZeroes { offset: 4096, length: 8192 })));
+        let plain = range_command(&req(session::Command::WriteZeroes, 0, 4096, 8192));
+        assert!(matches!(Command::decode(&plain), Ok(Command::WriteZeroes { offset: 4096, length: 8192 })));
         let huge = u32::MAX / 4096 * 4096;
-        let no_hole = split(&req(session::Command::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 0, huge));
-        assert_eq!(no_hole.len(), 1);
-        assert!(no_hole[0].len() <= 64);
+        let no_hole = range_command(&req(session::Command::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 0, huge));
+        assert!(no_hole.len() <= 64);
         assert!(
-            matches!(Command::decode(&no_hole[0]), Ok(Command::WriteZeroes { offset: 0, length }) if length == u64::from(huge))
+            matches!(Command::decode(&no_hole), Ok(Command::WriteZeroes { offset: 0, length }) if length == u64::from(huge))
         );
-        let trim = split(&req(session::Command::Trim, 0, 0, huge));
-        assert_eq!(trim.len(), 1);
-        assert!(matches!(Command::decode(&trim[0]), Ok(Command::Trim { .. })));
+        let trim = range_command(&req(session::Command::Trim, 0, 0, huge));
+        assert!(matches!(Command::decode(&trim), Ok(Command::Trim { .. })));
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub enum CommandError {
     Length { got: usize, want: u64 },
 }
 
+fn header(kind: u8, offset: u64, length: u64) -> [u8; COMMAND_HEADER] {
+    let raw =
+        RawCommand { magic: COMMAND_MAGIC, kind, reserved: [0; 3], offset: U64::new(offset), length: U64::new(length) };
+    let mut out = [0; COMMAND_HEADER];
+    out.copy_from_slice(raw.as_bytes());
+    out
+}
+
 impl Command<'_> {
     /// The byte range the command touches.
     pub fn range(&self) -> (u64, u64) {
@@ -81,17 +89,16 @@ impl Command<'_> {
             Command::WriteZeroes { .. } => (3, &[][..]),
         };
         let (offset, length) = self.range();
-        let raw = RawCommand {
-            magic: COMMAND_MAGIC,
-            kind,
-            reserved: [0; 3],
-            offset: U64::new(offset),
-            length: U64::new(length),
-        };
         let mut out = Vec::with_capacity(COMMAND_HEADER + payload.len());
-        out.extend_from_slice(raw.as_bytes());
+        out.extend_from_slice(&header(kind, offset, length));
         out.extend_from_slice(payload);
         out
+    }
+
+    /// The header of a write of `length` bytes at `offset`: the entry data is this followed
+    /// by exactly the `length` bytes (so a caller can read them in behind it, no copy).
+    pub fn write_header(offset: u64, length: u64) -> [u8; COMMAND_HEADER] {
+        header(1, offset, length)
     }
 
     /// Decodes entry data.

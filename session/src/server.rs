@@ -392,8 +392,21 @@ pub fn read_payload<R: Read>(r: &mut R, request: &mut Request, max_payload: u32)
     if request.length > max_payload {
         return Err(SessionError::PayloadTooLong { handle: request.handle, length: request.length, max: max_payload });
     }
-    request.data = vec![0; request.length as usize];
-    read_full(r, &mut request.data, "write payload", false)
+    request.data = Vec::with_capacity(request.length as usize);
+    read_appended(r, &mut request.data, request.length as usize)
+}
+
+/// Reads exactly `len` bytes of a write's payload and appends them to `out`, without zeroing
+/// them first (a server that frames the payload behind its own header reads it in place).
+pub fn read_appended<R: Read>(r: &mut R, out: &mut Vec<u8>, len: usize) -> Result<(), SessionError> {
+    let what = "write payload";
+    let want = out.len() + len;
+    out.reserve_exact(len);
+    r.take(len as u64).read_to_end(out).map_err(|source| SessionError::Io { what, source })?;
+    if out.len() < want {
+        return Err(SessionError::Truncated { what });
+    }
+    Ok(())
 }
 
 /// Whether `buffered` (bytes already received, not yet parsed) holds a whole request, so
