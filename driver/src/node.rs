@@ -156,7 +156,7 @@ pub fn run(
         let _ = to_apply.send(ToApply::Stop);
     }
     drop(to_apply);
-    let applied = applier.join().unwrap_or_else(|_| Err(DriverError::Raft("the applier panicked".into())));
+    let applied = applier.join().unwrap_or_else(|_| Err(DriverError::Panicked("applier")));
     // A node error comes first: the applier only saw its channel close.
     result.and(applied)
 }
@@ -183,20 +183,21 @@ fn node_loop(
         max_inflight_msgs: 256,
         ..Default::default()
     };
-    raft_cfg.validate().map_err(|e| DriverError::Raft(e.to_string()))?;
+    raft_cfg.validate().map_err(|source| DriverError::Raft { what: "configuration", source })?;
     let raft_log = log.new(slog::o!("raft" => 1));
-    let mut node = RawNode::new(&raft_cfg, store, &raft_log).map_err(|e| DriverError::Raft(e.to_string()))?;
+    let mut node =
+        RawNode::new(&raft_cfg, store, &raft_log).map_err(|source| DriverError::Raft { what: "start", source })?;
     // A single node elects itself at once; its first entry (the leader's no-op) commits
     // every entry a previous incarnation persisted but did not see committed.
-    node.campaign().map_err(|e| DriverError::Raft(e.to_string()))?;
+    node.campaign().map_err(|source| DriverError::Raft { what: "campaign", source })?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
     drive(&mut node, &mut waiting, to_apply)?;
     if node.raft.state != StateRole::Leader {
-        return Err(DriverError::Raft("a single node did not become leader".into()));
+        return Err(DriverError::Unexpected("it did not become leader".into()));
     }
     // What the election committed must be applied before anyone reads.
     let (applied_tx, applied_rx) = mpsc::channel();
-    let stopped = || DriverError::Raft("the applier stopped (its error is logged)".into());
+    let stopped = || DriverError::Stopped("applier");
     to_apply.send(ToApply::Barrier(applied_tx)).map_err(|_| stopped())?;
     applied_rx.recv().map_err(|_| stopped())?;
     start_serving()?;
@@ -235,14 +236,14 @@ fn propose(
         Ok(()) => {
             let index = node.raft.raft_log.last_index();
             if index != before + 1 {
-                return Err(DriverError::Raft(format!("proposal landed at {index}, expected {}", before + 1)));
+                return Err(DriverError::Unexpected(format!("a proposal landed at {index}, expected {}", before + 1)));
             }
             waiting.insert(index, p.done);
             Ok(())
         }
         // Only a leader accepts proposals, and a single node is always the leader once
         // elected: anything else is a bug, and fail-stop is the safe answer.
-        Err(e) => Err(DriverError::Raft(format!("proposal refused: {e}"))),
+        Err(source) => Err(DriverError::Raft { what: "proposal", source }),
     }
 }
 
@@ -255,7 +256,7 @@ fn drive(
     while node.has_ready() {
         let mut rd = node.ready();
         if !rd.messages().is_empty() || !rd.persisted_messages().is_empty() || !rd.snapshot().is_empty() {
-            return Err(DriverError::Raft("a single node got messages or a snapshot to handle".into()));
+            return Err(DriverError::Unexpected("messages or a snapshot to handle".into()));
         }
         hand_over(rd.take_committed_entries(), waiting, to_apply)?;
         let entries = rd.take_entries();
@@ -285,9 +286,7 @@ fn hand_over(
         return Ok(());
     }
     let done = entries.iter().map(|e| waiting.remove(&e.index)).collect();
-    to_apply
-        .send(ToApply::Batch(entries, done))
-        .map_err(|_| DriverError::Raft("the applier stopped (its error is logged)".into()))
+    to_apply.send(ToApply::Batch(entries, done)).map_err(|_| DriverError::Stopped("applier"))
 }
 
 /// How often an idle applier looks whether its checkpoint finished (or failed).
@@ -391,9 +390,7 @@ fn join_checkpoint(
 ) -> Result<(), DriverError> {
     match checkpoint.take() {
         None => Ok(()),
-        Some(handle) => {
-            handle.join().unwrap_or_else(|_| Err(DriverError::Raft("the checkpoint thread panicked".into())))
-        }
+        Some(handle) => handle.join().unwrap_or_else(|_| Err(DriverError::Panicked("checkpoint"))),
     }
 }
 
