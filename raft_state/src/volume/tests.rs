@@ -744,3 +744,50 @@ fn a_bad_cached_copy_is_read_again_from_the_media() {
     assert!(matches!(volume.read(0, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
     assert!(matches!(volume.try_read(0, &mut hot), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
 }
+
+/// On a real file (whose scan runs on its own thread and hands committed entries over while
+/// it goes on), reopening replays every entry since the last checkpoint, with and without
+/// checkpoints in between, and the content matches the model.
+#[test]
+fn replay_overlapped_with_the_scan_on_a_file() {
+    use crate::device::FileDevice;
+    let path = std::env::temp_dir().join(format!("rblk-volume-replay-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let log_blocks = 2048;
+    let file = FileDevice::create(&path, (3 + log_blocks + 400) * BLOCK).expect("create image");
+    assert!(file.read_ahead(), "a file device takes the overlapped path");
+    let disk: Arc<dyn Device> = Arc::new(file);
+    let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks, volume_id: VOL };
+    Volume::format(&*disk, None, opts).expect("format");
+    let mut rng = Rng::new(7);
+    let mut model = vec![0u8; (VOLUME_BLOCKS * BLOCK) as usize];
+    let mut data = Vec::new();
+    let options = VolumeOptions { checkpoint_log_bytes: u64::MAX, ..VolumeOptions::default() };
+    for round in 0..6 {
+        let (mut volume, mut store) = Volume::open_with(disk.clone(), None, options.clone(), logger()).expect("open");
+        let mut content = vec![0u8; model.len()];
+        volume.read(0, &mut content).expect("read");
+        assert!(content == model, "round {round}: content after replay differs");
+        let term = store.hard_state().term + 1;
+        for _ in 0..12 {
+            // Batches of several entries, as group commit writes them.
+            let mut batch = Vec::new();
+            for _ in 0..1 + rng.below(5) {
+                let (kind, offset, length) = random_command(&mut rng, &mut data);
+                let index = store.last_index() + 1 + batch.len() as u64;
+                let encoded = command(kind, offset, length, &data).encode();
+                batch.push(Entry { index, term, data: encoded, ..Default::default() });
+                apply_model(&mut model, kind, offset, length, &data);
+            }
+            let hs = HardState { term, vote: 1, commit: batch.last().map_or(0, |e| e.index) };
+            store.append(&batch, Some(&hs)).expect("append");
+            for entry in &batch {
+                assert_eq!(volume.apply(entry).expect("apply"), Applied::Done);
+            }
+        }
+        if round % 2 == 1 {
+            volume.checkpoint(&mut store).expect("checkpoint");
+        }
+    }
+    std::fs::remove_file(&path).expect("remove image");
+}
