@@ -282,20 +282,6 @@ impl std::fmt::Debug for LogStore {
 impl LogStore {
     /// Opens the log at the position the roots give and replays every record after it.
     pub fn open(dev: Arc<dyn Device>, region: LogRegion, anchor: &Anchor, log: Logger) -> Result<Self, LogError> {
-        Self::open_streaming(dev, region, anchor, log, &mut |_| {})
-    }
-
-    /// `open`, handing `committed` a copy of each run of entries as soon as the scan knows
-    /// them committed (a record's hard state says so), in order and each once, so that a
-    /// caller may apply them while the scan goes on. Committed entries are never replaced,
-    /// so what was handed over stays valid; if the scan then fails, the open fails.
-    pub fn open_streaming(
-        dev: Arc<dyn Device>,
-        region: LogRegion,
-        anchor: &Anchor,
-        log: Logger,
-        committed: &mut dyn FnMut(Vec<Entry>),
-    ) -> Result<Self, LogError> {
         if region.blocks < 2 || (region.start + region.blocks) * BLOCK > dev.size() {
             return Err(LogError::BadAnchor(format!(
                 "region {}+{} blocks does not fit the device ({} bytes)",
@@ -328,7 +314,7 @@ impl LogStore {
             sealed: AlignedBuf::blocks(0),
             log,
         };
-        let recovered = store.recover(a, committed)?;
+        let recovered = store.recover(a)?;
         info!(store.log, "log recovered";
             "records" => recovered.records, "entries" => recovered.entries, "head" => recovered.head,
             "torn_tail" => recovered.torn_tail, "first_index" => store.snapshot_index + 1,
@@ -336,10 +322,8 @@ impl LogStore {
         Ok(store)
     }
 
-    fn recover(&mut self, anchor: &Anchor, committed: &mut dyn FnMut(Vec<Entry>)) -> Result<Recovered, LogError> {
+    fn recover(&mut self, anchor: &Anchor) -> Result<Recovered, LogError> {
         let mut out = Recovered::default();
-        // Entries up to this index were handed to `committed`.
-        let mut handed = anchor.applied_index;
         // While the root we open from was current or backup, the ring kept everything from
         // its tail on, so the log cannot run further than one ring length past it. (The
         // backup's tail may be older: after a fallback the backup is the root that was being
@@ -360,13 +344,6 @@ impl LogStore {
             }
             first = false;
             self.replay(&header, &payload)?;
-            let upto = self.hard_state.commit.min(self.last_index());
-            if upto > handed {
-                let from = (handed.max(self.snapshot_index) - self.snapshot_index) as usize;
-                let to = (upto - self.snapshot_index) as usize;
-                committed(self.entries.range(from..to).cloned().collect());
-                handed = upto;
-            }
             self.last_checksum = header.checksum;
             self.spans.push_back(Span {
                 vblock: header.vblock,

@@ -61,8 +61,6 @@ pub enum VolumeError {
     Poisoned,
     #[error("a checkpoint was started while the previous one's root is not durable yet")]
     CheckpointPending,
-    #[error("entry {index} follows applied index {applied}: an entry is missing")]
-    Gap { applied: u64, index: u64 },
 }
 
 /// Whole blocks of one write placed at a time (bounds the placement list).
@@ -77,14 +75,6 @@ const UNMAP_PIECE_BLOCKS: u64 = 1 << 18;
 /// Below this many times the data reserve, space is short: a freed durable block asks for the
 /// two checkpoints that release it.
 const LOW_SPACE_FACTOR: u64 = 2;
-
-/// Progress of a recovery's replay.
-#[derive(Default)]
-struct Replay {
-    entries: u64,
-    /// The replay failpoint is checked once per recovery.
-    failpoint_checked: bool,
-}
 
 /// What applying an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +295,7 @@ impl Volume {
         )?;
         alloc.set_cache_capacity(options.bitmap_cache, options.node_cache / 16 + 1);
         let p = &current.payload;
-        let (region, anchor) = (log_region(&current), log_anchor(&roots));
+        let store = LogStore::open(dev.clone(), log_region(&current), &log_anchor(&roots), log.clone())?;
         let mut volume = Volume {
             dev,
             root_dev,
@@ -325,16 +315,8 @@ impl Volume {
             poisoned: false,
             log,
         };
-        // On a real device the scan hands over committed entries as it finds them and they
-        // are applied here while it goes on (scan and apply each take about half of a
-        // recovery). Simulated devices keep one thread: their tests order every operation.
-        let mut replay = Replay::default();
-        let store = if volume.dev.read_ahead() {
-            volume.replay_while_scanning(region, &anchor, &mut replay)?
-        } else {
-            LogStore::open(volume.dev.clone(), region, &anchor, volume.log.clone())?
-        };
         let commit = store.hard_state().commit;
+        let mut replayed = 0u64;
         // In chunks: the log holds the entries already, so a second full copy is not needed.
         while volume.applied_index < commit {
             // Borrowed from the log: replay copies nothing it does not have to.
@@ -345,66 +327,20 @@ impl Volume {
                         volume.applied_index + 1
                     )))
                 })?;
-            volume.replay_run(entries, &mut replay)?;
+            let (first, rest) = entries.split_at(entries.len().min(1));
+            volume.apply_batch(first)?;
+            // Once per recovery (not per entry), so crashing recoveries still converge.
+            if replayed == 0 && !rest.is_empty() {
+                crate::failpoint("recovery::replay");
+            }
+            volume.apply_batch(rest)?;
+            replayed += entries.len() as u64;
         }
-        let replayed = replay.entries;
         let slots: Vec<String> = volume.roots.slot_reports().iter().map(|r| r.to_string()).collect();
         info!(volume.log, "volume recovered";
             "root_slot" => current.slot, "generation" => current.generation, "slots" => slots.join("; "),
             "replayed" => replayed, "applied" => volume.applied_index, "ms" => started.elapsed().as_millis() as u64);
         Ok((volume, store))
-    }
-
-    /// Opens the log on a scanning thread and applies the committed entries it hands over
-    /// meanwhile; what the scan learns is committed only at its end is left to the caller.
-    fn replay_while_scanning(
-        &mut self,
-        region: LogRegion,
-        anchor: &Anchor,
-        replay: &mut Replay,
-    ) -> Result<LogStore, VolumeError> {
-        let (dev, log) = (self.dev.clone(), self.log.clone());
-        std::thread::scope(|scope| {
-            // A few runs in flight: the scan runs ahead of applying by a bounded amount.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(4);
-            let scan = std::thread::Builder::new().name("rblk-scan".into()).spawn_scoped(scope, move || {
-                // After an apply error nobody receives: the scan finishes and is dropped.
-                LogStore::open_streaming(dev, region, anchor, log, &mut |entries| {
-                    let _ = tx.send(entries);
-                })
-            });
-            let scan = scan.map_err(|e| VolumeError::Devices(format!("cannot start the log scan: {e}")))?;
-            let mut applied = Ok(());
-            while let Ok(mut entries) = rx.recv() {
-                // Whatever else is waiting goes with it (fewer, larger data writes).
-                let mut bytes: usize = entries.iter().map(|e| e.data.len()).sum();
-                while bytes < REPLAY_CHUNK_BYTES as usize {
-                    let Ok(more) = rx.try_recv() else { break };
-                    bytes += more.iter().map(|e| e.data.len()).sum::<usize>();
-                    entries.extend(more);
-                }
-                if applied.is_ok() {
-                    applied = self.replay_run(&entries, replay);
-                }
-            }
-            let store = scan.join().map_err(|_| VolumeError::Devices("the log scan panicked".into()))??;
-            applied.map(|()| store)
-        })
-    }
-
-    /// Applies a run of committed entries during recovery.
-    fn replay_run(&mut self, entries: &[Entry], replay: &mut Replay) -> Result<(), VolumeError> {
-        let (first, rest) = entries.split_at(entries.len().min(1));
-        self.apply_batch(first)?;
-        // Once per recovery (not per entry), between two entries, so crashing recoveries
-        // still converge.
-        if !replay.failpoint_checked && !rest.is_empty() {
-            replay.failpoint_checked = true;
-            crate::failpoint("recovery::replay");
-        }
-        self.apply_batch(rest)?;
-        replay.entries += entries.len() as u64;
-        Ok(())
     }
 
     /// Size the clients see, in bytes.
@@ -506,11 +442,6 @@ impl Volume {
         self.check()?;
         if entry.index <= self.applied_index {
             return Ok(Applied::Done);
-        }
-        // Committed entries come in order without gaps; one that skips an index means the
-        // caller lost one, and applying past it would lose that write for good.
-        if entry.index != self.applied_index + 1 {
-            return Err(VolumeError::Gap { applied: self.applied_index, index: entry.index });
         }
         let outcome = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => Ok(Applied::Done),
