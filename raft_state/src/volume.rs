@@ -61,6 +61,8 @@ pub enum VolumeError {
     Poisoned,
     #[error("a checkpoint was started while the previous one's root is not durable yet")]
     CheckpointPending,
+    #[error("entry {index} follows applied index {applied}: an entry is missing")]
+    Gap { applied: u64, index: u64 },
 }
 
 /// Whole blocks of one write placed at a time (bounds the placement list).
@@ -442,6 +444,11 @@ impl Volume {
         self.check()?;
         if entry.index <= self.applied_index {
             return Ok(Applied::Done);
+        }
+        // Committed entries come in order without gaps; one that skips an index means the
+        // caller lost one, and applying past it would lose that write for good.
+        if entry.index != self.applied_index + 1 {
+            return Err(VolumeError::Gap { applied: self.applied_index, index: entry.index });
         }
         let outcome = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => Ok(Applied::Done),

@@ -744,3 +744,22 @@ fn a_bad_cached_copy_is_read_again_from_the_media() {
     assert!(matches!(volume.read(0, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
     assert!(matches!(volume.try_read(0, &mut hot), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
 }
+
+/// An entry that skips an index is refused (the write before it would be lost), and the
+/// volume goes on from where it was once the missing entry comes.
+#[test]
+fn an_entry_that_skips_an_index_is_refused() {
+    let mut h = Harness::format(3);
+    let write = |index: u64, byte: u8| Entry {
+        index,
+        term: 1,
+        data: Command::Write { offset: 0, data: &[byte; 4096] }.encode(),
+        ..Default::default()
+    };
+    let applied = h.volume.applied_index();
+    assert!(matches!(h.volume.apply(&write(applied + 2, 1)), Err(VolumeError::Gap { .. })));
+    assert_eq!(h.volume.applied_index(), applied, "nothing applied");
+    assert_eq!(h.volume.apply(&write(applied + 1, 2)).expect("in order"), Applied::Done);
+    assert_eq!(h.volume.apply(&write(applied + 2, 3)).expect("in order"), Applied::Done);
+    assert_eq!(h.read_all().expect("read")[..4096], [3u8; 4096]);
+}
