@@ -307,74 +307,16 @@ fn apply_loop(
     alive: &AtomicU64,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    std::thread::scope(|scope| {
-        let mut checkpoint: Option<std::thread::ScopedJoinHandle<'_, Result<(), DriverError>>> = None;
-        let mut result = Ok(());
-        loop {
-            if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
-                if let Err(e) = join_checkpoint(&mut checkpoint) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            match applies.recv_timeout(CHECKPOINT_POLL) {
-                Ok(ToApply::Batch(entries, done)) => {
-                    if let Err(e) = apply(volume, &entries, done, log) {
-                        result = Err(e);
-                        break;
-                    }
-                    alive.fetch_add(1, Ordering::Relaxed);
-                    if !read_volume(volume).should_checkpoint(&store.lock()) {
-                        continue;
-                    }
-                    // One at a time: the previous one first.
-                    if let Err(e) = join_checkpoint(&mut checkpoint) {
-                        result = Err(e);
-                        break;
-                    }
-                    let started = Instant::now();
-                    let sealed = match write_volume(volume).seal_checkpoint(&*store.0) {
-                        Ok(sealed) => sealed,
-                        Err(e) => {
-                            result = Err(DriverError::Volume(e));
-                            break;
-                        }
-                    };
-                    let sealed_ms = started.elapsed().as_millis() as u64;
-                    let spawned = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
-                        let durable = sealed.make_durable();
-                        let applied = sealed.applied_index();
-                        write_volume(volume)
-                            .finish_checkpoint(sealed, durable, &*store.0)
-                            .map_err(DriverError::Volume)?;
-                        debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms,
-                            "ms" => started.elapsed().as_millis() as u64);
-                        Ok(())
-                    });
-                    match spawned {
-                        Ok(handle) => checkpoint = Some(handle),
-                        Err(e) => {
-                            result = Err(DriverError::Io(e));
-                            break;
-                        }
-                    }
-                }
-                Ok(ToApply::Barrier(done)) => {
-                    let _ = done.send(());
-                }
-                Ok(ToApply::Stop) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // The node thread failed; it reports why. No checkpoint after a failure.
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = join_checkpoint(&mut checkpoint);
-                    return Ok(());
-                }
-            }
-        }
+    let stopped_cleanly = std::thread::scope(|scope| {
+        let mut checkpoint = None;
+        let ended = apply_rounds(scope, &mut checkpoint, volume, store, applies, alive, log);
         // The pending checkpoint ends either way; its error counts unless one came first.
         let pending = join_checkpoint(&mut checkpoint);
-        result.and(pending)
+        ended.and_then(|clean| pending.map(|()| clean))
     })?;
+    if !stopped_cleanly {
+        return Ok(());
+    }
     let mut guard = write_volume(volume);
     let started = Instant::now();
     if guard.stats().applied_index > guard.stats().root_applied_index {
@@ -384,10 +326,67 @@ fn apply_loop(
     Ok(())
 }
 
+type CheckpointThread<'scope> = Option<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>>;
+
+/// The applier's rounds until the node thread says stop (`Ok(true)`) or goes away after a
+/// failure of its own (`Ok(false)`: it reports why; no checkpoint then).
+fn apply_rounds<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    checkpoint: &mut CheckpointThread<'scope>,
+    volume: &'env RwLock<Volume>,
+    store: &'env SharedLog,
+    applies: &Receiver<ToApply>,
+    alive: &AtomicU64,
+    log: &'env Logger,
+) -> Result<bool, DriverError> {
+    loop {
+        if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
+            join_checkpoint(checkpoint)?;
+        }
+        match applies.recv_timeout(CHECKPOINT_POLL) {
+            Ok(ToApply::Batch(entries, done)) => {
+                apply(volume, &entries, done, log)?;
+                alive.fetch_add(1, Ordering::Relaxed);
+                if read_volume(volume).should_checkpoint(&store.lock()) {
+                    // One at a time: the previous one first.
+                    join_checkpoint(checkpoint)?;
+                    *checkpoint = Some(start_checkpoint(scope, volume, store, log)?);
+                }
+            }
+            Ok(ToApply::Barrier(done)) => {
+                let _ = done.send(());
+            }
+            Ok(ToApply::Stop) => return Ok(true),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+        }
+    }
+}
+
+/// Seals a checkpoint (holding the volume for a moment) and starts the thread that makes it
+/// durable and installs it.
+fn start_checkpoint<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    volume: &'env RwLock<Volume>,
+    store: &'env SharedLog,
+    log: &'env Logger,
+) -> Result<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>, DriverError> {
+    let started = Instant::now();
+    let sealed = write_volume(volume).seal_checkpoint(&*store.0).map_err(DriverError::Volume)?;
+    let sealed_ms = started.elapsed().as_millis() as u64;
+    let thread = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
+        let durable = sealed.make_durable();
+        let applied = sealed.applied_index();
+        write_volume(volume).finish_checkpoint(sealed, durable, &*store.0).map_err(DriverError::Volume)?;
+        debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms,
+            "ms" => started.elapsed().as_millis() as u64);
+        Ok(())
+    })?;
+    Ok(thread)
+}
+
 /// Waits for the checkpoint thread, if one runs, and returns its result.
-fn join_checkpoint(
-    checkpoint: &mut Option<std::thread::ScopedJoinHandle<'_, Result<(), DriverError>>>,
-) -> Result<(), DriverError> {
+fn join_checkpoint(checkpoint: &mut CheckpointThread<'_>) -> Result<(), DriverError> {
     match checkpoint.take() {
         None => Ok(()),
         Some(handle) => handle.join().unwrap_or_else(|_| Err(DriverError::Panicked("checkpoint"))),
