@@ -40,14 +40,15 @@ struct State {
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
-    /// Ranked by the bytes this budget holds (the waiter's connection); unranked waiters rank
-    /// as holding nothing, so they go in arrival order.
-    rank: Option<Arc<Budget>>,
+    /// Bytes the waiter's connection held when it began to wait (0 for unranked waiters, who
+    /// then go in arrival order). A snapshot: comparing waiters locks nothing, so a release
+    /// costs one pass over the waiters, not a lock of every connection's budget per waiter.
+    rank: u64,
 }
 
 impl Waiter {
     fn key(&self) -> (u64, u64) {
-        (self.rank.as_ref().map_or(0, |b| b.used()), self.ticket)
+        (self.rank, self.ticket)
     }
 }
 
@@ -67,18 +68,16 @@ impl Budget {
 
     /// Takes `cost` bytes, waiting (in arrival order) until they fit.
     pub fn take(self: &Arc<Self>, cost: u64) -> Held {
-        self.take_ranked(cost, None)
+        self.take_ranked(cost, 0)
     }
 
     /// Takes `cost` bytes, waiting until they fit and no waiter ranks before this one: the
-    /// one whose `rank` budget holds fewer bytes, or as many and came first.
-    ///
-    /// Lock order: this budget, then `rank`'s (which is never held while taking this one).
-    pub fn take_ranked(self: &Arc<Self>, cost: u64, rank: Option<&Arc<Budget>>) -> Held {
+    /// one with a lower `rank` (bytes its connection holds), or as low and came first.
+    pub fn take_ranked(self: &Arc<Self>, cost: u64, rank: u64) -> Held {
         let mut s = self.lock();
         let ticket = s.next_ticket;
         s.next_ticket += 1;
-        s.waiting.push(Waiter { ticket, rank: rank.cloned() });
+        s.waiting.push(Waiter { ticket, rank });
         loop {
             let first = s.waiting.iter().min_by_key(|w| w.key()).map(|w| w.ticket);
             if first == Some(ticket) && self.fits(&s, cost) {
@@ -152,7 +151,7 @@ impl Grant {
         // Ranked by what the connection holds, this request included.
         let g = global.try_take(cost).unwrap_or_else(|| {
             wait();
-            global.take_ranked(cost, Some(connection))
+            global.take_ranked(cost, connection.used())
         });
         Grant { _connection: c, _global: g }
     }

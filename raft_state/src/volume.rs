@@ -792,11 +792,6 @@ impl Volume {
             || self.space_pressure > 0
     }
 
-    /// Whether a sealed checkpoint waits for `finish_checkpoint`.
-    pub fn checkpoint_pending(&self) -> bool {
-        self.sealed.is_some()
-    }
-
     /// Clean shutdown: checkpoints what was applied since the current root, so the next open
     /// replays nothing.
     pub fn close(mut self, store: &mut LogStore) -> Result<(), VolumeError> {
