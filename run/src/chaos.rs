@@ -37,8 +37,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use raft_state::rng::Rng;
-
-const BLOCK: u64 = 4096;
+use run::stamp::{decode, stamp, BLOCK};
 
 /// A scenario, as read from its file.
 #[derive(Debug, Clone)]
@@ -167,36 +166,6 @@ impl std::fmt::Display for Report {
         }
         Ok(())
     }
-}
-
-/// The payload of `block` written by write `id` (0: zeros).
-fn stamp(block: u64, id: u64) -> Vec<u8> {
-    let mut out = vec![0u8; BLOCK as usize];
-    if id == 0 {
-        return out;
-    }
-    Rng::new(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id).fill(&mut out[24..]);
-    out[..8].copy_from_slice(&block.to_le_bytes());
-    out[8..16].copy_from_slice(&id.to_le_bytes());
-    let sum = blake3::hash(&out[24..]);
-    out[16..24].copy_from_slice(&sum.as_bytes()[..8]);
-    out
-}
-
-/// Which write a block's bytes came from, or why they are garbage.
-fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
-    if bytes.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let at = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short")?);
-    let id = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "short")?);
-    if bytes[16..24] != blake3::hash(&bytes[24..]).as_bytes()[..8] {
-        return Err(format!("block {block}: garbage (checksum fails)"));
-    }
-    if at != block {
-        return Err(format!("block {block}: holds block {at}'s write {id}"));
-    }
-    Ok(id)
 }
 
 struct Server {

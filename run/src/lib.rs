@@ -1,6 +1,4 @@
-//! The `rblk` command (not yet built).
-//!
-//! This crate will hold `rblk format`, `rblk serve` (the small, long-lived supervisor that owns
-//! the image and the listening socket and restarts the driver when it dies or hangs),
-//! `rblk inspect` (roots, log and tree statistics) and `rblk chaos` (fault-injection runs that
-//! kill the driver over and over under a verifying workload), with its scenario files.
+//! The `rblk` command's package: the `rblk` binary (`src/main.rs`: format, serve — the
+//! supervisor —, inspect, chaos), the `rblk-driver` binary, and what its tests share with it.
+
+pub mod stamp;

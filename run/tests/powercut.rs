@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use raft_state::rng::Rng;
+use run::stamp::{decode, stamp, BLOCK};
 
 mod common;
 use common::{have, Scratch, Serve, MIB};
 
-const BLOCK: u64 = 4096;
 const SIZE: u64 = 32 * MIB;
 const WRITERS: u64 = 8;
 const CONNECTIONS: u64 = 2;
@@ -39,33 +39,6 @@ fn fuse_available() -> bool {
         eprintln!("skipped: /dev/fuse is missing");
     }
     dev
-}
-
-/// The payload of `block` written by write `id`.
-fn stamp(block: u64, id: u64) -> Vec<u8> {
-    let mut out = vec![0u8; BLOCK as usize];
-    Rng::new(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id).fill(&mut out[24..]);
-    out[..8].copy_from_slice(&block.to_le_bytes());
-    out[8..16].copy_from_slice(&id.to_le_bytes());
-    let sum = blake3::hash(&out[24..]);
-    out[16..24].copy_from_slice(&sum.as_bytes()[..8]);
-    out
-}
-
-/// Which write a block's bytes came from (0: zeros), or why they are garbage.
-fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
-    if bytes.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let at = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let id = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    if bytes[16..24] != blake3::hash(&bytes[24..]).as_bytes()[..8] {
-        return Err(format!("block {block}: garbage (checksum fails)"));
-    }
-    if at != block {
-        return Err(format!("block {block}: holds block {at}'s write {id}"));
-    }
-    Ok(id)
 }
 
 /// Per block of a writer's region: the last acknowledged write and the write in flight.
