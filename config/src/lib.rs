@@ -34,7 +34,9 @@
 //!   flush; reads hash-checked); the log and the roots always bypass it.
 //! - `[raft]` — the embedded Raft node. `tick = "100ms"`, `election_ticks = 10`,
 //!   `heartbeat_ticks = 3` (election must exceed heartbeat), `max_batch = "512K"` bytes of
-//!   proposals persisted by one log append (the group-commit bound).
+//!   proposals persisted by one log append (the group-commit bound), `write_once_min =
+//!   "64K"`: whole-block writes at least this large are written once, straight to their
+//!   blocks, and the log names them; smaller ones are carried in the log (0: all of them).
 //! - `[supervisor]` — keeping the driver alive. The driver beats every `heartbeat = "500ms"`;
 //!   after `heartbeat_timeout = "5s"` of silence the supervisor kills and restarts it,
 //!   A driver that was ready (recovered and served) is restarted at once whatever killed it;
@@ -227,11 +229,24 @@ pub struct RaftConfig {
     /// a flood was twice as long, for no throughput fio could tell apart).
     #[serde(with = "serde_size")]
     pub max_batch: u64,
+    /// Whole-block writes of at least this many bytes are written once: straight to fresh
+    /// data blocks, flushed, and then the log record names those blocks (a second durable
+    /// write per batch, but every byte written once instead of twice). Smaller writes are
+    /// carried in the log record itself. 0 carries every write in the log; else a multiple
+    /// of 4 KiB. Default 64 KiB.
+    #[serde(with = "serde_size")]
+    pub write_once_min: u64,
 }
 
 impl Default for RaftConfig {
     fn default() -> Self {
-        Self { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 3, max_batch: 512 << 10 }
+        Self {
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 3,
+            max_batch: 512 << 10,
+            write_once_min: 64 << 10,
+        }
     }
 }
 
@@ -456,6 +471,12 @@ impl Config {
             return invalid(
                 "raft.election_ticks",
                 format!("must be greater than raft.heartbeat_ticks ({}), got {}", r.heartbeat_ticks, r.election_ticks),
+            );
+        }
+        if !r.write_once_min.is_multiple_of(BLOCK) {
+            return invalid(
+                "raft.write_once_min",
+                format!("must be 0 or a multiple of 4K, got {}", size(r.write_once_min)),
             );
         }
         if r.max_batch < BLOCK {

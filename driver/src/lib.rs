@@ -309,6 +309,7 @@ pub fn node_config(cfg: &config::Config) -> NodeConfig {
         election_tick: cfg.raft.election_ticks,
         heartbeat_tick: cfg.raft.heartbeat_ticks,
         max_batch_bytes: cfg.raft.max_batch,
+        write_once_min: cfg.raft.write_once_min,
     }
 }
 

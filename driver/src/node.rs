@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::Entry;
 use raft::{RawNode, StateRole};
 use raft_state::log::LogStore;
+use raft_state::place::Placer;
 use raft_state::volume::{lock_log, Applied, Volume};
 use slog::{debug, error, info, Logger};
 
@@ -55,6 +56,9 @@ pub struct NodeConfig {
     pub heartbeat_tick: usize,
     /// Bytes of proposals taken into one append at most.
     pub max_batch_bytes: u64,
+    /// Whole-block writes of at least this many bytes are written once, to their blocks
+    /// (`raft_state::place`); 0: every write goes inline through the log.
+    pub write_once_min: u64,
 }
 
 /// Batches of committed entries the node thread may hand the applier before it waits: the
@@ -191,7 +195,10 @@ fn node_loop(
     // every entry a previous incarnation persisted but did not see committed.
     node.campaign().map_err(|source| DriverError::Raft { what: "campaign", source })?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
-    drive(&mut node, &mut waiting, to_apply)?;
+    let mut placer = Placer::new(read_volume(volume).device(), cfg.write_once_min);
+    let mut lend = |count| write_volume(volume).lend(count);
+    let mut place = |entries: &mut [Entry]| placer.place(entries, &mut lend).map(|_| ());
+    drive(&mut node, &mut waiting, to_apply, &mut place)?;
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Unexpected("it did not become leader".into()));
     }
@@ -215,7 +222,7 @@ fn node_loop(
             node.tick();
             next_tick = Instant::now() + cfg.tick;
         }
-        drive(&mut node, &mut waiting, to_apply)?;
+        drive(&mut node, &mut waiting, to_apply, &mut place)?;
     }
     // Clean stop: what was not proposed is dropped unanswered when `run` closes the queue
     // (clients resend after reconnecting); everything proposed was committed and handed to
@@ -247,11 +254,17 @@ fn propose(
     }
 }
 
-/// The ready loop: persist (one append per ready), advance, hand committed entries over.
+/// Writes the bytes of the large writes among a batch's entries once, to their blocks, and
+/// rewrites the entries to name them (`Placer::place`).
+type Place<'a> = dyn FnMut(&mut [Entry]) -> Result<(), raft_state::volume::VolumeError> + 'a;
+
+/// The ready loop: persist (place large writes, then one append per ready), advance, hand
+/// committed entries over.
 fn drive(
     node: &mut RawNode<SharedLog>,
     waiting: &mut HashMap<u64, Completion>,
     to_apply: &SyncSender<ToApply>,
+    place: &mut Place<'_>,
 ) -> Result<(), DriverError> {
     while node.has_ready() {
         let mut rd = node.ready();
@@ -259,7 +272,8 @@ fn drive(
             return Err(DriverError::Unexpected("messages or a snapshot to handle".into()));
         }
         hand_over(rd.take_committed_entries(), waiting, to_apply)?;
-        let entries = rd.take_entries();
+        let mut entries = rd.take_entries();
+        place(&mut entries).map_err(DriverError::Volume)?;
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
             node.store().lock().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;

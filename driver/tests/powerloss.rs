@@ -154,6 +154,8 @@ struct Schedule {
     planted: Option<Planted>,
     checkpoint_log_bytes: u64,
     node_cache: usize,
+    /// Whole-block writes of at least this size are written once (placed); 0 none.
+    write_once_min: u64,
     /// The power goes off after this many device operations of the workload.
     cut_after_ops: u64,
     /// Whole-write fates only (kept or dropped), else kept, dropped or torn.
@@ -167,6 +169,8 @@ impl Schedule {
         let mut rng = Rng::new(seed ^ 0x5EED_0FC0_FFEE);
         let checkpoint_log_bytes = [64u64 << 10, 128 << 10, 256 << 10][rng.below(3) as usize];
         let node_cache = [4usize, 64, 16384][rng.below(3) as usize];
+        // Most runs place writes (every whole-block write, or those of two blocks or more).
+        let write_once_min = [0u64, 4096, 4096, 8192][rng.below(4) as usize];
         let cut_after_ops = 1 + rng.below(CUT_RANGE);
         let whole_writes = rng.chance(1, 2);
         let mut recovery_cuts = Vec::new();
@@ -175,7 +179,16 @@ impl Schedule {
         while recovery_cuts.len() < 3 && rng.chance(1, 2) {
             recovery_cuts.push(rng.below(12));
         }
-        Schedule { seed, planted, checkpoint_log_bytes, node_cache, cut_after_ops, whole_writes, recovery_cuts }
+        Schedule {
+            seed,
+            planted,
+            checkpoint_log_bytes,
+            node_cache,
+            write_once_min,
+            cut_after_ops,
+            whole_writes,
+            recovery_cuts,
+        }
     }
 
     fn policy(&self) -> CrashPolicy {
@@ -536,6 +549,7 @@ fn run_inner(schedule: &Schedule, trace: bool, report: &mut Report) -> Result<()
     // Checkpoints by log size only: time would make runs depend on the machine's speed.
     cfg.volume.checkpoint_interval = Duration::from_secs(3600);
     cfg.volume.node_cache = schedule.node_cache;
+    cfg.node.write_once_min = schedule.write_once_min;
     // The node looks at its stop flag once per tick: a short one makes each stop quick.
     cfg.node.tick = Duration::from_millis(2);
     let log = if trace { driver::logger("info") } else { Logger::root(Discard, o!()) };

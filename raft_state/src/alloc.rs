@@ -13,8 +13,18 @@
 //! - The count of blocks in use is kept exactly and recorded in every root, so free space is
 //!   known without reading the bitmaps, and `metadata_bound` says how many blocks the next
 //!   checkpoint of the allocator may need at most (the caller keeps them in reserve).
+//! - Blocks the log holds (written once, `docs/format.md`): the log store borrows free blocks
+//!   (`lend`) and writes a write's bytes there before its record names them; applying the
+//!   record `adopt`s them into the tree. From the loan until no root that may still be opened
+//!   could replay the record (`unpin_through` the backup's applied index), the block is
+//!   *held*: never handed out again, even when the tree frees it meanwhile, because a replay
+//!   from an older root links it again and may read it. A held block is marked in a bitmap
+//!   only while the tree reaches it, so no root's bitmap ever marks a block only the log
+//!   names (nothing leaks when the log's records are lost to a crash). Blocks are lent only
+//!   when free in the current *and* the backup root's bitmap, so a record never names a block
+//!   that the root it is replayed from marks in use.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK};
 use crate::hash;
@@ -34,6 +44,10 @@ pub enum AllocError {
     OutOfRegion { block: u64 },
     #[error("block {block} is freed but was not in use: the allocator and the tree disagree")]
     DoubleFree { block: u64 },
+    #[error("block {block} is adopted from the log but was not lent to it")]
+    NotLent { block: u64 },
+    #[error("a log record names block {block}, which {why}")]
+    BadLogBlock { block: u64, why: &'static str },
     #[error("the root says {used} blocks are in use, but the data region has only {blocks}")]
     BadUsedCount { used: u64, blocks: u64 },
     #[error("allocator tree")]
@@ -50,6 +64,15 @@ pub enum AllocError {
 struct Bitmap {
     bits: AlignedBuf,
     dirty: bool,
+}
+
+/// A block the log holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Lent for a record not yet applied: its bit is clear.
+    Lent,
+    /// Named by the record of entry `index`, applied; `marked` while its bit is set.
+    Named { index: u64, marked: bool },
 }
 
 /// The allocator; see the module docs.
@@ -76,6 +99,18 @@ pub struct Allocator {
     /// yet: the backup root, which reaches them, is still needed, so they are not handed out
     /// until `root_durable`.
     quarantine: HashSet<u64>,
+    /// What the checkpoint before the last released: free in the current root's bitmap but
+    /// marked in the backup's, so not lent (a replay from the backup must not find a record
+    /// naming a block it marks) until the next root is durable.
+    lend_quarantine: HashSet<u64>,
+    /// Blocks the log holds (see the module docs).
+    held: HashMap<u64, Held>,
+    /// The `Named` blocks in entry order, for `unpin_through`.
+    held_order: VecDeque<(u64, u64)>,
+    /// Held blocks whose bit is clear: not in use, yet not free.
+    held_unmarked: u64,
+    /// Held blocks still `Lent`.
+    lent: u64,
 }
 
 impl Allocator {
@@ -125,6 +160,11 @@ impl Allocator {
             deferred: Vec::new(),
             release,
             quarantine: HashSet::new(),
+            lend_quarantine: HashSet::new(),
+            held: HashMap::new(),
+            held_order: VecDeque::new(),
+            held_unmarked: 0,
+            lent: 0,
         }
     }
 
@@ -160,7 +200,18 @@ impl Allocator {
 
     /// Blocks that can be handed out now.
     pub fn free_blocks(&self) -> u64 {
-        self.data_blocks - self.used - self.quarantine.len() as u64
+        self.data_blocks.saturating_sub(self.used + self.quarantine.len() as u64 + self.held_unmarked)
+    }
+
+    /// Blocks lent to the log and not adopted yet: each may dirty a path of the block map
+    /// when its record is applied.
+    pub fn lent(&self) -> u64 {
+        self.lent
+    }
+
+    /// Blocks the log holds (lent, or named by a record a root may still replay).
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// The most blocks a checkpoint of the allocator can need: every bitmap block and every
@@ -232,6 +283,99 @@ impl Allocator {
     /// Allocates a free block: next fit from the cursor to the end of the region, then from
     /// its start back to the cursor.
     pub fn allocate(&mut self, dev: &dyn Device) -> Result<u64, AllocError> {
+        let block = self.find_free(dev, false)?;
+        self.set_bit(dev, block, true)?;
+        self.fresh.insert(block);
+        Ok(block)
+    }
+
+    /// Lends `count` free blocks to the log (all or none: `NoSpace`), preferably consecutive
+    /// (next fit). They stay clear in the bitmap and are handed out to no one else until
+    /// adopted or, after the backup root passed their record, unpinned. Only blocks free in
+    /// both durable roots' bitmaps are lent.
+    pub fn lend(&mut self, dev: &dyn Device, count: u64) -> Result<Vec<u64>, AllocError> {
+        let mut out = Vec::with_capacity(count as usize);
+        while (out.len() as u64) < count {
+            match self.find_free(dev, true) {
+                Ok(block) => {
+                    self.held.insert(block, Held::Lent);
+                    self.held_unmarked += 1;
+                    self.lent += 1;
+                    out.push(block);
+                }
+                Err(e) => {
+                    for block in out {
+                        self.held.remove(&block);
+                        self.held_unmarked -= 1;
+                        self.lent -= 1;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recovery: the record of an entry the root has not applied names `block`; hold it as
+    /// lent until the replay adopts it. Refuses a block outside the region, one the root marks
+    /// in use, or one another record names: the log and the root disagree.
+    pub fn hold_for_replay(&mut self, dev: &dyn Device, block: u64) -> Result<(), AllocError> {
+        if self.is_used(dev, block)? {
+            return Err(AllocError::BadLogBlock { block, why: "the root marks in use" });
+        }
+        if self.held.insert(block, Held::Lent).is_some() {
+            return Err(AllocError::BadLogBlock { block, why: "another log record names too" });
+        }
+        self.held_unmarked += 1;
+        self.lent += 1;
+        Ok(())
+    }
+
+    /// Recovery: the record of entry `index`, which the current root applied and the backup
+    /// did not, names `block`: keep it from being handed out while a replay from the backup
+    /// may still link it.
+    pub fn pin(&mut self, dev: &dyn Device, block: u64, index: u64) -> Result<(), AllocError> {
+        if self.held.contains_key(&block) {
+            return Ok(());
+        }
+        let marked = self.is_used(dev, block)?;
+        self.held.insert(block, Held::Named { index, marked });
+        self.held_order.push_back((index, block));
+        self.held_unmarked += u64::from(!marked);
+        Ok(())
+    }
+
+    /// The record of entry `index` naming the lent `block` is applied: the tree takes it.
+    pub fn adopt(&mut self, dev: &dyn Device, block: u64, index: u64) -> Result<(), AllocError> {
+        if self.held.get(&block) != Some(&Held::Lent) {
+            return Err(AllocError::NotLent { block });
+        }
+        self.set_bit(dev, block, true)?;
+        self.fresh.insert(block);
+        self.held.insert(block, Held::Named { index, marked: true });
+        self.held_order.push_back((index, block));
+        self.held_unmarked -= 1;
+        self.lent -= 1;
+        Ok(())
+    }
+
+    /// No root that may still be opened replays entries up to `index` any more: the blocks
+    /// their records name are the tree's alone (or free).
+    pub fn unpin_through(&mut self, index: u64) {
+        while let Some(&(at, block)) = self.held_order.front() {
+            if at > index {
+                break;
+            }
+            self.held_order.pop_front();
+            if let Some(Held::Named { marked: false, .. }) = self.held.remove(&block) {
+                self.held_unmarked -= 1;
+            }
+        }
+    }
+
+    /// The next free block by next fit (not marked, not quarantined, not held; when `lending`,
+    /// not marked in the backup root either), without taking it.
+    fn find_free(&mut self, dev: &dyn Device, lending: bool) -> Result<u64, AllocError> {
         let maps = self.data_blocks.div_ceil(BITS_PER_BITMAP);
         let (start_index, start_bit) = (self.cursor / BITS_PER_BITMAP, (self.cursor % BITS_PER_BITMAP) as usize);
         // maps + 1 steps: the last one revisits the start block's bits before the cursor.
@@ -242,12 +386,16 @@ impl Allocator {
             let hi = if step == maps { start_bit } else { in_map };
             let first = self.data_start + index * BITS_PER_BITMAP;
             self.bitmap(dev, index)?;
-            let (map, quarantine) = (self.loaded.get(&index).ok_or(AllocError::NoSpace)?, &self.quarantine);
-            let free = |b: usize| map.bits[b / 8] & (1 << (b % 8)) == 0 && !quarantine.contains(&(first + b as u64));
-            if let Some(bit) = (lo..hi).find(|&b| free(b)) {
+            let map = self.loaded.get(&index).ok_or(AllocError::NoSpace)?;
+            let taken = |b: usize| {
+                let block = first + b as u64;
+                map.bits[b / 8] & (1 << (b % 8)) != 0
+                    || self.quarantine.contains(&block)
+                    || self.held.contains_key(&block)
+                    || (lending && self.lend_quarantine.contains(&block))
+            };
+            if let Some(bit) = (lo..hi).find(|&b| !taken(b)) {
                 let block = first + bit as u64;
-                self.set_bit(dev, block, true)?;
-                self.fresh.insert(block);
                 self.cursor = (block - self.data_start + 1) % self.data_blocks;
                 return Ok(block);
             }
@@ -258,7 +406,13 @@ impl Allocator {
     /// Frees `block`: at once if no durable root reaches it, else at the checkpoint after next.
     pub fn free(&mut self, dev: &dyn Device, block: u64) -> Result<(), AllocError> {
         if self.fresh.remove(&block) {
-            self.set_bit(dev, block, false)
+            self.set_bit(dev, block, false)?;
+            // Still held if the log names it: cleared, but not free.
+            if let Some(Held::Named { marked, .. }) = self.held.get_mut(&block) {
+                *marked = false;
+                self.held_unmarked += 1;
+            }
+            Ok(())
         } else {
             self.locate(block)?;
             self.deferred.push(block);
@@ -310,6 +464,10 @@ impl Allocator {
         }
         for &block in &release {
             self.set_bit(dev, block, false)?;
+            if let Some(Held::Named { marked: marked @ true, .. }) = self.held.get_mut(&block) {
+                *marked = false;
+                self.held_unmarked += 1;
+            }
         }
         self.quarantine.extend(release);
         let mut indexes: Vec<u64> = staged.into_iter().collect();
@@ -334,9 +492,17 @@ impl Allocator {
         Ok(at)
     }
 
-    /// The root of the last checkpoint is durable: the blocks it released may be handed out.
+    /// Next fit starts over at the region's first block (tests: to make a freed block the next
+    /// candidate).
+    #[cfg(test)]
+    pub(crate) fn rewind(&mut self) {
+        self.cursor = 0;
+    }
+
+    /// The root of the last checkpoint is durable: the blocks it released may be handed out
+    /// (and lent once the next root is durable too: the backup still marks them).
     pub fn root_durable(&mut self) {
-        self.quarantine.clear();
+        self.lend_quarantine = std::mem::take(&mut self.quarantine);
     }
 }
 
@@ -440,6 +606,57 @@ mod tests {
         }
         again.sort_unstable();
         assert_eq!(again, kept[..5].to_vec(), "free once root 3 is durable");
+    }
+
+    /// Blocks lent to the log are nobody else's until adopted; adopted and freed again they
+    /// stay held (not free, not marked) until unpinned; a block the backup root still marks is
+    /// allocated but not lent.
+    #[test]
+    fn lent_blocks_are_held_until_adopted_and_unpinned() {
+        let disk = SimDisk::new(400 * BLOCK, 0);
+        let mut a = Allocator::new(VOL, 100, 200).expect("new");
+        let free0 = a.free_blocks();
+        let lent = a.lend(&disk, 3).expect("lend");
+        assert_eq!((a.free_blocks(), a.used(), a.lent()), (free0 - 3, 0, 3));
+        for _ in 0..20 {
+            let b = a.allocate(&disk).expect("allocate");
+            assert!(!lent.contains(&b), "lent block {b} allocated");
+        }
+        let free1 = a.free_blocks();
+        a.adopt(&disk, lent[0], 5).expect("adopt");
+        assert!(matches!(a.adopt(&disk, lent[0], 5), Err(AllocError::NotLent { .. })));
+        assert!(a.is_used(&disk, lent[0]).expect("bit"));
+        assert_eq!((a.free_blocks(), a.lent()), (free1, 2));
+        a.free(&disk, lent[0]).expect("free");
+        assert!(!a.is_used(&disk, lent[0]).expect("bit"), "a freed fresh block is clear in the bitmap");
+        assert_eq!(a.free_blocks(), free1, "but held: not free");
+        a.unpin_through(4);
+        assert_eq!(a.free_blocks(), free1);
+        a.unpin_through(5);
+        assert_eq!(a.free_blocks(), free1 + 1);
+        assert_eq!(a.held(), 2, "the two blocks still lent");
+        // Recovery: a record names a block the root marks: refused; twice the same: refused.
+        let marked = a.allocate(&disk).expect("allocate");
+        assert!(matches!(a.hold_for_replay(&disk, marked), Err(AllocError::BadLogBlock { .. })));
+        assert!(matches!(a.hold_for_replay(&disk, lent[1]), Err(AllocError::BadLogBlock { .. })));
+
+        // Released by a checkpoint: allocatable once its root is durable, lendable only once
+        // the next one is too (the backup still marks it).
+        let mut b = Allocator::new(VOL, 100, 200).expect("new");
+        let kept = b.allocate(&disk).expect("allocate");
+        b.checkpoint(&disk).expect("checkpoint 1");
+        b.root_durable();
+        b.free(&disk, kept).expect("free"); // deferred: root 1 reaches it
+        b.checkpoint(&disk).expect("checkpoint 2");
+        b.root_durable();
+        b.checkpoint(&disk).expect("checkpoint 3"); // releases it
+        b.root_durable();
+        b.rewind();
+        let lent = b.lend(&disk, b.free_blocks() - 1).expect("lend all but one");
+        assert!(!lent.contains(&kept), "lent while the backup marks it");
+        b.unpin_through(u64::MAX);
+        b.rewind();
+        assert_eq!(b.allocate(&disk).expect("allocate"), kept, "allocatable meanwhile");
     }
 
     /// Random allocations, frees and checkpoints; after each checkpoint the allocator reopened

@@ -3,8 +3,13 @@
 //! ```text
 //! entry.data := header(24 bytes) payload
 //! header     := magic "RBC1" ‖ kind u8 ‖ 3 reserved zero bytes ‖ offset u64 ‖ length u64
-//! payload    := `length` bytes for a write; empty for trim and write-zeroes
+//! payload    := `length` bytes for a write (kind 1); empty for trim (2) and write-zeroes (3);
+//!               for a placed write (kind 4) one (block u64, BLAKE3 hash) per 4 KiB of `length`
 //! ```
+//!
+//! A placed write ("write once", `docs/format.md`) names data-region blocks that already hold
+//! its bytes, durably, since before its log record was written: applying it links them into
+//! the block map without copying them. Its offset and length are whole blocks.
 //!
 //! Offsets and lengths are in bytes, of any alignment: NBD clients that did not learn the
 //! block sizes may write single bytes, and applying patches the blocks they touch (entries
@@ -12,6 +17,8 @@
 //! leader's no-op and changes nothing. Every command is idempotent: applying it twice gives
 //! the same volume content, so replay and client resends (at-least-once delivery) are safe.
 
+use crate::device::BLOCK;
+use crate::hash::Hash;
 use zerocopy::little_endian::U64;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -32,6 +39,28 @@ struct RawCommand {
 
 const _: () = assert!(size_of::<RawCommand>() == COMMAND_HEADER);
 
+/// One block of a placed write: where its bytes are and their hash (`hash::data_block`).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PlacedBlock {
+    block: U64,
+    pub hash: Hash,
+}
+
+/// Bytes of one [`PlacedBlock`] in a command.
+pub const PLACED_BLOCK_BYTES: usize = 40;
+const _: () = assert!(size_of::<PlacedBlock>() == PLACED_BLOCK_BYTES);
+
+impl PlacedBlock {
+    pub fn new(block: u64, hash: Hash) -> Self {
+        Self { block: U64::new(block), hash }
+    }
+
+    pub fn block(&self) -> u64 {
+        self.block.get()
+    }
+}
+
 /// A decoded command, borrowing a write's payload from the entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -49,6 +78,12 @@ pub enum Command<'a> {
         offset: u64,
         length: u64,
     },
+    /// A write of whole blocks whose bytes were placed in data-region blocks before the entry
+    /// was logged: `blocks[i]` holds the block at `offset + i * 4096`.
+    Placed {
+        offset: u64,
+        blocks: &'a [PlacedBlock],
+    },
 }
 
 /// Why entry data is not a command.
@@ -62,6 +97,8 @@ pub enum CommandError {
     Kind(u8),
     #[error("write payload is {got} bytes, header says {want}")]
     Length { got: usize, want: u64 },
+    #[error("placed write at {offset}+{length} is not whole blocks")]
+    Unaligned { offset: u64, length: u64 },
 }
 
 fn header(kind: u8, offset: u64, length: u64) -> [u8; COMMAND_HEADER] {
@@ -78,6 +115,7 @@ impl Command<'_> {
         match *self {
             Command::Write { offset, data } => (offset, data.len() as u64),
             Command::Trim { offset, length } | Command::WriteZeroes { offset, length } => (offset, length),
+            Command::Placed { offset, blocks } => (offset, blocks.len() as u64 * BLOCK),
         }
     }
 
@@ -87,6 +125,7 @@ impl Command<'_> {
             Command::Write { data, .. } => (1, *data),
             Command::Trim { .. } => (2, &[][..]),
             Command::WriteZeroes { .. } => (3, &[][..]),
+            Command::Placed { blocks, .. } => (4, blocks.as_bytes()),
         };
         let (offset, length) = self.range();
         let mut out = Vec::with_capacity(COMMAND_HEADER + payload.len());
@@ -114,6 +153,17 @@ impl Command<'_> {
             2 | 3 if !payload.is_empty() => Err(CommandError::Length { got: payload.len(), want: 0 }),
             2 => Ok(Command::Trim { offset, length }),
             3 => Ok(Command::WriteZeroes { offset, length }),
+            4 => {
+                if !offset.is_multiple_of(BLOCK) || !length.is_multiple_of(BLOCK) {
+                    return Err(CommandError::Unaligned { offset, length });
+                }
+                let want = length / BLOCK * PLACED_BLOCK_BYTES as u64;
+                let blocks = <[PlacedBlock]>::ref_from_bytes(payload)
+                    .ok()
+                    .filter(|_| payload.len() as u64 == want)
+                    .ok_or(CommandError::Length { got: payload.len(), want })?;
+                Ok(Command::Placed { offset, blocks })
+            }
             other => Err(CommandError::Kind(other)),
         }
     }
@@ -160,5 +210,27 @@ mod tests {
         let mut trailing = Command::Trim { offset: 0, length: 512 }.encode();
         trailing.push(0);
         assert!(matches!(Command::decode(&trailing), Err(CommandError::Length { .. })));
+    }
+
+    #[test]
+    fn placed_writes_round_trip_and_must_be_whole_blocks() {
+        let blocks = [PlacedBlock::new(77, [1; 32]), PlacedBlock::new(78, [2; 32])];
+        let cmd = Command::Placed { offset: 8192, blocks: &blocks };
+        let bytes = cmd.encode();
+        assert_eq!(bytes.len(), COMMAND_HEADER + 2 * PLACED_BLOCK_BYTES);
+        let back = Command::decode(&bytes).expect("decode");
+        assert_eq!(back, cmd);
+        assert_eq!(back.range(), (8192, 8192));
+        let Command::Placed { blocks: got, .. } = back else { panic!("kind") };
+        assert_eq!(got[1].block(), 78);
+        // One placed block short, or a byte too many: refused.
+        assert!(matches!(Command::decode(&bytes[..bytes.len() - 1]), Err(CommandError::Length { .. })));
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; PLACED_BLOCK_BYTES]);
+        assert!(matches!(Command::decode(&long), Err(CommandError::Length { .. })));
+        // A range that is not whole blocks cannot be placed.
+        let mut odd = bytes.clone();
+        odd[8] = 1; // offset 8193
+        assert!(matches!(Command::decode(&odd), Err(CommandError::Unaligned { .. })));
     }
 }

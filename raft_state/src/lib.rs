@@ -10,6 +10,7 @@
 //!   (and allocator bitmap indexes to bitmap blocks), with a bounded node [`cache`];
 //! - [`alloc`]: the free-space bitmaps and the two-root reuse rule;
 //! - [`command`]: the block commands carried in Raft entries;
+//! - [`place`]: large writes written once, to their blocks, before their records name them;
 //! - [`volume`]: the state machine: apply, checkpoint, open and recover;
 //! - [`layout`]: the geometry that places the regions;
 //! - [`hash`]: the domain-separated BLAKE3 hashes all formats use;
@@ -24,6 +25,7 @@ pub mod device;
 pub mod hash;
 pub mod layout;
 pub mod log;
+pub mod place;
 pub mod rng;
 pub mod roots;
 pub mod tree;

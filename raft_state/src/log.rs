@@ -51,7 +51,7 @@ use crate::hash::{self, Hash};
 /// Magic at the start of every log record.
 pub const LOG_MAGIC: [u8; 8] = *b"RBLKLOG\0";
 /// The log record format this code writes and reads.
-pub const LOG_FORMAT_VERSION: u32 = 1;
+pub const LOG_FORMAT_VERSION: u32 = 2;
 /// Bytes of the record header; the payload starts right after it.
 pub const HEADER_SIZE: usize = 256;
 /// Record data bytes in each 512-byte sector; the last 8 hold the record's tag twice.
@@ -757,6 +757,44 @@ impl LogStore {
 }
 
 impl LogStore {
+    /// The entries in memory after `index`, in order.
+    pub fn entries_after(&self, index: u64) -> impl Iterator<Item = &Entry> {
+        let skip = index.saturating_sub(self.snapshot_index) as usize;
+        self.entries.iter().skip(skip)
+    }
+
+    /// Reads the entries `low .. high` back from the ring space retained for the backup root
+    /// (records from `retain` on; they were compacted out of memory) and shows each to `visit`.
+    /// Recovery uses it to learn which blocks those records name. Stops at the first record
+    /// past `high`, or with an error at the first that is not valid.
+    pub fn read_retained(
+        &self,
+        low: u64,
+        high: u64,
+        visit: &mut dyn FnMut(&Entry) -> Result<(), crate::alloc::AllocError>,
+    ) -> Result<(), LogError> {
+        let mut reader = RingReader::new(self.region);
+        let mut at = self.retain;
+        while at < self.head {
+            let (header, payload) = match read_record(&*self.dev, &mut reader, at, self.head)? {
+                Ok(found) => found,
+                Err(problem) => {
+                    return Err(LogError::Inconsistent { vblock: at, why: format!("retained record: {problem}") })
+                }
+            };
+            let entries = decode_entries(&payload, header.entry_count)
+                .map_err(|why| LogError::Inconsistent { vblock: at, why })?;
+            for e in entries.iter().filter(|e| (low..high).contains(&e.index)) {
+                visit(e).map_err(|e| LogError::Inconsistent { vblock: at, why: crate::error_chain(&e) })?;
+            }
+            if header.first_index + u64::from(header.entry_count) >= high {
+                break;
+            }
+            at += header.blocks;
+        }
+        Ok(())
+    }
+
     /// Entries from `low` (before `high`), as many as fit in `max_bytes` of data (at least
     /// one) and lie next to each other in memory, borrowed: what replay applies without
     /// copying. `None` if `low` is not in the log.

@@ -23,7 +23,7 @@ use crate::layout::{Geometry, ROOT_SLOTS};
 /// Magic at the start of every root block.
 pub const ROOT_MAGIC: [u8; 8] = *b"RBLKROOT";
 /// The root format this code writes and reads.
-pub const ROOT_FORMAT_VERSION: u32 = 1;
+pub const ROOT_FORMAT_VERSION: u32 = 2;
 /// Bytes reserved for the prost-encoded `ConfState`.
 pub const CONF_STATE_BYTES: usize = 512;
 /// The checksum occupies the last 32 bytes of the block in every format version, so it can be
@@ -217,7 +217,12 @@ pub enum RootError {
         #[source]
         source: DeviceError,
     },
-    #[error("root slot {slot} has format version {version}; this rblk reads version {ROOT_FORMAT_VERSION}")]
+    #[error("root slot {slot} has format version {version}; this rblk reads version {ROOT_FORMAT_VERSION}{}",
+        if *version < ROOT_FORMAT_VERSION {
+            " (an older rblk formatted this image: copy its data out with that rblk, e.g. through NBD, into a volume this one formats)"
+        } else {
+            " (a newer rblk wrote it)"
+        })]
     UnsupportedVersion { slot: u8, version: u32 },
     #[error("root device of {bytes} bytes cannot hold three 4 KiB root slots")]
     DeviceTooSmall { bytes: u64 },
@@ -788,11 +793,31 @@ mod tests {
         let (disk, roots) = rotated(1);
         let slot = roots.backup().expect("backup").slot;
         let mut buf = roots.backup().expect("backup").encode().expect("encode");
-        buf[8] = 2;
+        buf[8] = 3;
         let checksum = hash::root_checksum(&buf[..CHECKSUM_AT]);
         buf[CHECKSUM_AT..].copy_from_slice(&checksum);
         write_raw(&disk, slot, &buf);
-        assert!(matches!(open(&disk), Err(RootError::UnsupportedVersion { version: 2, slot: s }) if s == slot));
+        let refused = open(&disk);
+        assert!(matches!(refused, Err(RootError::UnsupportedVersion { version: 3, slot: s }) if s == slot));
+        assert!(refused.expect_err("refused").to_string().contains("newer rblk"));
+    }
+
+    /// Format version 1 logged every byte inline; version 2 names placed blocks, which a
+    /// version 1 reader would skip as invalid commands: images of either kind are refused by
+    /// the other, with a message that says what to do.
+    #[test]
+    fn an_image_of_format_version_1_is_refused_with_advice() {
+        let (disk, roots) = rotated(1);
+        for root in [roots.current(), roots.backup().expect("backup")] {
+            let mut buf = root.encode().expect("encode");
+            buf[8] = 1;
+            let checksum = hash::root_checksum(&buf[..CHECKSUM_AT]);
+            buf[CHECKSUM_AT..].copy_from_slice(&checksum);
+            write_raw(&disk, root.slot, &buf);
+        }
+        let refused = open(&disk).expect_err("refused");
+        assert!(matches!(refused, RootError::UnsupportedVersion { version: 1, .. }));
+        assert!(refused.to_string().contains("older rblk formatted this image"), "{refused}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use raft::eraftpb::{ConfState, Entry, EntryType};
 use slog::{debug, info, warn, Logger};
 
 use crate::alloc::{AllocError, Allocator};
-use crate::command::Command;
+use crate::command::{Command, PlacedBlock};
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::layout::{Geometry, GeometryError};
@@ -77,6 +77,10 @@ const UNMAP_PIECE_BLOCKS: u64 = 1 << 18;
 /// Below this many times the data reserve, space is short: a freed durable block asks for the
 /// two checkpoints that release it.
 const LOW_SPACE_FACTOR: u64 = 2;
+/// A checkpoint is due once this many times `checkpoint_log_bytes` of data were placed (written
+/// once) since the last one: placed writes take little log, but the blocks their records name
+/// stay held until two checkpoints pass them, which this bounds.
+const PLACED_CHECKPOINT_FACTOR: u64 = 16;
 
 /// What applying an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +166,8 @@ pub struct Volume {
     staged: std::collections::BTreeMap<u64, Vec<u8>>,
     /// Where staged blocks are gathered into runs for writing (kept: no fresh pages per batch).
     scratch: AlignedBuf,
+    /// Blocks of placed writes applied since the last sealed checkpoint.
+    placed_since_seal: u64,
     poisoned: bool,
     log: Logger,
 }
@@ -314,9 +320,11 @@ impl Volume {
             sealed: None,
             staged: std::collections::BTreeMap::new(),
             scratch: AlignedBuf::blocks(0),
+            placed_since_seal: 0,
             poisoned: false,
             log,
         };
+        let (held, pinned) = volume.hold_logged_blocks(&store)?;
         let commit = store.hard_state().commit;
         let mut replayed = 0u64;
         // In chunks: the log holds the entries already, so a second full copy is not needed.
@@ -341,8 +349,73 @@ impl Volume {
         let slots: Vec<String> = volume.roots.slot_reports().iter().map(|r| r.to_string()).collect();
         info!(volume.log, "volume recovered";
             "root_slot" => current.slot, "generation" => current.generation, "slots" => slots.join("; "),
-            "replayed" => replayed, "applied" => volume.applied_index, "ms" => started.elapsed().as_millis() as u64);
+            "replayed" => replayed, "applied" => volume.applied_index, "placed_blocks" => held,
+            "pinned_blocks" => pinned, "ms" => started.elapsed().as_millis() as u64);
         Ok((volume, store))
+    }
+
+    /// Recovery, before replay: the blocks that records after the root's applied index name
+    /// are the log's until replay adopts them, and those the records between the backup's and
+    /// the root's applied index name stay pinned while the backup may still be opened (see
+    /// `alloc`).
+    /// Returns how many blocks it held and pinned.
+    fn hold_logged_blocks(&mut self, store: &LogStore) -> Result<(u64, u64), VolumeError> {
+        let dev = &*self.dev;
+        let alloc = &mut self.alloc;
+        let mut held = 0u64;
+        for e in store.entries_after(self.applied_index) {
+            if let Ok(Command::Placed { blocks, .. }) = Command::decode(&e.data) {
+                for b in blocks {
+                    alloc.hold_for_replay(dev, b.block())?;
+                    held += 1;
+                }
+            }
+        }
+        let mut pinned = 0u64;
+        if let Some(backup) = self.roots.backup() {
+            let (low, high) = (backup.payload.applied_index + 1, self.applied_index + 1);
+            if low < high {
+                let scanned = store.read_retained(low, high, &mut |e: &Entry| {
+                    if let Ok(Command::Placed { blocks, .. }) = Command::decode(&e.data) {
+                        for b in blocks {
+                            alloc.pin(dev, b.block(), e.index)?;
+                            pinned += 1;
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = scanned {
+                    // Only a fallback to the backup (a second fault) would need these.
+                    warn!(self.log, "the log the backup root needs is unreadable: blocks it names are not pinned";
+                        "error" => %crate::error_chain(&e));
+                }
+            }
+        }
+        Ok((held, pinned))
+    }
+
+    /// Lends `count` free blocks to the log for placed writes (`Command::Placed`), or fails
+    /// with `NoSpace` (the write then goes inline). Keeps the metadata reserve, counting a
+    /// path of the block map for every lent block.
+    pub fn lend(&mut self, count: u64) -> Result<Vec<u64>, VolumeError> {
+        self.check()?;
+        let need = count * (1 + u64::from(self.map.height())) + self.data_reserve();
+        if self.alloc.free_blocks() < need {
+            self.space_pressure = 2;
+            return Err(AllocError::NoSpace.into());
+        }
+        let lent = self.alloc.lend(&*self.dev, count);
+        lent.map_err(|e| {
+            if !matches!(e, AllocError::NoSpace) {
+                self.poisoned = true;
+            }
+            e.into()
+        })
+    }
+
+    /// The main device (data, trees and log).
+    pub fn device(&self) -> Arc<dyn Device> {
+        self.dev.clone()
     }
 
     /// Size the clients see, in bytes.
@@ -375,7 +448,8 @@ impl Volume {
     /// Blocks the next checkpoint may need for metadata if one more block is remapped: the
     /// block map's dirty nodes plus one path, and the allocator's worst case.
     fn metadata_need(&self) -> u64 {
-        self.map.dirty_nodes() + u64::from(self.map.height()) + self.alloc.metadata_bound()
+        let lent_paths = self.alloc.lent() * u64::from(self.map.height());
+        self.map.dirty_nodes() + u64::from(self.map.height()) + self.alloc.metadata_bound() + lent_paths
     }
 
     /// Free blocks a data write leaves untouched: the metadata need and a slack so that trims
@@ -456,7 +530,10 @@ impl Volume {
                 Ok(cmd) => {
                     let (offset, length) = cmd.range();
                     match self.check_range(offset, length) {
-                        Ok(()) => self.run(&cmd),
+                        Ok(()) => match cmd {
+                            Command::Placed { offset, blocks } => self.link_placed(offset / BLOCK, blocks, entry.index),
+                            _ => self.run(&cmd),
+                        },
                         Err(e) => {
                             warn!(self.log, "entry not applied"; "index" => entry.index, "error" => %e);
                             Ok(Applied::Invalid)
@@ -516,6 +593,8 @@ impl Volume {
                 Command::Trim { .. } | Command::WriteZeroes { .. } => {
                     self.patch(vb, &mut block, within..within + n, None)
                 }
+                // Applied by `link_placed`.
+                Command::Placed { .. } => return Ok(Applied::Invalid),
             };
             match result {
                 Err(VolumeError::Alloc(AllocError::NoSpace)) => return Ok(Applied::NoSpace),
@@ -534,6 +613,28 @@ impl Volume {
             }
             at += n as u64;
         }
+        Ok(if damaged { Applied::Damaged } else { Applied::Done })
+    }
+
+    /// Applies a placed write of entry `index`: the tree adopts the blocks its record names,
+    /// which hold its bytes already (no copy, no hash). A block whose map path is damaged is
+    /// left as it was and its placed copy freed (it stays held while a replay may need it).
+    fn link_placed(&mut self, first_vb: u64, blocks: &[PlacedBlock], index: u64) -> Result<Applied, VolumeError> {
+        let mut damaged = false;
+        for (i, b) in blocks.iter().enumerate() {
+            let (vb, block) = (first_vb + i as u64, b.block());
+            self.alloc.adopt(&*self.dev, block, index)?;
+            match self.map_block(vb, Some(Ptr { block, hash: b.hash })) {
+                Ok(()) => {}
+                Err(VolumeError::Tree(e)) => {
+                    warn!(self.log, "block not written: its map node is unreadable"; "block" => vb, "error" => %e);
+                    self.alloc.free(&*self.dev, block)?;
+                    damaged = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.placed_since_seal += blocks.len() as u64;
         Ok(if damaged { Applied::Damaged } else { Applied::Done })
     }
 
@@ -788,6 +889,7 @@ impl Volume {
         let since_root = store.head().saturating_sub(root_tail);
         let pending = self.applied_index > root_applied || self.map.is_dirty();
         since_root >= limit
+            || self.placed_since_seal >= limit * PLACED_CHECKPOINT_FACTOR
             || (pending && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
             || self.space_pressure > 0
     }
@@ -826,6 +928,7 @@ impl Volume {
             Ok(sealed) => {
                 self.sealed = Some((sealed.next.root().payload.applied_index, sealed.next.root().payload.log_tail));
                 self.last_checkpoint = Instant::now();
+                self.placed_since_seal = 0;
             }
             Err(_) => self.poisoned = true,
         }
@@ -849,6 +952,9 @@ impl Volume {
         self.roots.install(sealed.next);
         self.alloc.root_durable();
         self.space_pressure = self.space_pressure.saturating_sub(1);
+        // No root that may be opened now replays the entries the backup applied.
+        let oldest = self.roots.backup().unwrap_or(self.roots.current());
+        self.alloc.unpin_through(oldest.payload.applied_index);
         if let Some(backup) = self.roots.backup() {
             if let Err(e) = store.compact(backup.payload.applied_index + 1, backup.payload.log_tail) {
                 self.poisoned = true;
