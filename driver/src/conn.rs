@@ -30,12 +30,15 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use raft_state::command::{Command, COMMAND_HEADER};
-use raft_state::volume::{Applied, Volume};
+use raft_state::device::AlignedBuf;
+use raft_state::place::Placer;
+use raft_state::volume::{Applied, Volume, VolumeError};
 use session::{Export, Request};
-use slog::{debug, info, warn, Logger};
+use slog::{debug, error, info, warn, Logger};
 
 use crate::budget::{Budget, Grant};
-use crate::node::{read_volume, Outcome, Proposal};
+use crate::error_chain;
+use crate::node::{read_volume, write_volume, Outcome, Proposal};
 use crate::queue::Proposals;
 use crate::Limits;
 
@@ -62,6 +65,9 @@ pub struct Shared {
     /// Whether this incarnation answered a request yet (logged once: the supervisor and the
     /// chaos runs measure restart-to-first-served-request from it).
     pub served: AtomicBool,
+    /// Writes large enough are written once, to their blocks, by the connection that
+    /// read them (`raft_state::place`).
+    pub placer: Placer,
     pub log: Logger,
 }
 
@@ -281,12 +287,14 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         })
         .map_err(io("start the reply writer"))?;
     let answer = Answer { shared: shared.clone(), conn: id, replies: replies.clone(), tx: tx.clone() };
-    let (reads, read_rx) = mpsc::channel::<(Request, Grant)>();
+    let (reads, read_rx) = mpsc::channel::<Work>();
     let read_rx = Arc::new(Mutex::new(read_rx));
+    let buffers = Arc::new(Mutex::new(Vec::new()));
     let mut readers = Vec::new();
     for _ in 0..READERS_PER_CONNECTION {
-        let (rx, answer) = (read_rx.clone(), answer.clone());
-        let spawned = std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_reads(&rx, &answer));
+        let (rx, answer, buffers) = (read_rx.clone(), answer.clone(), buffers.clone());
+        let spawned =
+            std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_work(&rx, &answer, &buffers));
         readers.push(spawned.map_err(io("start a reader"))?);
     }
     let budget = Budget::new(limits.inflight_per_connection);
@@ -328,8 +336,19 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
                 out.clear();
             }
         });
-        // A write's payload is read straight into its entries, behind their headers.
+        // A write to place is read into an aligned buffer, the one its blocks are written from;
+        // other writes straight into their entries, behind their headers.
+        let placing = req.command == session::Command::Write && shared.placer.wants(req.offset, u64::from(req.length));
+        let mut aligned = None;
         let pieces = match req.command {
+            session::Command::Write if placing => {
+                let mut buf = take_buffer(&buffers);
+                if let Err(e) = read_aligned(&mut reader, &mut buf, req.length) {
+                    break Err(e);
+                }
+                aligned = Some(buf);
+                Vec::new()
+            }
             session::Command::Write => match read_write_pieces(&mut reader, &req) {
                 Ok(pieces) => pieces,
                 Err(e) => break Err(e),
@@ -340,13 +359,22 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             encode(&mut out, req.handle, errno, &[]);
             continue;
         }
+        if let Some(buf) = aligned {
+            // Hashed, written and proposed by one of the connection's workers, several at once.
+            shared.proposals.placing();
+            if reads.send(Work::Place(req, buf, grant)).is_err() {
+                shared.proposals.placed();
+                break Ok(());
+            }
+            continue;
+        }
         match req.command {
             // A small read whose data is cached is answered here; the others run on the
             // connection's readers, several at once: each waits for the device, or (a large
             // one) spends a while checking hashes.
             session::Command::Read => {
                 let hot = req.length <= HOT_READ_MAX && answer.read(&req, &mut out, true);
-                if !hot && reads.send((req, grant)).is_err() {
+                if !hot && reads.send(Work::Read(req, grant)).is_err() {
                     break Ok(());
                 }
             }
@@ -464,30 +492,73 @@ fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Res
 /// The largest read the connection's thread answers itself when its data is cached.
 const HOT_READ_MAX: u32 = 128 << 10;
 
-/// Reads served at once per connection.
+/// Reads (and writes to place) served at once per connection.
 const READERS_PER_CONNECTION: usize = 4;
 
 /// A reader keeps a reply buffer up to this size between reads; a larger one is freed.
 const KEEP_READ_BUFFER: usize = 1 << 20;
 
-/// One reader: takes read requests off the connection's queue until it closes. Each holds
-/// its bytes of the budgets until its reply is sent.
-fn serve_reads(queue: &Mutex<mpsc::Receiver<(Request, Grant)>>, answer: &Answer) {
+/// Payload buffers of writes to place a connection keeps for reuse, and the largest kept.
+const KEEP_WRITE_BUFFERS: usize = READERS_PER_CONNECTION + 1;
+const KEEP_WRITE_BUFFER: usize = 4 << 20;
+
+/// What the connection's workers do.
+enum Work {
+    /// A read that waits for the media (or checks many hashes).
+    Read(Request, Grant),
+    /// A write to place, its payload read: hash it, write it to lent blocks, propose it.
+    Place(Request, AlignedBuf, Grant),
+}
+
+/// A payload buffer from the connection's pool, or a new one.
+fn take_buffer(pool: &Mutex<Vec<AlignedBuf>>) -> AlignedBuf {
+    pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| AlignedBuf::blocks(0))
+}
+
+/// One worker: takes reads and writes to place off the connection's queue until it closes.
+/// Each holds its bytes of the budgets until its reply is sent (a write: until applied).
+fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer, buffers: &Mutex<Vec<AlignedBuf>>) {
     let mut out = Vec::new();
     loop {
         let next = match queue.lock() {
             Ok(q) => q.recv(),
             Err(_) => return,
         };
-        let Ok((req, grant)) = next else { return };
-        out.clear();
-        answer.read(&req, &mut out, false);
-        if !out.is_empty() {
-            let _ = answer.replies.send(&out);
-        }
-        drop(grant);
-        if out.capacity() > KEEP_READ_BUFFER {
-            out = Vec::new();
+        match next {
+            Err(_) => return,
+            Ok(Work::Read(req, grant)) => {
+                out.clear();
+                answer.read(&req, &mut out, false);
+                if !out.is_empty() {
+                    let _ = answer.replies.send(&out);
+                }
+                drop(grant);
+                if out.capacity() > KEEP_READ_BUFFER {
+                    out = Vec::new();
+                }
+            }
+            Ok(Work::Place(req, buf, grant)) => {
+                let shared = &answer.shared;
+                match place(shared, &req, &buf[..req.length as usize]) {
+                    Ok(pieces) => submit(answer, req.handle, pieces, grant),
+                    Err(e) => {
+                        // The device failed a write: the driver stops (the supervisor restarts
+                        // it); this request is not answered, the client resends it after
+                        // reconnecting.
+                        error!(answer.replies.log, "writing a placed write failed: the driver stops";
+                            "error" => error_chain(&e));
+                        shared.proposals.fail(e);
+                    }
+                }
+                shared.proposals.placed();
+                if buf.len() <= KEEP_WRITE_BUFFER {
+                    if let Ok(mut pool) = buffers.lock() {
+                        if pool.len() < KEEP_WRITE_BUFFERS {
+                            pool.push(buf);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -572,6 +643,33 @@ fn read_write_pieces<R: Read>(r: &mut R, req: &Request) -> Result<Vec<Vec<u8>>, 
         at = next;
     }
     Ok(out)
+}
+
+/// Reads a write's payload of `length` bytes into `buf` (grown when too small).
+fn read_aligned<R: Read>(r: &mut R, buf: &mut AlignedBuf, length: u32) -> Result<(), session::SessionError> {
+    let length = length as usize;
+    if buf.len() < length {
+        *buf = AlignedBuf::for_bytes(length);
+    }
+    let what = "write payload";
+    r.read_exact(&mut buf[..length]).map_err(|source| match source.kind() {
+        std::io::ErrorKind::UnexpectedEof => session::SessionError::Truncated { what },
+        _ => session::SessionError::Io { what, source },
+    })
+}
+
+/// Writes a write's bytes once, to blocks the volume lends (`Placer::place`), and returns its
+/// one entry; when no blocks can be had (space is short) its inline pieces instead.
+fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, VolumeError> {
+    let mut lend = |count| write_volume(&shared.volume).lend(count);
+    match shared.placer.place(req.offset, data, &mut lend)? {
+        Some(entry) => Ok(vec![entry]),
+        None => Ok(data
+            .chunks(MAX_ENTRY_DATA)
+            .enumerate()
+            .map(|(i, piece)| Command::Write { offset: req.offset + (i * MAX_ENTRY_DATA) as u64, data: piece }.encode())
+            .collect()),
+    }
 }
 
 /// A trim or write-zeroes as one command for its whole range, whatever its length (applying

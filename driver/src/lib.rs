@@ -168,6 +168,7 @@ pub fn run(
         multi_conn: true,
         description: Some("rblk volume".into()),
     };
+    let placer = raft_state::place::Placer::new(volume.device(), cfg.node.write_once_min);
     let volume = Arc::new(RwLock::new(volume));
     let proposals = Arc::new(queue::Proposals::new());
     let shared = Arc::new(conn::Shared {
@@ -180,6 +181,7 @@ pub fn run(
         slot_freed: (Mutex::new(()), Condvar::new()),
         crowded: AtomicBool::new(false),
         served: AtomicBool::new(false),
+        placer,
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::Entry;
 use raft::{RawNode, StateRole};
 use raft_state::log::LogStore;
-use raft_state::place::Placer;
-use raft_state::volume::{lock_log, Applied, Volume};
+use raft_state::place::needs_flush;
+use raft_state::volume::{lock_log, Applied, Volume, VolumeError};
 use slog::{debug, error, info, Logger};
 
 use crate::queue::Proposals;
@@ -56,8 +56,8 @@ pub struct NodeConfig {
     pub heartbeat_tick: usize,
     /// Bytes of proposals taken into one append at most.
     pub max_batch_bytes: u64,
-    /// Whole-block writes of at least this many bytes are written once, to their blocks
-    /// (`raft_state::place`); 0: every write goes inline through the log.
+    /// Whole-block writes of at least this many bytes are written once, to their blocks, by
+    /// the connections (`raft_state::place`); 0: every write goes inline through the log.
     pub write_once_min: u64,
 }
 
@@ -195,10 +195,8 @@ fn node_loop(
     // every entry a previous incarnation persisted but did not see committed.
     node.campaign().map_err(|source| DriverError::Raft { what: "campaign", source })?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
-    let mut placer = Placer::new(read_volume(volume).device(), cfg.write_once_min);
-    let mut lend = |count| write_volume(volume).lend(count);
-    let mut place = |entries: &mut [Entry]| placer.place(entries, &mut lend).map(|_| ());
-    drive(&mut node, &mut waiting, to_apply, &mut place)?;
+    let dev = read_volume(volume).device();
+    drive(&mut node, &mut waiting, to_apply, &*dev)?;
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Unexpected("it did not become leader".into()));
     }
@@ -215,6 +213,9 @@ fn node_loop(
         // Group commit: everything that is already waiting goes into the same append, taken
         // from the connections in turn.
         let batch = proposals.take_batch(next_tick, cfg.max_batch_bytes);
+        if let Some(e) = proposals.take_failure() {
+            return Err(DriverError::Volume(e));
+        }
         for p in batch {
             propose(&mut node, p, &mut waiting)?;
         }
@@ -222,7 +223,7 @@ fn node_loop(
             node.tick();
             next_tick = Instant::now() + cfg.tick;
         }
-        drive(&mut node, &mut waiting, to_apply, &mut place)?;
+        drive(&mut node, &mut waiting, to_apply, &*dev)?;
     }
     // Clean stop: what was not proposed is dropped unanswered when `run` closes the queue
     // (clients resend after reconnecting); everything proposed was committed and handed to
@@ -254,17 +255,13 @@ fn propose(
     }
 }
 
-/// Writes the bytes of the large writes among a batch's entries once, to their blocks, and
-/// rewrites the entries to name them (`Placer::place`).
-type Place<'a> = dyn FnMut(&mut [Entry]) -> Result<(), raft_state::volume::VolumeError> + 'a;
-
-/// The ready loop: persist (place large writes, then one append per ready), advance, hand
-/// committed entries over.
+/// The ready loop: persist (one append per ready, after a device flush when it names placed
+/// blocks), advance, hand committed entries over.
 fn drive(
     node: &mut RawNode<SharedLog>,
     waiting: &mut HashMap<u64, Completion>,
     to_apply: &SyncSender<ToApply>,
-    place: &mut Place<'_>,
+    dev: &dyn raft_state::device::Device,
 ) -> Result<(), DriverError> {
     while node.has_ready() {
         let mut rd = node.ready();
@@ -272,8 +269,13 @@ fn drive(
             return Err(DriverError::Unexpected("messages or a snapshot to handle".into()));
         }
         hand_over(rd.take_committed_entries(), waiting, to_apply)?;
-        let mut entries = rd.take_entries();
-        place(&mut entries).map_err(DriverError::Volume)?;
+        let entries = rd.take_entries();
+        if entries.iter().any(|e| needs_flush(&e.data)) {
+            // The blocks placed writes name were written by the connections, not flushed: a
+            // durable record must never name a block that is not durable first.
+            dev.flush().map_err(|source| DriverError::Volume(VolumeError::Device { block: 0, source }))?;
+            raft_state::failpoint("place::after_data");
+        }
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
             node.store().lock().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;

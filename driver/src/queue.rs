@@ -12,6 +12,9 @@ use std::time::Instant;
 
 use crate::node::{Outcome, Proposal};
 
+/// How long a batch holding a placed write waits for the placed writes still being written.
+const PLACED_WAIT: std::time::Duration = std::time::Duration::from_millis(4);
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct Proposals {
@@ -26,6 +29,11 @@ struct State {
     order: VecDeque<u64>,
     /// The node has stopped: nothing more is taken.
     closed: bool,
+    /// A connection met an error that must stop the driver (fail-stop), for the node to
+    /// return.
+    failure: Option<raft_state::volume::VolumeError>,
+    /// Placed writes whose bytes are being written (proposed when written).
+    placing: usize,
 }
 
 impl Proposals {
@@ -56,11 +64,39 @@ impl Proposals {
         self.arrived.notify_one();
     }
 
+    /// Stops the driver with `error` (the first one reported wins): the node returns it at its
+    /// next round. For errors met outside the node that fail-stop requires, such as a
+    /// connection's write of placed data.
+    pub fn fail(&self, error: raft_state::volume::VolumeError) {
+        let mut s = self.lock();
+        s.failure.get_or_insert(error);
+        drop(s);
+        self.arrived.notify_one();
+    }
+
+    /// The error a connection reported with `fail`, if any.
+    pub fn take_failure(&self) -> Option<raft_state::volume::VolumeError> {
+        self.lock().failure.take()
+    }
+
+    /// A connection starts writing the bytes of a placed write; `placed` follows when it
+    /// proposed it (or gave up).
+    pub fn placing(&self) {
+        self.lock().placing += 1;
+    }
+
+    pub fn placed(&self) {
+        let mut s = self.lock();
+        s.placing = s.placing.saturating_sub(1);
+        drop(s);
+        self.arrived.notify_one();
+    }
+
     /// Waits until something is queued or `until` passes, then takes proposals round-robin
     /// across connections until they hold `max_bytes` (at least one is taken when any waits).
     pub fn take_batch(&self, until: Instant, max_bytes: u64) -> Vec<Proposal> {
         let mut s = self.lock();
-        while s.order.is_empty() && !s.closed {
+        while s.order.is_empty() && !s.closed && s.failure.is_none() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Vec::new();
@@ -69,11 +105,41 @@ impl Proposals {
         }
         let mut batch = Vec::new();
         let mut bytes = 0u64;
-        while bytes < max_bytes {
+        // A batch that holds a placed write is logged after a device flush, which waits for
+        // the placed bytes still being written anyway: it waits for them (briefly) and takes
+        // their proposals too, so that one flush covers them all.
+        let mut wait_placed = None;
+        loop {
+            s = self.fill(s, &mut batch, &mut bytes, max_bytes);
+            if bytes >= max_bytes || s.placing == 0 || s.closed || s.failure.is_some() {
+                break;
+            }
+            if wait_placed.is_none() && batch.iter().any(|p| raft_state::place::needs_flush(&p.data)) {
+                wait_placed = Some(Instant::now() + PLACED_WAIT);
+            }
+            let Some(deadline) = wait_placed else { break };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self.arrived.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        batch
+    }
+
+    /// Takes proposals round-robin into `batch` until it holds `max_bytes` or none wait.
+    fn fill<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        batch: &mut Vec<Proposal>,
+        bytes: &mut u64,
+        max_bytes: u64,
+    ) -> MutexGuard<'a, State> {
+        while *bytes < max_bytes {
             let Some(conn) = s.order.pop_front() else { break };
             let Some(queue) = s.queues.get_mut(&conn) else { continue };
             let Some(p) = queue.pop_front() else { continue };
-            bytes += p.data.len() as u64;
+            *bytes += p.data.len() as u64;
             batch.push(p);
             if queue.is_empty() {
                 s.queues.remove(&conn);
@@ -81,7 +147,7 @@ impl Proposals {
                 s.order.push_back(conn);
             }
         }
-        batch
+        s
     }
 
     /// No more proposals are taken; everything waiting is completed with `Outcome::Stopped`.

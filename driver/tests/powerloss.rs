@@ -811,6 +811,17 @@ fn the_suite_finds_writes_acknowledged_before_their_log_record_is_durable() {
     eprintln!("planted DsyncNotDurable, an acknowledged write lost:\n{}", describe(&schedule, &report));
 }
 
+/// Written once: a record that names placed blocks must be logged only after their bytes are
+/// durable. On a disk whose placed writes never become durable, acknowledged placed writes
+/// must come back damaged or old after a cut — and the suite must say so.
+#[test]
+fn the_suite_finds_placed_writes_whose_bytes_are_not_durable() {
+    let Some((schedule, report)) = finds(Planted::DirectWritesLost, None, 60, any) else {
+        panic!("60 seeds with placed bytes never durable found nothing: the suite cannot see lost placed data");
+    };
+    eprintln!("planted DirectWritesLost caught:\n{}", describe(&schedule, &report));
+}
+
 /// Torn roots alone would show it (a torn slot fails its checksum); with whole writes only,
 /// the suite must see a root that reached the media while blocks it names did not.
 #[test]

@@ -110,6 +110,9 @@ fn header(kind: u8, offset: u64, length: u64) -> [u8; COMMAND_HEADER] {
 }
 
 impl Command<'_> {
+    /// The kind byte of a placed write.
+    pub const PLACED_KIND: u8 = 4;
+
     /// The byte range the command touches.
     pub fn range(&self) -> (u64, u64) {
         match *self {
@@ -125,7 +128,7 @@ impl Command<'_> {
             Command::Write { data, .. } => (1, *data),
             Command::Trim { .. } => (2, &[][..]),
             Command::WriteZeroes { .. } => (3, &[][..]),
-            Command::Placed { blocks, .. } => (4, blocks.as_bytes()),
+            Command::Placed { blocks, .. } => (Self::PLACED_KIND, blocks.as_bytes()),
         };
         let (offset, length) = self.range();
         let mut out = Vec::with_capacity(COMMAND_HEADER + payload.len());

@@ -1,143 +1,139 @@
 //! Written once: the bytes of large whole-block writes go straight to data-region blocks, and
 //! their log records name those blocks instead of carrying the bytes (`docs/format.md`,
-//! "placed writes").
+//! "Placed writes").
 //!
-//! The log's owner calls [`Placer::place`] on the entries of a batch before it appends them:
-//! it borrows free blocks from the volume ([`crate::volume::Volume::lend`]), writes each
-//! placed write's bytes there, flushes, and only then rewrites the entries as
-//! [`Command::Placed`] — so a durable record never names a block that is not durable first.
-//! Applying such an entry links the blocks into the tree (no copy, no hashing); recovery holds
-//! the blocks that unapplied records name before it replays them.
+//! Whoever holds a write's bytes (the driver's connection thread, which read them from the
+//! socket into an aligned buffer) calls [`Placer::place`]: it takes blocks the volume lent
+//! ([`crate::volume::Volume::lend`]), hashes each 4 KiB, writes them there past any cache
+//! (`Device::write_many_direct`, from the caller's buffer: no copy) and returns the entry
+//! data of a [`Command::Placed`] that names them. Those writes are not durable yet: the log's
+//! owner flushes the device before it appends a batch holding a placed entry
+//! ([`needs_flush`]), so a durable record never names a block that is not durable first.
+//! Applying such an entry links the blocks into the tree (no copy, no hashing); recovery
+//! holds the blocks that unapplied records name before it replays them.
 //!
-//! Placing costs a second durable write before the record's (data, then record), so small
+//! Placing costs the log's owner a flush before the record's own durable write, so small
 //! writes stay inline: `min_bytes` is the threshold.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use raft::eraftpb::{Entry, EntryType};
 
-use crate::command::{Command, PlacedBlock};
-use crate::device::{AlignedBuf, Device, BLOCK, BLOCK_SIZE};
+use crate::command::{Command, PlacedBlock, COMMAND_MAGIC};
+use crate::device::{Device, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::volume::VolumeError;
 
-/// Blocks the placer keeps lent beyond what a batch needs, so that most batches of small
-/// placed writes take no lock of the volume.
-const SPARE_BLOCKS: u64 = 256;
-/// Consecutive blocks written with one write at most.
-const MAX_RUN_BLOCKS: usize = 256;
+/// Blocks the placer keeps lent beyond what one write needs, so that most writes take no lock
+/// of the volume (4 MiB).
+const SPARE_BLOCKS: u64 = 1024;
 
-/// What one `place` call did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Placed {
-    pub entries: u64,
-    pub blocks: u64,
-}
+/// How the placer borrows blocks: `Volume::lend` under the volume's lock.
+pub type Lend<'a> = dyn FnMut(u64) -> Result<Vec<u64>, VolumeError> + 'a;
 
-/// Places the payload of large whole-block writes; see the module docs.
+/// Places the payload of large whole-block writes; see the module docs. Shared by the
+/// threads that place writes.
 #[derive(Debug)]
 pub struct Placer {
     dev: Arc<dyn Device>,
     /// Whole-block writes of at least this many bytes are placed; 0 places none.
     min_bytes: u64,
     /// Lent blocks not used yet, in the order they were lent (mostly consecutive).
-    spare: VecDeque<u64>,
-    /// Where the payloads are gathered for O_DIRECT writes (kept between batches).
-    staging: AlignedBuf,
+    spare: Mutex<VecDeque<u64>>,
+}
+
+/// Whether entry data is a placed write: the log's owner must flush the device before it
+/// logs it (its blocks were written but not flushed).
+pub fn needs_flush(data: &[u8]) -> bool {
+    data.len() > 4 && data[..4] == COMMAND_MAGIC && data[4] == Command::PLACED_KIND
 }
 
 impl Placer {
     pub fn new(dev: Arc<dyn Device>, min_bytes: u64) -> Self {
-        Self { dev, min_bytes, spare: VecDeque::new(), staging: AlignedBuf::blocks(0) }
+        Self { dev, min_bytes, spare: Mutex::new(VecDeque::new()) }
     }
 
-    /// The blocks of `data` if it is a write to place.
-    fn wants(&self, entry: &Entry) -> Option<u64> {
-        if self.min_bytes == 0 || entry.get_entry_type() != EntryType::EntryNormal {
-            return None;
-        }
-        match Command::decode(&entry.data) {
-            Ok(Command::Write { offset, data })
-                if offset.is_multiple_of(BLOCK)
-                    && data.len().is_multiple_of(BLOCK_SIZE)
-                    && !data.is_empty()
-                    && data.len() as u64 >= self.min_bytes =>
-            {
-                Some(data.len() as u64 / BLOCK)
-            }
-            _ => None,
-        }
+    /// Whether a write of `length` bytes at `offset` is one to place.
+    pub fn wants(&self, offset: u64, length: u64) -> bool {
+        self.min_bytes > 0
+            && offset.is_multiple_of(BLOCK)
+            && length.is_multiple_of(BLOCK)
+            && length > 0
+            && length >= self.min_bytes
     }
 
-    /// Places the writes among `entries` that qualify, as far as `lend` gives blocks (a write
-    /// it cannot give blocks for stays inline). On return the placed bytes are durable and the
-    /// entries name their blocks. An error is fatal to the log's owner (fail-stop): entries may
-    /// be half rewritten.
-    pub fn place(
-        &mut self,
-        entries: &mut [Entry],
-        lend: &mut dyn FnMut(u64) -> Result<Vec<u64>, VolumeError>,
-    ) -> Result<Placed, VolumeError> {
-        let wanted: Vec<(usize, u64)> =
-            entries.iter().enumerate().filter_map(|(i, e)| self.wants(e).map(|n| (i, n))).collect();
-        let need: u64 = wanted.iter().map(|&(_, n)| n).sum();
-        if need == 0 {
-            return Ok(Placed::default());
-        }
-        self.refill(need, lend)?;
-        let mut out = Placed::default();
+    /// Writes `data` (whole blocks, for `offset`) to blocks the volume lends and returns the
+    /// entry data that names them, or `None` when no blocks could be had (space is short: the
+    /// write goes inline, and fails there with `NoSpace` if it must). The bytes are written
+    /// but not flushed (see the module docs). A device error is fatal to the caller's driver
+    /// (the device is poisoned: the next flush fails and the driver stops).
+    pub fn place(&self, offset: u64, data: &[u8], lend: &mut Lend<'_>) -> Result<Option<Vec<u8>>, VolumeError> {
+        let count = (data.len() / BLOCK_SIZE) as u64;
+        let Some(blocks) = self.take(count, lend)? else { return Ok(None) };
+        let mut placed = Vec::with_capacity(blocks.len());
         let mut writes: Vec<(u64, &[u8])> = Vec::new();
-        let mut placed: Vec<(usize, u64, Vec<PlacedBlock>)> = Vec::new();
-        for &(i, n) in &wanted {
-            if (self.spare.len() as u64) < n {
-                break;
+        let mut i = 0;
+        while i < blocks.len() {
+            // A run: blocks lent consecutively take consecutive bytes of `data`.
+            let mut j = i + 1;
+            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+                j += 1;
             }
-            let Ok(Command::Write { offset, data }) = Command::decode(&entries[i].data) else { continue };
-            let mut blocks = Vec::with_capacity(n as usize);
-            for chunk in data.chunks_exact(BLOCK_SIZE) {
-                let Some(block) = self.spare.pop_front() else { break };
-                blocks.push(PlacedBlock::new(block, hash::data_block(chunk)));
-                writes.push((block, chunk));
-            }
-            out.entries += 1;
-            out.blocks += n;
-            placed.push((i, offset, blocks));
+            writes.push((blocks[i] * BLOCK, &data[i * BLOCK_SIZE..j * BLOCK_SIZE]));
+            i = j;
         }
-        writes.sort_unstable_by_key(|&(block, _)| block);
-        crate::device::write_blocks(&*self.dev, &writes, MAX_RUN_BLOCKS, &mut self.staging)
-            .map_err(|(block, source)| VolumeError::Device { block, source })?;
-        self.dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
-        // The bytes are durable; no record names them yet.
-        crate::failpoint("place::after_data");
-        drop(writes);
-        for (i, offset, blocks) in placed {
-            entries[i].data = Command::Placed { offset, blocks: &blocks }.encode();
+        for (block, chunk) in blocks.iter().zip(data.chunks_exact(BLOCK_SIZE)) {
+            placed.push(PlacedBlock::new(*block, hash::data_block(chunk)));
         }
-        Ok(out)
+        if let Err(source) = self.dev.write_many_direct(&writes) {
+            return Err(VolumeError::Device { block: blocks[0], source });
+        }
+        Ok(Some(Command::Placed { offset, blocks: &placed }.encode()))
     }
 
-    /// Makes `need` blocks spare if the volume lends them: with some to spare for the next
-    /// batches, else exactly what is missing, else none (the writes stay inline).
-    fn refill(
-        &mut self,
-        need: u64,
-        lend: &mut dyn FnMut(u64) -> Result<Vec<u64>, VolumeError>,
-    ) -> Result<(), VolumeError> {
-        let have = self.spare.len() as u64;
-        if have >= need {
-            return Ok(());
-        }
-        for ask in [need - have + SPARE_BLOCKS, need - have] {
-            match lend(ask) {
-                Ok(blocks) => {
-                    self.spare.extend(blocks);
-                    return Ok(());
+    /// `count` lent blocks from the spare, refilled from the volume when short: with some
+    /// to spare for the next writes, else exactly what is missing, else `None`.
+    fn take(&self, count: u64, lend: &mut Lend<'_>) -> Result<Option<Vec<u64>>, VolumeError> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let have = spare.len() as u64;
+        if have < count {
+            let mut got = false;
+            for ask in [count - have + SPARE_BLOCKS, count - have] {
+                match lend(ask) {
+                    Ok(blocks) => {
+                        spare.extend(blocks);
+                        got = true;
+                        break;
+                    }
+                    Err(VolumeError::Alloc(crate::alloc::AllocError::NoSpace)) => {}
+                    Err(e) => return Err(e),
                 }
-                Err(VolumeError::Alloc(crate::alloc::AllocError::NoSpace)) => continue,
-                Err(e) => return Err(e),
+            }
+            if !got {
+                return Ok(None);
             }
         }
-        Ok(())
+        Ok(Some(spare.drain(..count as usize).collect()))
+    }
+
+    /// Places the writes among `entries` that qualify and flushes: what a log owner that has
+    /// the entries but not the clients' buffers does (the volume tests).
+    pub fn place_entries(&self, entries: &mut [Entry], lend: &mut Lend<'_>) -> Result<u64, VolumeError> {
+        let mut placed = 0;
+        for e in entries.iter_mut().filter(|e| e.get_entry_type() == EntryType::EntryNormal) {
+            let Ok(Command::Write { offset, data }) = Command::decode(&e.data) else { continue };
+            if !self.wants(offset, data.len() as u64) {
+                continue;
+            }
+            if let Some(cmd) = self.place(offset, data, lend)? {
+                e.data = cmd;
+                placed += 1;
+            }
+        }
+        if placed > 0 {
+            self.dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
+        }
+        Ok(placed)
     }
 }

@@ -334,31 +334,17 @@ impl Device for FileDevice {
         let Some(ring) = self.ring.as_ref().filter(|_| writes.len() > 1) else {
             return writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf));
         };
-        for &(offset, buf) in writes {
-            check_io("write", offset, buf.len(), self.size)?;
+        self.write_direct_many(ring, writes)
+    }
+
+    /// On the O_DIRECT descriptor (when the file system allows it), all submitted at once
+    /// through the ring; never into the page cache. The page cache stays coherent: a direct
+    /// write invalidates the cached pages of its range.
+    fn write_many_direct(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+        match self.ring.as_ref().filter(|_| writes.len() > 1) {
+            Some(ring) => self.write_direct_many(ring, writes),
+            None => writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf)),
         }
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(self.poisoned_error());
-        }
-        // Unaligned buffers (never in practice) and lone writes take the plain path.
-        let (batch, single): (Vec<_>, Vec<_>) =
-            writes.iter().partition(|(_, buf)| !self.needs_bounce(buf) && buf.len() <= u32::MAX as usize);
-        for &(offset, buf) in single {
-            self.write_at(offset, buf)?;
-        }
-        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-        for chunk in batch.chunks(RING_ENTRIES as usize) {
-            let results = self.submit_writes(&mut ring, chunk);
-            for (&&(offset, buf), result) in chunk.iter().zip(results) {
-                match result {
-                    Ok(n) if n == buf.len() => {}
-                    // A short write: the rest goes the plain way.
-                    Ok(n) => self.write_at(offset + n as u64, &buf[n..])?,
-                    Err(e) => return Err(self.poison("write", offset, buf.len(), e)),
-                }
-            }
-        }
-        Ok(())
     }
 
     fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
@@ -389,6 +375,35 @@ impl Device for FileDevice {
 }
 
 impl FileDevice {
+    /// `writes` through the ring on the (direct, if O_DIRECT is on) descriptor, all at once.
+    fn write_direct_many(&self, ring: &Mutex<IoUring>, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+        for &(offset, buf) in writes {
+            check_io("write", offset, buf.len(), self.size)?;
+        }
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(self.poisoned_error());
+        }
+        // Unaligned buffers (never in practice) and lone writes take the plain path.
+        let (batch, single): (Vec<_>, Vec<_>) =
+            writes.iter().partition(|(_, buf)| !self.needs_bounce(buf) && buf.len() <= u32::MAX as usize);
+        for &(offset, buf) in single {
+            self.write_at(offset, buf)?;
+        }
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        for chunk in batch.chunks(RING_ENTRIES as usize) {
+            let results = self.submit_writes(&mut ring, chunk);
+            for (&&(offset, buf), result) in chunk.iter().zip(results) {
+                match result {
+                    Ok(n) if n == buf.len() => {}
+                    // A short write: the rest goes the plain way.
+                    Ok(n) => self.write_at(offset + n as u64, &buf[n..])?,
+                    Err(e) => return Err(self.poison("write", offset, buf.len(), e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Submits `writes` (at most `RING_ENTRIES`) with one system call and waits for all of
     /// them; the bytes each wrote, or its error.
     fn submit_writes(&self, ring: &mut IoUring, writes: &[&(u64, &[u8])]) -> Vec<io::Result<usize>> {

@@ -91,6 +91,10 @@ pub enum Planted {
     /// `flush` makes nothing durable (it still counts, is traced and may fail): as if the
     /// fdatasync before and after every root write were gone. `write_durable` still works.
     FlushIgnored,
+    /// Writes made with `write_many_direct` never become durable (flushes skip them; a crash
+    /// drops them): as if the log's owner logged placed writes before their bytes were
+    /// flushed.
+    DirectWritesLost,
 }
 
 /// A fault armed on the disk.
@@ -134,6 +138,8 @@ pub enum TraceOp {
 struct Pending {
     offset: u64,
     data: Vec<u8>,
+    /// Never made durable (`Planted::DirectWritesLost`).
+    doomed: bool,
 }
 
 #[derive(Debug)]
@@ -304,6 +310,7 @@ impl SimDisk {
         let mut resolved = Vec::with_capacity(pending.len());
         for (i, write) in pending.into_iter().enumerate() {
             let fate = match &policy {
+                _ if write.doomed => WriteFate::Drop,
                 CrashPolicy::KeepAll => WriteFate::Keep,
                 CrashPolicy::DropAll => WriteFate::Drop,
                 CrashPolicy::Fates(fates) => fates.get(i).cloned().unwrap_or(WriteFate::Keep),
@@ -365,7 +372,7 @@ impl SimDisk {
         let at_cut = s.down && s.cut_open;
         if let Err(e) = Self::count_op(&mut s) {
             if at_cut {
-                s.pending.push(Pending { offset, data: buf.to_vec() });
+                s.pending.push(Pending { offset, data: buf.to_vec(), doomed: false });
             }
             return Err(e);
         }
@@ -384,7 +391,7 @@ impl SimDisk {
             s.poisoned = true;
             let at = offset as usize;
             s.volatile[at..at + buf.len()].copy_from_slice(buf);
-            s.pending.push(Pending { offset, data: buf.to_vec() });
+            s.pending.push(Pending { offset, data: buf.to_vec(), doomed: false });
             return Err(eio("write", offset, buf.len()));
         }
         if let Some(i) = s.faults.iter().position(|f| matches!(f, SimFault::LoseWrite { offset: o } if *o == offset)) {
@@ -407,7 +414,7 @@ impl SimDisk {
         if durable {
             s.make_durable(target, buf);
         } else {
-            s.pending.push(Pending { offset: target, data: buf.to_vec() });
+            s.pending.push(Pending { offset: target, data: buf.to_vec(), doomed: false });
         }
         Ok(())
     }
@@ -457,6 +464,19 @@ impl Device for SimDisk {
         self.write(offset, buf, false)
     }
 
+    fn write_many_direct(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+        for &(offset, buf) in writes {
+            self.write(offset, buf, false)?;
+            let mut s = self.lock();
+            if s.planted.contains(&Planted::DirectWritesLost) {
+                if let Some(p) = s.pending.last_mut().filter(|p| p.offset == offset) {
+                    p.doomed = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Makes exactly this write durable, as one O_DIRECT write with RWF_DSYNC does; other
     /// pending writes stay pending. One operation for `crash_after_ops` and the trace.
     fn write_durable(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
@@ -478,11 +498,12 @@ impl Device for SimDisk {
         if s.planted.contains(&Planted::FlushIgnored) {
             return Ok(());
         }
-        let pending = std::mem::take(&mut s.pending);
+        let (doomed, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut s.pending).into_iter().partition(|p| p.doomed);
         for write in pending {
             let at = write.offset as usize;
             s.durable[at..at + write.data.len()].copy_from_slice(&write.data);
         }
+        s.pending = doomed;
         Ok(())
     }
 }
@@ -924,6 +945,21 @@ mod tests {
         assert_eq!(disk.trace(), [TraceOp::Write { offset: 0, len: B }, TraceOp::Flush]);
         disk.write_durable(BLOCK, &[2; B]).unwrap();
         disk.crash(CrashPolicy::DropAll);
+        let image = disk.durable_image();
+        assert_eq!(block_of(&image, 0), [0; B]);
+        assert_eq!(block_of(&image, 1), [2; B]);
+    }
+
+    #[test]
+    fn planted_direct_writes_lost_never_become_durable() {
+        let disk = SimDisk::new(4 * BLOCK, 61);
+        disk.plant(Planted::DirectWritesLost);
+        disk.write_many_direct(&[(0, &[1; B][..])]).unwrap();
+        disk.write_at(BLOCK, &[2; B]).unwrap();
+        assert_eq!(read(&disk, 0, B), [1; B], "visible before the crash");
+        disk.flush().unwrap();
+        assert_eq!(disk.pending_writes(), 1);
+        disk.crash(CrashPolicy::KeepAll);
         let image = disk.durable_image();
         assert_eq!(block_of(&image, 0), [0; B]);
         assert_eq!(block_of(&image, 1), [2; B]);

@@ -72,7 +72,9 @@ impl Harness {
         let mut entry = Entry { index, term: self.term, data: cmd.encode(), ..Default::default() };
         if let Some(placer) = &mut self.placer {
             let volume = &mut self.volume;
-            placer.place(std::slice::from_mut(&mut entry), &mut |n| volume.lend(n)).map_err(|e| e.to_string())?;
+            placer
+                .place_entries(std::slice::from_mut(&mut entry), &mut |n| volume.lend(n))
+                .map_err(|e| e.to_string())?;
         }
         let hs = HardState { term: self.term, vote: 1, commit: index };
         self.store.append(std::slice::from_ref(&entry), Some(&hs)).map_err(|e| e.to_string())?;
