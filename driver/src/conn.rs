@@ -68,12 +68,38 @@ pub struct Shared {
     /// Writes large enough are written once, to their blocks, by the connection that
     /// read them (`raft_state::place`).
     pub placer: Placer,
+    /// Payload buffers of writes to place, kept for reuse.
+    pub buffers: BufferPool,
     pub log: Logger,
 }
 
 struct Reply {
     handle: u64,
     error: u32,
+}
+
+/// Aligned payload buffers kept for reuse, at most `KEEP_BYTES` in all (buffers in use are
+/// bounded by the in-flight budgets; these come on top, so they are capped for the driver as
+/// a whole, not per connection).
+#[derive(Debug, Default)]
+pub struct BufferPool(Mutex<Vec<AlignedBuf>>);
+
+impl BufferPool {
+    const KEEP_BYTES: usize = 16 << 20;
+
+    /// A kept buffer (the largest), or an empty one to grow.
+    fn take(&self) -> AlignedBuf {
+        self.0.lock().ok().and_then(|mut kept| kept.pop()).unwrap_or_else(|| AlignedBuf::blocks(0))
+    }
+
+    fn give_back(&self, buf: AlignedBuf) {
+        let Ok(mut kept) = self.0.lock() else { return };
+        let held: usize = kept.iter().map(|b| b.len()).sum();
+        if held + buf.len() <= Self::KEEP_BYTES {
+            kept.push(buf);
+            kept.sort_unstable_by_key(|b| b.len());
+        }
+    }
 }
 
 /// The sending half of a connection. Whoever answers writes whole replies under the lock:
@@ -289,12 +315,10 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
     let answer = Answer { shared: shared.clone(), conn: id, replies: replies.clone(), tx: tx.clone() };
     let (reads, read_rx) = mpsc::channel::<Work>();
     let read_rx = Arc::new(Mutex::new(read_rx));
-    let buffers = Arc::new(Mutex::new(Vec::new()));
     let mut readers = Vec::new();
     for _ in 0..READERS_PER_CONNECTION {
-        let (rx, answer, buffers) = (read_rx.clone(), answer.clone(), buffers.clone());
-        let spawned =
-            std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_work(&rx, &answer, &buffers));
+        let (rx, answer) = (read_rx.clone(), answer.clone());
+        let spawned = std::thread::Builder::new().name("rblk-read".into()).spawn(move || serve_work(&rx, &answer));
         readers.push(spawned.map_err(io("start a reader"))?);
     }
     let budget = Budget::new(limits.inflight_per_connection);
@@ -342,7 +366,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         let mut aligned = None;
         let pieces = match req.command {
             session::Command::Write if placing => {
-                let mut buf = take_buffer(&buffers);
+                let mut buf = shared.buffers.take();
                 if let Err(e) = read_aligned(&mut reader, &mut buf, req.length) {
                     break Err(e);
                 }
@@ -498,10 +522,6 @@ const READERS_PER_CONNECTION: usize = 4;
 /// A reader keeps a reply buffer up to this size between reads; a larger one is freed.
 const KEEP_READ_BUFFER: usize = 1 << 20;
 
-/// Payload buffers of writes to place a connection keeps for reuse, and the largest kept.
-const KEEP_WRITE_BUFFERS: usize = READERS_PER_CONNECTION + 1;
-const KEEP_WRITE_BUFFER: usize = 4 << 20;
-
 /// What the connection's workers do.
 enum Work {
     /// A read that waits for the media (or checks many hashes).
@@ -510,14 +530,9 @@ enum Work {
     Place(Request, AlignedBuf, Grant),
 }
 
-/// A payload buffer from the connection's pool, or a new one.
-fn take_buffer(pool: &Mutex<Vec<AlignedBuf>>) -> AlignedBuf {
-    pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| AlignedBuf::blocks(0))
-}
-
 /// One worker: takes reads and writes to place off the connection's queue until it closes.
 /// Each holds its bytes of the budgets until its reply is sent (a write: until applied).
-fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer, buffers: &Mutex<Vec<AlignedBuf>>) {
+fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer) {
     let mut out = Vec::new();
     loop {
         let next = match queue.lock() {
@@ -551,13 +566,7 @@ fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer, buffers: &Mu
                     }
                 }
                 shared.proposals.placed();
-                if buf.len() <= KEEP_WRITE_BUFFER {
-                    if let Ok(mut pool) = buffers.lock() {
-                        if pool.len() < KEEP_WRITE_BUFFERS {
-                            pool.push(buf);
-                        }
-                    }
-                }
+                shared.buffers.give_back(buf);
             }
         }
     }

@@ -182,6 +182,7 @@ pub fn run(
         crowded: AtomicBool::new(false),
         served: AtomicBool::new(false),
         placer,
+        buffers: conn::BufferPool::default(),
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();

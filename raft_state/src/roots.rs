@@ -35,7 +35,7 @@ const CHECKSUM_AT: usize = BLOCK_SIZE - 32;
 /// | offset | size | field |
 /// |---:|---:|---|
 /// | 0 | 8 | magic `RBLKROOT` |
-/// | 8 | 4 | format_version (1) |
+/// | 8 | 4 | format_version (2) |
 /// | 12 | 4 | slot (0, 1, 2) |
 /// | 16 | 16 | volume_id |
 /// | 32 | 8 | generation |
@@ -62,7 +62,8 @@ const CHECKSUM_AT: usize = BLOCK_SIZE - 32;
 /// | 280 | 32 | alloc_hash |
 /// | 312 | 512 | conf_state (prost `eraftpb.ConfState`, `conf_state_len` bytes, rest zero) |
 /// | 824 | 8 | used_blocks (data-region blocks marked in use by this root's allocator) |
-/// | 832 | 3232 | reserved (zero) |
+/// | 832 | 8 | placed_blocks (blocks of placed writes applied since the root before) |
+/// | 840 | 3224 | reserved (zero) |
 /// | 4064 | 32 | checksum = H_root_checksum(bytes 0..4064) |
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -95,7 +96,8 @@ struct RawRoot {
     alloc_hash: [u8; 32],
     conf_state: [u8; CONF_STATE_BYTES],
     used_blocks: U64,
-    reserved: [u8; 3232],
+    placed_blocks: U64,
+    reserved: [u8; 3224],
     checksum: [u8; 32],
 }
 
@@ -118,6 +120,9 @@ pub struct RootPayload {
     pub alloc_hash: Hash,
     /// Data-region blocks this root's allocator marks in use.
     pub used_blocks: u64,
+    /// Blocks of placed writes applied since the root before this one (their records lie
+    /// between the two roots' applied indexes; recovery pins them only when there are any).
+    pub placed_blocks: u64,
 }
 
 /// A decoded, verified root.
@@ -291,7 +296,8 @@ impl Root {
             alloc_hash: p.alloc_hash,
             conf_state,
             used_blocks: U64::new(p.used_blocks),
-            reserved: [0; 3232],
+            placed_blocks: U64::new(p.placed_blocks),
+            reserved: [0; 3224],
             checksum: [0; 32],
         };
         let mut buf = AlignedBuf::blocks(1);
@@ -380,6 +386,7 @@ impl Root {
                 alloc_root: raw.alloc_root.get(),
                 alloc_hash: raw.alloc_hash,
                 used_blocks: raw.used_blocks.get(),
+                placed_blocks: raw.placed_blocks.get(),
             },
         })
     }
@@ -674,6 +681,7 @@ mod tests {
             alloc_root: n + 200,
             alloc_hash: [!(n as u8); 32],
             used_blocks: n * 7 + 3,
+            placed_blocks: n * 5,
         }
     }
 

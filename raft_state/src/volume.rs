@@ -374,7 +374,8 @@ impl Volume {
         let mut pinned = 0u64;
         if let Some(backup) = self.roots.backup() {
             let (low, high) = (backup.payload.applied_index + 1, self.applied_index + 1);
-            if low < high {
+            // Read back only when the root says its records placed any blocks.
+            if low < high && self.roots.current().payload.placed_blocks > 0 {
                 let scanned = store.read_retained(low, high, &mut |e: &Entry| {
                     if let Ok(Command::Placed { blocks, .. }) = Command::decode(&e.data) {
                         for b in blocks {
@@ -998,6 +999,7 @@ impl Volume {
             alloc_root: alloc_ref.block,
             alloc_hash: alloc_ref.hash,
             used_blocks: self.alloc.used(),
+            placed_blocks: self.placed_since_seal,
         };
         let next = self.roots.prepare(payload)?;
         Ok(SealedCheckpoint { dev: self.dev.clone(), root_dev: self.root_dev.clone(), next })
