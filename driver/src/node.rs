@@ -11,14 +11,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::Entry;
 use raft::{RawNode, StateRole};
-use raft_state::log::LogStore;
+use raft_state::log::{LogMark, LogStore};
 use raft_state::place::needs_flush;
-use raft_state::volume::{lock_log, Applied, Volume, VolumeError};
+use raft_state::volume::{Applied, Compaction, Volume, VolumeError};
 use slog::{debug, error, info, Logger};
 
 use crate::queue::Proposals;
@@ -65,57 +65,17 @@ pub struct NodeConfig {
 /// log runs at most this far ahead of the volume (which bounds the ring space it takes).
 const APPLY_QUEUE: usize = 1;
 
-/// The log, shared by the node thread (which appends) and the applier (which reads its
-/// positions for a checkpoint and compacts it).
-#[derive(Clone, Debug)]
-struct SharedLog(Arc<Mutex<LogStore>>);
-
-impl SharedLog {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogStore> {
-        lock_log(&self.0)
-    }
-}
-
-impl raft::Storage for SharedLog {
-    fn initial_state(&self) -> raft::Result<raft::RaftState> {
-        self.lock().initial_state()
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        context: raft::GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.lock().entries(low, high, max_size, context)
-    }
-
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.lock().term(idx)
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        raft::Storage::first_index(&*self.lock())
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        raft::Storage::last_index(&*self.lock())
-    }
-
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<raft::eraftpb::Snapshot> {
-        self.lock().snapshot(request_index, to)
-    }
-}
-
-/// What the node thread hands the applier.
+/// What the node thread hands the applier. The node thread owns the log; the applier learns
+/// where it stands from the marks (`LogMark`: for each batch, the log's positions for a root
+/// that applied it) and sends compactions back (`Compaction`).
 enum ToApply {
-    /// Committed entries in order, and whom to tell about each (by position).
-    Batch(Vec<Entry>, Vec<Option<Completion>>),
+    /// Committed entries in order, whom to tell about each (by position), and the log's mark
+    /// for the last of them.
+    Batch(Vec<Entry>, Vec<Option<Completion>>, LogMark),
     /// Answered once everything handed over before it is applied.
     Barrier(mpsc::Sender<()>),
-    /// A clean stop: checkpoint and return.
-    Stop,
+    /// A clean stop: checkpoint (with this mark of everything handed over) and return.
+    Stop(LogMark),
 }
 
 /// The node: runs until `stop` is set (or every sender is gone) — then it completes what it
@@ -145,39 +105,63 @@ pub fn run(
     start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    let store = SharedLog(Arc::new(Mutex::new(store)));
     let (to_apply, applies) = mpsc::sync_channel::<ToApply>(APPLY_QUEUE);
+    let (compact, compactions) = mpsc::channel::<Compaction>();
     let applier = {
-        let (volume, store, log, alive) = (volume.clone(), store.clone(), log.clone(), alive.clone());
+        let (volume, log, alive) = (volume.clone(), log.clone(), alive.clone());
         std::thread::Builder::new()
             .name("rblk-apply".into())
-            .spawn(move || apply_loop(&volume, &store, &applies, &alive, &log))?
+            .spawn(move || apply_loop(&volume, &applies, &compact, &alive, &log))?
     };
-    let result = node_loop(&volume, store, proposals, cfg, stop, alive, &to_apply, start_serving, log);
+    let result = {
+        let mut links = Links { to_apply: &to_apply, compactions: &compactions, handed: 0 };
+        node_loop(&volume, store, proposals, cfg, stop, alive, &mut links, start_serving, log)
+    };
     proposals.close();
-    if result.is_ok() {
+    if let Ok(mark) = &result {
+        let mark = *mark;
         // The applier may have failed meanwhile; then its error is the one to report.
-        let _ = to_apply.send(ToApply::Stop);
+        let _ = to_apply.send(ToApply::Stop(mark));
     }
     drop(to_apply);
     let applied = applier.join().unwrap_or_else(|_| Err(DriverError::Panicked("applier")));
     // A node error comes first: the applier only saw its channel close.
-    result.and(applied)
+    result.map(|_| ()).and(applied)
 }
 
+/// The node thread's ends of its channels with the applier.
+struct Links<'a> {
+    to_apply: &'a SyncSender<ToApply>,
+    compactions: &'a Receiver<Compaction>,
+    /// The last index handed to the applier.
+    handed: u64,
+}
+
+impl Links<'_> {
+    /// Carries out the compactions the applier asked for since the last call.
+    fn compact(&self, store: &mut LogStore) -> Result<(), DriverError> {
+        while let Ok(c) = self.compactions.try_recv() {
+            store.compact(c.index, c.keep_from).map_err(DriverError::Log)?;
+        }
+        Ok(())
+    }
+}
+
+/// Returns, after a clean stop, the log's mark of everything handed to the applier.
 #[allow(clippy::too_many_arguments)]
 fn node_loop(
     volume: &RwLock<Volume>,
-    store: SharedLog,
+    store: LogStore,
     proposals: &Proposals,
     cfg: &NodeConfig,
     stop: &AtomicBool,
     alive: &AtomicU64,
-    to_apply: &SyncSender<ToApply>,
+    links: &mut Links<'_>,
     start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
-) -> Result<(), DriverError> {
+) -> Result<LogMark, DriverError> {
     let applied = read_volume(volume).applied_index();
+    links.handed = applied;
     let raft_cfg = raft::Config {
         id: 1,
         election_tick: cfg.election_tick,
@@ -196,14 +180,14 @@ fn node_loop(
     node.campaign().map_err(|source| DriverError::Raft { what: "campaign", source })?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
     let dev = read_volume(volume).device();
-    drive(&mut node, &mut waiting, to_apply, &*dev)?;
+    drive(&mut node, &mut waiting, links, &*dev)?;
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Unexpected("it did not become leader".into()));
     }
     // What the election committed must be applied before anyone reads.
     let (applied_tx, applied_rx) = mpsc::channel();
     let stopped = || DriverError::Stopped("applier");
-    to_apply.send(ToApply::Barrier(applied_tx)).map_err(|_| stopped())?;
+    links.to_apply.send(ToApply::Barrier(applied_tx)).map_err(|_| stopped())?;
     applied_rx.recv().map_err(|_| stopped())?;
     start_serving()?;
     info!(log, "serving"; "term" => node.raft.term, "applied" => read_volume(volume).applied_index());
@@ -223,7 +207,7 @@ fn node_loop(
             node.tick();
             next_tick = Instant::now() + cfg.tick;
         }
-        drive(&mut node, &mut waiting, to_apply, &*dev)?;
+        drive(&mut node, &mut waiting, links, &*dev)?;
     }
     // Clean stop: what was not proposed is dropped unanswered when `run` closes the queue
     // (clients resend after reconnecting); everything proposed was committed and handed to
@@ -231,11 +215,11 @@ fn node_loop(
     for (_, done) in waiting.drain() {
         done(Outcome::Stopped);
     }
-    Ok(())
+    Ok(node.store().mark(links.handed))
 }
 
 fn propose(
-    node: &mut RawNode<SharedLog>,
+    node: &mut RawNode<LogStore>,
     p: Proposal,
     waiting: &mut HashMap<u64, Completion>,
 ) -> Result<(), DriverError> {
@@ -258,17 +242,18 @@ fn propose(
 /// The ready loop: persist (one append per ready, after a device flush when it names placed
 /// blocks), advance, hand committed entries over.
 fn drive(
-    node: &mut RawNode<SharedLog>,
+    node: &mut RawNode<LogStore>,
     waiting: &mut HashMap<u64, Completion>,
-    to_apply: &SyncSender<ToApply>,
+    links: &mut Links<'_>,
     dev: &dyn raft_state::device::Device,
 ) -> Result<(), DriverError> {
+    links.compact(node.mut_store())?;
     while node.has_ready() {
         let mut rd = node.ready();
         if !rd.messages().is_empty() || !rd.persisted_messages().is_empty() || !rd.snapshot().is_empty() {
             return Err(DriverError::Unexpected("messages or a snapshot to handle".into()));
         }
-        hand_over(rd.take_committed_entries(), waiting, to_apply)?;
+        hand_over(rd.take_committed_entries(), waiting, links, node.store())?;
         let entries = rd.take_entries();
         if entries.iter().any(|e| needs_flush(&e.data)) {
             // The blocks placed writes name were written by the connections, not flushed: a
@@ -278,13 +263,13 @@ fn drive(
         }
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
-            node.store().lock().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;
+            node.mut_store().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;
         }
         let mut light = node.advance(rd);
         if let Some(commit) = light.commit_index() {
-            node.store().lock().set_commit(commit);
+            node.mut_store().set_commit(commit);
         }
-        hand_over(light.take_committed_entries(), waiting, to_apply)?;
+        hand_over(light.take_committed_entries(), waiting, links, node.store())?;
         // Raft's own applied index may run ahead of the volume's: the volume keeps its own,
         // and a restart starts raft from the volume's.
         node.advance_apply();
@@ -292,17 +277,19 @@ fn drive(
     Ok(())
 }
 
-/// Sends committed entries to the applier (waiting while it is `APPLY_QUEUE` batches behind).
+/// Sends committed entries to the applier (waiting while it is `APPLY_QUEUE` batches behind),
+/// with the log's mark for the last of them.
 fn hand_over(
     entries: Vec<Entry>,
     waiting: &mut HashMap<u64, Completion>,
-    to_apply: &SyncSender<ToApply>,
+    links: &mut Links<'_>,
+    store: &LogStore,
 ) -> Result<(), DriverError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
+    let Some(last) = entries.last().map(|e| e.index) else { return Ok(()) };
     let done = entries.iter().map(|e| waiting.remove(&e.index)).collect();
-    to_apply.send(ToApply::Batch(entries, done)).map_err(|_| DriverError::Stopped("applier"))
+    links.handed = last;
+    let mark = store.mark(last);
+    links.to_apply.send(ToApply::Batch(entries, done, mark)).map_err(|_| DriverError::Stopped("applier"))
 }
 
 /// How often an idle applier looks whether its checkpoint finished (or failed).
@@ -318,25 +305,26 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(50);
 /// the log the ring must hold). An error of either half is fatal, like every volume error.
 fn apply_loop(
     volume: &RwLock<Volume>,
-    store: &SharedLog,
     applies: &Receiver<ToApply>,
+    compact: &mpsc::Sender<Compaction>,
     alive: &AtomicU64,
     log: &Logger,
 ) -> Result<(), DriverError> {
-    let stopped_cleanly = std::thread::scope(|scope| {
+    let stopped = std::thread::scope(|scope| {
         let mut checkpoint = None;
-        let ended = apply_rounds(scope, &mut checkpoint, volume, store, applies, alive, log);
+        let ended = apply_rounds(scope, &mut checkpoint, volume, applies, compact, alive, log);
         // The pending checkpoint ends either way; its error counts unless one came first.
         let pending = join_checkpoint(&mut checkpoint);
         ended.and_then(|clean| pending.map(|()| clean))
     })?;
-    if !stopped_cleanly {
-        return Ok(());
-    }
+    let Some(mark) = stopped else { return Ok(()) };
     let mut guard = write_volume(volume);
     let started = Instant::now();
     if guard.stats().applied_index > guard.stats().root_applied_index {
-        guard.checkpoint(&*store.0).map_err(DriverError::Volume)?;
+        // The last checkpoint: no compaction after it (the log is closing; it is in memory).
+        let sealed = guard.seal_checkpoint(&mark).map_err(DriverError::Volume)?;
+        let durable = sealed.make_durable();
+        guard.finish_checkpoint(sealed, durable).map_err(DriverError::Volume)?;
     }
     info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
     Ok(())
@@ -344,37 +332,37 @@ fn apply_loop(
 
 type CheckpointThread<'scope> = Option<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>>;
 
-/// The applier's rounds until the node thread says stop (`Ok(true)`) or goes away after a
-/// failure of its own (`Ok(false)`: it reports why; no checkpoint then).
+/// The applier's rounds until the node thread says stop (`Ok(Some(mark))`) or goes away after
+/// a failure of its own (`Ok(None)`: it reports why; no checkpoint then).
 fn apply_rounds<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     checkpoint: &mut CheckpointThread<'scope>,
     volume: &'env RwLock<Volume>,
-    store: &'env SharedLog,
     applies: &Receiver<ToApply>,
+    compact: &'env mpsc::Sender<Compaction>,
     alive: &AtomicU64,
     log: &'env Logger,
-) -> Result<bool, DriverError> {
+) -> Result<Option<LogMark>, DriverError> {
     loop {
         if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
             join_checkpoint(checkpoint)?;
         }
         match applies.recv_timeout(CHECKPOINT_POLL) {
-            Ok(ToApply::Batch(entries, done)) => {
+            Ok(ToApply::Batch(entries, done, mark)) => {
                 apply(volume, &entries, done, log)?;
                 alive.fetch_add(1, Ordering::Relaxed);
-                if read_volume(volume).should_checkpoint(&store.lock()) {
+                if read_volume(volume).should_checkpoint(&mark) {
                     // One at a time: the previous one first.
                     join_checkpoint(checkpoint)?;
-                    *checkpoint = Some(start_checkpoint(scope, volume, store, log)?);
+                    *checkpoint = Some(start_checkpoint(scope, volume, &mark, compact, log)?);
                 }
             }
             Ok(ToApply::Barrier(done)) => {
                 let _ = done.send(());
             }
-            Ok(ToApply::Stop) => return Ok(true),
+            Ok(ToApply::Stop(mark)) => return Ok(Some(mark)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
         }
     }
 }
@@ -384,16 +372,21 @@ fn apply_rounds<'scope, 'env>(
 fn start_checkpoint<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     volume: &'env RwLock<Volume>,
-    store: &'env SharedLog,
+    mark: &LogMark,
+    compact: &'env mpsc::Sender<Compaction>,
     log: &'env Logger,
 ) -> Result<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>, DriverError> {
     let started = Instant::now();
-    let sealed = write_volume(volume).seal_checkpoint(&*store.0).map_err(DriverError::Volume)?;
+    let sealed = write_volume(volume).seal_checkpoint(mark).map_err(DriverError::Volume)?;
     let sealed_ms = started.elapsed().as_millis() as u64;
     let thread = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
         let durable = sealed.make_durable();
         let applied = sealed.applied_index();
-        write_volume(volume).finish_checkpoint(sealed, durable, &*store.0).map_err(DriverError::Volume)?;
+        let compaction = write_volume(volume).finish_checkpoint(sealed, durable).map_err(DriverError::Volume)?;
+        if let Some(c) = compaction {
+            // The node thread compacts its log at its next round (or is gone: then no matter).
+            let _ = compact.send(c);
+        }
         debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms,
             "ms" => started.elapsed().as_millis() as u64);
         Ok(())

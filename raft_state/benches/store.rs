@@ -177,7 +177,7 @@ fn apply_throughput(size: u64, total: u64, reads: u64) {
     let (mut append, mut apply, mut checkpoint, mut checkpoints) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, 0);
     let (started, mut count) = (Instant::now(), 0);
     while count < (total / size).max(1) && started.elapsed() < time_cap() {
-        if volume.should_checkpoint(&store) {
+        if volume.should_checkpoint(&store.mark(volume.applied_index())) {
             if reads > 0 {
                 let notes = format!("{reads} reads; {count} entries, {} dirty nodes", volume.stats().dirty_nodes);
                 read_row(&volume, &mut rng, &written, reads, "read 4 KiB written: dirty map", notes);

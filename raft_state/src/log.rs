@@ -228,6 +228,20 @@ struct Span {
     entry_count: u64,
 }
 
+/// Where the log stands for a root whose applied index is `applied`: what a checkpoint
+/// records (`Volume::seal_checkpoint`) and what decides when one is due. The log's owner
+/// reports it with each batch it hands the applier (`LogStore::mark`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogMark {
+    pub applied: u64,
+    /// `tail_for(applied + 1)`: where a replay after that root starts.
+    pub tail: u64,
+    /// The head: every record before it is durable.
+    pub head: u64,
+    /// The ring's size in blocks.
+    pub ring_blocks: u64,
+}
+
 /// What recovery found, for logging and `rblk inspect`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -708,6 +722,11 @@ impl LogStore {
             return span.vblock;
         }
         self.spans.back().map_or(self.head, |s| s.vblock)
+    }
+
+    /// The positions a root whose applied index is `applied` records.
+    pub fn mark(&self, applied: u64) -> LogMark {
+        LogMark { applied, tail: self.tail_for(applied + 1), head: self.head, ring_blocks: self.region.blocks }
     }
 
     /// Where the next record goes; a root stores it as its `log_head`.

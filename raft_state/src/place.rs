@@ -4,9 +4,10 @@
 //!
 //! Whoever holds a write's bytes (the driver's connection thread, which read them from the
 //! socket into an aligned buffer) calls [`Placer::place`]: it takes blocks the volume lent
-//! ([`crate::volume::Volume::lend`]), hashes each 4 KiB, writes them there past any cache
-//! (`Device::write_many_direct`, from the caller's buffer: no copy) and returns the entry
-//! data of a [`Command::Placed`] that names them. Those writes are not durable yet: the log's
+//! ([`crate::volume::Volume::lend`]), hashes each 4 KiB, writes them there
+//! (`Device::write_placed`: into the page cache when the device uses one, with write-back
+//! started at once, so reads of fresh data hit the cache; else O_DIRECT from the caller's
+//! buffer) and returns the entry data of a [`Command::Placed`] that names them. Those writes are not durable yet: the log's
 //! owner flushes the device before it appends a batch holding a placed entry
 //! ([`needs_flush`]), so a durable record never names a block that is not durable first.
 //! Applying such an entry links the blocks into the tree (no copy, no hashing); recovery
@@ -86,7 +87,7 @@ impl Placer {
         for (block, chunk) in blocks.iter().zip(data.chunks_exact(BLOCK_SIZE)) {
             placed.push(PlacedBlock::new(*block, hash::data_block(chunk)));
         }
-        if let Err(source) = self.dev.write_many_direct(&writes) {
+        if let Err(source) = self.dev.write_placed(&writes) {
             return Err(VolumeError::Device { block: blocks[0], source });
         }
         Ok(Some(Command::Placed { offset, blocks: &placed }.encode()))

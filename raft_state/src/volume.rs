@@ -17,7 +17,7 @@
 //! - After any I/O error in apply or checkpoint the volume is poisoned (fail-stop): the driver
 //!   stops and the supervisor restarts it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::{ConfState, Entry, EntryType};
@@ -28,7 +28,7 @@ use crate::command::{Command, PlacedBlock};
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::layout::{Geometry, GeometryError};
-use crate::log::{Anchor, LogError, LogRegion, LogStore};
+use crate::log::{Anchor, LogError, LogMark, LogRegion, LogStore};
 use crate::roots::{self, Root, RootError, RootPayload, Roots};
 use crate::tree::{self, BlockTree, Ptr, TreeError, TreeKind, TreeRef};
 
@@ -63,6 +63,8 @@ pub enum VolumeError {
     CheckpointPending,
     #[error("entry {index} follows applied index {applied}: an entry is missing")]
     Gap { applied: u64, index: u64 },
+    #[error("a checkpoint was given the log's positions for index {mark}, but {applied} is applied")]
+    StaleLogMark { mark: u64, applied: u64 },
 }
 
 /// Whole blocks of one write placed at a time (bounds the placement list).
@@ -881,13 +883,12 @@ impl Volume {
     /// configured size (at most a quarter of the ring, which bounds recovery work and keeps
     /// the ring at most half full with what the backup needs), or the interval passed with
     /// something applied, or space is short and freed blocks wait for release.
-    pub fn should_checkpoint(&self, store: &LogStore) -> bool {
+    pub fn should_checkpoint(&self, log: &LogMark) -> bool {
         let root = &self.roots.current().payload;
         // Measured from the last sealed checkpoint, durable or not.
         let (root_applied, root_tail) = self.sealed.unwrap_or((root.applied_index, root.log_tail));
-        let (_, ring_blocks) = store.usage();
-        let limit = (self.options.checkpoint_log_bytes / BLOCK).clamp(1, (ring_blocks / 4).max(1));
-        let since_root = store.head().saturating_sub(root_tail);
+        let limit = (self.options.checkpoint_log_bytes / BLOCK).clamp(1, (log.ring_blocks / 4).max(1));
+        let since_root = log.head.saturating_sub(root_tail);
         let pending = self.applied_index > root_applied || self.map.is_dirty();
         since_root >= limit
             || self.placed_since_seal >= limit * PLACED_CHECKPOINT_FACTOR
@@ -906,25 +907,42 @@ impl Volume {
     }
 
     /// Makes everything applied so far the new current root and compacts the log to what the
-    /// backup root still needs: `seal_checkpoint`, `make_durable` and `finish_checkpoint` in
-    /// one go. Any error poisons the volume.
-    pub fn checkpoint(&mut self, mut store: impl LogAccess) -> Result<(), VolumeError> {
-        let sealed = self.seal_checkpoint(&mut store)?;
+    /// backup root still needs: `seal_checkpoint`, `make_durable`, `finish_checkpoint` and the
+    /// compaction in one go, for a caller that owns the log. Any error poisons the volume.
+    pub fn checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
+        let sealed = self.seal_checkpoint(&store.mark(self.applied_index))?;
         let durable = sealed.make_durable();
-        self.finish_checkpoint(sealed, durable, &mut store)
+        if let Some(c) = self.finish_checkpoint(sealed, durable)? {
+            self.compact(store, c)?;
+        }
+        Ok(())
+    }
+
+    /// Compacts `store` as `finish_checkpoint` said; an error poisons the volume.
+    pub fn compact(&mut self, store: &mut LogStore, c: Compaction) -> Result<(), VolumeError> {
+        store.compact(c.index, c.keep_from).map_err(|e| {
+            self.poisoned = true;
+            e.into()
+        })
     }
 
     /// The first half of a checkpoint, under the volume's lock: writes the staged data
     /// blocks, the block map and the allocator for the next root (not flushed) and prepares
-    /// that root. The caller makes it durable with `SealedCheckpoint::make_durable` — without
-    /// the volume, so applying and reading go on meanwhile — and then hands it back to
-    /// `finish_checkpoint`. One checkpoint at a time; any error poisons the volume.
-    pub fn seal_checkpoint(&mut self, mut store: impl LogAccess) -> Result<SealedCheckpoint, VolumeError> {
+    /// that root, whose log positions `log` gives (the log's owner reports them for the
+    /// applied index: `LogStore::mark`). The caller makes it durable with
+    /// `SealedCheckpoint::make_durable` — without the volume, so applying and reading go on
+    /// meanwhile — and then hands it back to `finish_checkpoint`. One checkpoint at a time;
+    /// any error poisons the volume.
+    pub fn seal_checkpoint(&mut self, log: &LogMark) -> Result<SealedCheckpoint, VolumeError> {
         self.check()?;
         if self.sealed.is_some() {
             return Err(VolumeError::CheckpointPending);
         }
-        let result = self.try_seal(&mut store);
+        if log.applied != self.applied_index {
+            self.poisoned = true;
+            return Err(VolumeError::StaleLogMark { mark: log.applied, applied: self.applied_index });
+        }
+        let result = self.try_seal(log);
         match &result {
             Ok(sealed) => {
                 self.sealed = Some((sealed.next.root().payload.applied_index, sealed.next.root().payload.log_tail));
@@ -936,15 +954,14 @@ impl Volume {
         result
     }
 
-    /// Installs the root `make_durable` wrote (or poisons the volume with its error), lets
-    /// the allocator hand out what the checkpoint released, and compacts the log to what the
-    /// new backup root still needs.
+    /// Installs the root `make_durable` wrote (or poisons the volume with its error) and lets
+    /// the allocator hand out what the checkpoint released. Returns the compaction of the log
+    /// that the new backup root allows, for the log's owner to carry out.
     pub fn finish_checkpoint(
         &mut self,
         sealed: SealedCheckpoint,
         durable: Result<(), VolumeError>,
-        mut store: impl LogAccess,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<Option<Compaction>, VolumeError> {
         self.sealed = None;
         if let Err(e) = durable {
             self.poisoned = true;
@@ -956,16 +973,13 @@ impl Volume {
         // No root that may be opened now replays the entries the backup applied.
         let oldest = self.roots.backup().unwrap_or(self.roots.current());
         self.alloc.unpin_through(oldest.payload.applied_index);
-        if let Some(backup) = self.roots.backup() {
-            if let Err(e) = store.compact(backup.payload.applied_index + 1, backup.payload.log_tail) {
-                self.poisoned = true;
-                return Err(e.into());
-            }
-        }
-        Ok(())
+        Ok(self
+            .roots
+            .backup()
+            .map(|b| Compaction { index: b.payload.applied_index + 1, keep_from: b.payload.log_tail }))
     }
 
-    fn try_seal(&mut self, store: &mut impl LogAccess) -> Result<SealedCheckpoint, VolumeError> {
+    fn try_seal(&mut self, log: &LogMark) -> Result<SealedCheckpoint, VolumeError> {
         // Data blocks first: the flush of `make_durable` makes them durable with the trees.
         let started = Instant::now();
         self.write_staged()?;
@@ -986,7 +1000,7 @@ impl Volume {
         debug!(self.log, "sealed"; "dirty_nodes" => dirty, "map_us" => map_us, "us" => started.elapsed().as_micros() as u64);
         // Everything up to the head is durable; what lies past the applied index is replayed
         // after this root.
-        let (log_tail, log_head) = store.positions(self.applied_index + 1);
+        let (log_tail, log_head) = (log.tail, log.head);
         let payload = RootPayload {
             applied_index: self.applied_index,
             applied_term: self.applied_term,
@@ -1033,53 +1047,12 @@ impl SealedCheckpoint {
     }
 }
 
-/// What a checkpoint needs of the log: where the next entry to apply lies and how far the
-/// log reaches (read together), and compaction. The log itself, or one behind the mutex that
-/// it shares with the thread appending to it (taken only for these two calls, never while
-/// the trees are written).
-pub trait LogAccess {
-    fn positions(&self, next_index: u64) -> (u64, u64);
-    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError>;
-}
-
-impl LogAccess for LogStore {
-    fn positions(&self, next_index: u64) -> (u64, u64) {
-        (self.tail_for(next_index), self.head())
-    }
-
-    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
-        LogStore::compact(self, index, keep_from)
-    }
-}
-
-impl<T: LogAccess> LogAccess for &mut T {
-    fn positions(&self, next_index: u64) -> (u64, u64) {
-        (**self).positions(next_index)
-    }
-
-    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
-        (**self).compact(index, keep_from)
-    }
-}
-
-impl LogAccess for &Mutex<LogStore> {
-    fn positions(&self, next_index: u64) -> (u64, u64) {
-        let store = lock_log(self);
-        (store.tail_for(next_index), store.head())
-    }
-
-    fn compact(&mut self, index: u64, keep_from: u64) -> Result<(), LogError> {
-        lock_log(self).compact(index, keep_from)
-    }
-}
-
-/// A shared log's lock. Poisoned means a thread panicked inside a log operation: nothing it
-/// did can be trusted, so the process stops (the supervisor restarts it from what is durable).
-pub fn lock_log(store: &Mutex<LogStore>) -> std::sync::MutexGuard<'_, LogStore> {
-    store.lock().unwrap_or_else(|_| {
-        eprintln!("a thread panicked inside a log operation; stopping (restart recovers)");
-        std::process::exit(70)
-    })
+/// What the log's owner does once a checkpoint is installed: drop entries before `index` and
+/// free ring space before `keep_from` (`LogStore::compact`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    pub index: u64,
+    pub keep_from: u64,
 }
 
 #[cfg(test)]

@@ -175,7 +175,9 @@ enum Outcome {
 
 impl Node {
     fn propose(&mut self, cmd: &Command<'_>) -> Outcome {
-        if self.volume.should_checkpoint(&self.store) && self.volume.checkpoint(&mut self.store).is_err() {
+        if self.volume.should_checkpoint(&self.store.mark(self.volume.applied_index()))
+            && self.volume.checkpoint(&mut self.store).is_err()
+        {
             return Outcome::NotProposed;
         }
         let index = self.store.last_index() + 1;

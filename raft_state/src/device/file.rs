@@ -337,16 +337,6 @@ impl Device for FileDevice {
         self.write_direct_many(ring, writes)
     }
 
-    /// On the O_DIRECT descriptor (when the file system allows it), all submitted at once
-    /// through the ring; never into the page cache. The page cache stays coherent: a direct
-    /// write invalidates the cached pages of its range.
-    fn write_many_direct(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
-        match self.ring.as_ref().filter(|_| writes.len() > 1) {
-            Some(ring) => self.write_direct_many(ring, writes),
-            None => writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf)),
-        }
-    }
-
     fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let Some(cached) = &self.cached else { return self.read_at(offset, buf) };
         check_io("read", offset, buf.len(), self.size)?;

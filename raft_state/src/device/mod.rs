@@ -87,11 +87,10 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
         writes.iter().try_for_each(|&(offset, buf)| self.write_at(offset, buf))
     }
-    /// Several writes, like `write_many` (not durable until `flush`), but past any cache in
-    /// front of the media where the device can (a file's page cache): for bytes written once
-    /// to their final place from a buffer that is already aligned, which nothing reads before
-    /// they are flushed and which would only be copied into the cache and written back later.
-    fn write_many_direct(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+    /// The bytes of placed writes (`crate::place`), like `write_many`: not durable until
+    /// `flush`. A separate call so that a simulated disk can lose exactly these (a planted
+    /// bug the power-loss suite must catch).
+    fn write_placed(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
         self.write_many(writes)
     }
     /// `read_cached_at` only if it needs no wait for the media: `Ok(false)` when some of it

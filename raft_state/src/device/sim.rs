@@ -91,7 +91,7 @@ pub enum Planted {
     /// `flush` makes nothing durable (it still counts, is traced and may fail): as if the
     /// fdatasync before and after every root write were gone. `write_durable` still works.
     FlushIgnored,
-    /// Writes made with `write_many_direct` never become durable (flushes skip them; a crash
+    /// Writes made with `write_placed` never become durable (flushes skip them; a crash
     /// drops them): as if the log's owner logged placed writes before their bytes were
     /// flushed.
     DirectWritesLost,
@@ -464,7 +464,7 @@ impl Device for SimDisk {
         self.write(offset, buf, false)
     }
 
-    fn write_many_direct(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
+    fn write_placed(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError> {
         for &(offset, buf) in writes {
             self.write(offset, buf, false)?;
             let mut s = self.lock();
@@ -954,7 +954,7 @@ mod tests {
     fn planted_direct_writes_lost_never_become_durable() {
         let disk = SimDisk::new(4 * BLOCK, 61);
         disk.plant(Planted::DirectWritesLost);
-        disk.write_many_direct(&[(0, &[1; B][..])]).unwrap();
+        disk.write_placed(&[(0, &[1; B][..])]).unwrap();
         disk.write_at(BLOCK, &[2; B]).unwrap();
         assert_eq!(read(&disk, 0, B), [1; B], "visible before the crash");
         disk.flush().unwrap();

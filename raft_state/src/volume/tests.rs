@@ -60,10 +60,11 @@ impl Harness {
     /// What a single-node Raft group does with a proposal: persist it (durable = committed),
     /// then apply it.
     fn propose(&mut self, cmd: &Command<'_>) -> Result<Applied, String> {
-        if self.auto_checkpoint && self.volume.should_checkpoint(&self.store) {
+        if self.auto_checkpoint && self.volume.should_checkpoint(&self.store.mark(self.volume.applied_index())) {
             if self.pipelined {
                 self.settle()?;
-                self.pending = Some(self.volume.seal_checkpoint(&mut self.store).map_err(|e| e.to_string())?);
+                let mark = self.store.mark(self.volume.applied_index());
+                self.pending = Some(self.volume.seal_checkpoint(&mark).map_err(|e| e.to_string())?);
             } else {
                 self.checkpoint()?;
             }
@@ -85,7 +86,9 @@ impl Harness {
     fn settle(&mut self) -> Result<(), String> {
         if let Some(sealed) = self.pending.take() {
             let durable = sealed.make_durable();
-            self.volume.finish_checkpoint(sealed, durable, &mut self.store).map_err(|e| e.to_string())?;
+            if let Some(c) = self.volume.finish_checkpoint(sealed, durable).map_err(|e| e.to_string())? {
+                self.volume.compact(&mut self.store, c).map_err(|e| e.to_string())?;
+            }
         }
         Ok(())
     }
@@ -617,7 +620,7 @@ fn checkpoint_triggers_and_bounded_caches() {
         placer: None,
         auto_checkpoint: true,
     };
-    assert!(!h.volume.should_checkpoint(&h.store), "nothing written yet");
+    assert!(!h.volume.should_checkpoint(&h.store.mark(h.volume.applied_index())), "nothing written yet");
     let data = vec![7u8; BLOCK_SIZE];
     let mut writes = 0;
     let index_before = h.volume.stats().root_applied_index;
@@ -637,13 +640,16 @@ fn checkpoint_triggers_and_bounded_caches() {
     };
     let mut h =
         Harness { disk, volume, store, term: 3, pipelined: false, pending: None, placer: None, auto_checkpoint: true };
-    assert!(!h.volume.should_checkpoint(&h.store), "nothing applied since the root");
+    assert!(!h.volume.should_checkpoint(&h.store.mark(h.volume.applied_index())), "nothing applied since the root");
     let index = h.store.last_index() + 1;
     let entry =
         Entry { index, term: 3, data: Command::Trim { offset: 0, length: BLOCK }.encode(), ..Default::default() };
     h.store.append(std::slice::from_ref(&entry), Some(&HardState { term: 3, vote: 1, commit: index })).expect("append");
     h.volume.apply(&entry).expect("apply");
-    assert!(h.volume.should_checkpoint(&h.store), "interval passed with something applied");
+    assert!(
+        h.volume.should_checkpoint(&h.store.mark(h.volume.applied_index())),
+        "interval passed with something applied"
+    );
     // Caches: every block of the volume read, the clean nodes held stay within the bound.
     for vb in 0..VOLUME_BLOCKS {
         h.propose(&Command::Write { offset: vb * BLOCK, data: &data }).expect("write");
@@ -674,7 +680,7 @@ fn batches_apply_like_single_entries() {
         for step in 0..300 {
             let (kind, offset, length) = random_command(&mut rng, &mut data);
             apply_model(&mut model, kind, offset, length, &data);
-            if h.volume.should_checkpoint(&h.store) {
+            if h.volume.should_checkpoint(&h.store.mark(h.volume.applied_index())) {
                 // Everything appended must be applied before a checkpoint.
                 h.volume.apply_batch(&pending).expect("apply batch");
                 pending.clear();
