@@ -181,6 +181,12 @@ impl Allocator {
         Ok(out)
     }
 
+    /// Adds to what the next checkpoint releases (the release set of `open`, when it was
+    /// computed later).
+    pub fn add_release(&mut self, blocks: Vec<u64>) {
+        self.release.extend(blocks);
+    }
+
     /// Keeps at most `bitmaps` clean bitmap blocks and `nodes` allocator tree nodes in memory.
     pub fn set_cache_capacity(&mut self, bitmaps: usize, nodes: usize) {
         self.bitmap_cache = bitmaps.max(1);
