@@ -1,0 +1,127 @@
+use slog::warn;
+
+use super::{Volume, VolumeError, MAX_RUN_BLOCKS};
+use crate::device::{AlignedBuf, BLOCK, BLOCK_SIZE};
+use crate::hash;
+use crate::tree::{Ptr, TreeError};
+
+impl Volume {
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). A block that fails its
+    /// hash check fails the read: never wrong data. Blocks that sit next to each other on the
+    /// device are read with one read.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.checked_read(offset, buf, false).map(|_| ())
+    }
+
+    /// Like `read`, but only when the data can be had without waiting for the media (all of
+    /// it in a cache, e.g. the kernel's page cache): `Ok(false)` means "use `read`" and leaves
+    /// `buf` unspecified. Lets a connection answer hot reads on its own thread.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        self.checked_read(offset, buf, true)
+    }
+
+    fn checked_read(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
+        self.check()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let result = self.read_runs(offset, buf, nowait);
+        if let Err(e) = &result {
+            warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
+        }
+        result
+    }
+
+    /// With `nowait`, returns `Ok(false)` as soon as something is not in a cache.
+    fn read_runs(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
+        let first_vb = offset / BLOCK;
+        let end = offset + buf.len() as u64;
+        let blocks = (end.div_ceil(BLOCK) - first_vb) as usize;
+        let ptrs: Vec<Option<Ptr>> =
+            (0..blocks as u64).map(|i| self.map.get(&*self.dev, first_vb + i)).collect::<Result<_, _>>()?;
+        // Whole blocks are read straight into the caller's buffer; a partial first or last
+        // block goes through one block of staging.
+        let aligned = offset.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK);
+        if nowait && !aligned {
+            return Ok(false);
+        }
+        let mut staging = if aligned { None } else { Some(AlignedBuf::blocks(1)) };
+        let mut i = 0;
+        while i < blocks {
+            // A run: consecutive mapped blocks that are consecutive on the device.
+            let mut j = i + 1;
+            let Some(p) = ptrs[i] else {
+                self.read_part(offset, buf, first_vb + i as u64, None, &mut staging)?;
+                i = j;
+                continue;
+            };
+            if aligned {
+                while j < blocks
+                    && j - i < MAX_RUN_BLOCKS as usize
+                    && ptrs[j].is_some_and(|q| q.block == p.block + (j - i) as u64)
+                {
+                    j += 1;
+                }
+                let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+                let device = |source| TreeError::Device { block: p.block, source };
+                if nowait {
+                    if !self.dev.try_read_cached_at(p.block * BLOCK, run).map_err(device)? {
+                        return Ok(false);
+                    }
+                } else {
+                    self.dev.read_cached_at(p.block * BLOCK, run).map_err(device)?;
+                }
+                for (block, q) in run.chunks_exact_mut(BLOCK_SIZE).zip(ptrs[i..j].iter().flatten()) {
+                    self.verify_data(*q, block)?;
+                }
+            } else {
+                self.read_part(offset, buf, first_vb + i as u64, Some(p), &mut staging)?;
+            }
+            i = j;
+        }
+        Ok(true)
+    }
+
+    /// The part of virtual block `vb` that `buf` (at `offset`) covers, through `staging`.
+    fn read_part(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        vb: u64,
+        ptr: Option<Ptr>,
+        staging: &mut Option<AlignedBuf>,
+    ) -> Result<(), VolumeError> {
+        let vb_start = vb * BLOCK;
+        let from = offset.max(vb_start);
+        let to = (offset + buf.len() as u64).min(vb_start + BLOCK);
+        let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        let Some(p) = ptr else {
+            dst.fill(0);
+            return Ok(());
+        };
+        let block = staging.get_or_insert_with(|| AlignedBuf::blocks(1));
+        self.dev
+            .read_cached_at(p.block * BLOCK, block)
+            .map_err(|source| TreeError::Device { block: p.block, source })?;
+        self.verify_data(p, block)?;
+        dst.copy_from_slice(&block[(from - vb_start) as usize..(to - vb_start) as usize]);
+        Ok(())
+    }
+
+    /// Checks a data block read (maybe from a cache) against its hash; on a mismatch it reads
+    /// the media itself once more before failing: never wrong data.
+    fn verify_data(&self, p: Ptr, block: &mut [u8]) -> Result<(), VolumeError> {
+        if hash::data_block(block) == p.hash {
+            return Ok(());
+        }
+        let mut again = AlignedBuf::blocks(1);
+        self.dev.read_at(p.block * BLOCK, &mut again).map_err(|source| TreeError::Device { block: p.block, source })?;
+        if hash::data_block(&again) != p.hash {
+            return Err(TreeError::HashMismatch { what: "data", block: p.block, level: 0 }.into());
+        }
+        warn!(self.log, "a cached copy of a data block failed its check; the media's is good"; "block" => p.block);
+        block.copy_from_slice(&again);
+        Ok(())
+    }
+}
