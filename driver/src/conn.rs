@@ -516,6 +516,10 @@ fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Res
 /// The largest read the connection's thread answers itself when its data is cached.
 const HOT_READ_MAX: u32 = 128 << 10;
 
+/// How long a write to place waits for blocks while space is short (checkpoints release
+/// what earlier writes freed) before it goes inline.
+const PLACE_SPACE_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads (and writes to place) served at once per connection.
 const READERS_PER_CONNECTION: usize = 4;
 
@@ -671,7 +675,17 @@ fn read_aligned<R: Read>(r: &mut R, buf: &mut AlignedBuf, length: u32) -> Result
 /// one entry; when no blocks can be had (space is short) its inline pieces instead.
 fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, VolumeError> {
     let mut lend = |count| write_volume(&shared.volume).lend(count);
-    match shared.placer.place(req.offset, data, &mut lend)? {
+    // Space short for now is mostly freed blocks waiting for the two checkpoints that release
+    // them (which the failed loan asked for): wait a while for them before going inline, where
+    // a volume that is really full fails the write with ENOSPC.
+    let deadline = Instant::now() + PLACE_SPACE_WAIT;
+    let placed = loop {
+        match shared.placer.place(req.offset, data, &mut lend)? {
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            other => break other,
+        }
+    };
+    match placed {
         Some(entry) => Ok(vec![entry]),
         None => Ok(data
             .chunks(MAX_ENTRY_DATA)

@@ -343,6 +343,8 @@ fn apply_rounds<'scope, 'env>(
     alive: &AtomicU64,
     log: &'env Logger,
 ) -> Result<Option<LogMark>, DriverError> {
+    // The log's mark for what is applied (none before the first batch).
+    let mut applied: Option<LogMark> = None;
     loop {
         if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
             join_checkpoint(checkpoint)?;
@@ -351,9 +353,19 @@ fn apply_rounds<'scope, 'env>(
             Ok(ToApply::Batch(entries, done, mark)) => {
                 apply(volume, &entries, done, log)?;
                 alive.fetch_add(1, Ordering::Relaxed);
+                applied = Some(mark);
                 if read_volume(volume).should_checkpoint(&mark) {
                     // One at a time: the previous one first.
                     join_checkpoint(checkpoint)?;
+                    *checkpoint = Some(start_checkpoint(scope, volume, &mark, compact, log)?);
+                }
+            }
+            // Idle: a checkpoint may be due all the same (its interval passed, or writers wait
+            // for space that only checkpoints release).
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if checkpoint.is_none() && applied.is_some_and(|m| read_volume(volume).should_checkpoint(&m)) =>
+            {
+                if let Some(mark) = applied {
                     *checkpoint = Some(start_checkpoint(scope, volume, &mark, compact, log)?);
                 }
             }

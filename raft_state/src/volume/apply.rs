@@ -1,7 +1,7 @@
 use raft::eraftpb::{Entry, EntryType};
 use slog::warn;
 
-use super::{Applied, Volume, VolumeError, LOW_SPACE_FACTOR, MAX_RUN_BLOCKS, UNMAP_PIECE_BLOCKS};
+use super::{Applied, Volume, VolumeError, LOW_SPACE_FACTOR, MAX_RUN_BLOCKS, TRIM_SLACK_PATHS, UNMAP_PIECE_BLOCKS};
 use crate::alloc::AllocError;
 use crate::command::{Command, PlacedBlock};
 use crate::device::{AlignedBuf, DeviceError, BLOCK, BLOCK_SIZE};
@@ -14,7 +14,8 @@ impl Volume {
     /// path of the block map for every lent block.
     pub fn lend(&mut self, count: u64) -> Result<Vec<u64>, VolumeError> {
         self.check()?;
-        let need = count * (1 + u64::from(self.map.height())) + self.data_reserve();
+        let slack = TRIM_SLACK_PATHS * u64::from(self.map.height());
+        let need = count + self.metadata_need_with(count) + slack;
         if self.alloc.free_blocks() < need {
             self.space_pressure = 2;
             return Err(AllocError::NoSpace.into());

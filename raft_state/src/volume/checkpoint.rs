@@ -13,8 +13,10 @@ use crate::tree::TreeError;
 impl Volume {
     /// Whether a checkpoint is due: the log written since the current root reached the
     /// configured size (at most a quarter of the ring, which bounds recovery work and keeps
-    /// the ring at most half full with what the backup needs), or the interval passed with
-    /// something applied, or space is short and freed blocks wait for release.
+    /// the ring at most half full with what the backup needs), or placed writes applied since
+    /// the last seal reached 4 times that in data (or an eighth of the free blocks, if less),
+    /// or the interval passed with something applied, or space is short and freed blocks wait
+    /// for release.
     pub fn should_checkpoint(&self, log: &LogMark) -> bool {
         let root = &self.roots.current().payload;
         // Measured from the last sealed checkpoint, durable or not.
@@ -22,8 +24,11 @@ impl Volume {
         let limit = (self.options.checkpoint_log_bytes / BLOCK).clamp(1, (log.ring_blocks / 4).max(1));
         let since_root = log.head.saturating_sub(root_tail);
         let pending = self.applied_index > root_applied || self.map.is_dirty();
+        // Placed writes take little log, but every block they free stays held or deferred for
+        // two checkpoints: their window is bounded by data, and by a share of the free space.
+        let placed_limit = (limit * PLACED_CHECKPOINT_FACTOR).min((self.alloc.free_blocks() / 8).max(limit));
         since_root >= limit
-            || self.placed_since_seal >= limit * PLACED_CHECKPOINT_FACTOR
+            || self.placed_since_seal >= placed_limit
             || (pending && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
             || self.space_pressure > 0
     }

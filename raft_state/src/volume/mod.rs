@@ -95,7 +95,7 @@ const LOW_SPACE_FACTOR: u64 = 2;
 /// A checkpoint is due once this many times `checkpoint_log_bytes` of data were placed (written
 /// once) since the last one: placed writes take little log, but the blocks their records name
 /// stay held until two checkpoints pass them, which this bounds.
-const PLACED_CHECKPOINT_FACTOR: u64 = 16;
+const PLACED_CHECKPOINT_FACTOR: u64 = 4;
 
 /// What applying an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,8 +294,23 @@ impl Volume {
     /// Blocks the next checkpoint may need for metadata if one more block is remapped: the
     /// block map's dirty nodes plus one path, and the allocator's worst case.
     fn metadata_need(&self) -> u64 {
-        let lent_paths = self.alloc.lent() * u64::from(self.map.height());
-        self.map.dirty_nodes() + u64::from(self.map.height()) + self.alloc.metadata_bound() + lent_paths
+        self.metadata_need_with(0)
+    }
+
+    /// `metadata_need` with `more_lent` blocks lent besides those lent already: each lent block
+    /// may dirty a path of the map when its record is applied. The map's part is capped by the
+    /// nodes the map can have at all (a checkpoint cannot write more), which matters when many
+    /// blocks are lent at once (placed writes in flight on a nearly full volume).
+    fn metadata_need_with(&self, more_lent: u64) -> u64 {
+        let height = u64::from(self.map.height());
+        let map = self.map.dirty_nodes() + height + (self.alloc.lent() + more_lent) * height;
+        let mut nodes = 0;
+        let mut level = self.geometry.volume_blocks;
+        for _ in 0..height {
+            level = level.div_ceil(tree::FANOUT);
+            nodes += level;
+        }
+        map.min(nodes + height) + self.alloc.metadata_bound()
     }
 
     /// Free blocks a data write leaves untouched: the metadata need and a slack so that trims
