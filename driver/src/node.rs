@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::Entry;
 use raft::{RawNode, StateRole};
 use raft_state::log::{LogMark, LogStore};
-use raft_state::place::needs_flush;
-use raft_state::volume::{Applied, Compaction, Volume, VolumeError};
+use raft_state::volume::{Applied, Compaction, Volume};
 use slog::{debug, error, info, Logger};
 
 use crate::queue::Proposals;
@@ -113,10 +112,19 @@ pub fn run(
             .name("rblk-apply".into())
             .spawn(move || apply_loop(&volume, &applies, &compact, &alive, &log))?
     };
-    let result = {
+    let dev = read_volume(&volume).device();
+    let result = std::thread::scope(|scope| {
+        // Flushes for placed writes, beside the node (see `queue.rs`); returns at `close`.
+        let flusher = std::thread::Builder::new()
+            .name("rblk-flush".into())
+            .spawn_scoped(scope, || proposals.flush_placed(&*dev))?;
         let mut links = Links { to_apply: &to_apply, compactions: &compactions, handed: 0 };
-        node_loop(&volume, store, proposals, cfg, stop, alive, &mut links, start_serving, log)
-    };
+        let result = node_loop(&volume, store, proposals, cfg, stop, alive, &mut links, start_serving, log);
+        proposals.close();
+        let flushed = flusher.join().map_err(|_| DriverError::Panicked("flusher"));
+        // A node error comes first: it may be the flusher's own, reported through the queue.
+        result.and_then(|mark| flushed.map(|()| mark))
+    });
     proposals.close();
     if let Ok(mark) = &result {
         let mark = *mark;
@@ -179,8 +187,7 @@ fn node_loop(
     // every entry a previous incarnation persisted but did not see committed.
     node.campaign().map_err(|source| DriverError::Raft { what: "campaign", source })?;
     let mut waiting: HashMap<u64, Completion> = HashMap::new();
-    let dev = read_volume(volume).device();
-    drive(&mut node, &mut waiting, links, &*dev)?;
+    drive(&mut node, &mut waiting, links)?;
     if node.raft.state != StateRole::Leader {
         return Err(DriverError::Unexpected("it did not become leader".into()));
     }
@@ -207,7 +214,7 @@ fn node_loop(
             node.tick();
             next_tick = Instant::now() + cfg.tick;
         }
-        drive(&mut node, &mut waiting, links, &*dev)?;
+        drive(&mut node, &mut waiting, links)?;
     }
     // Clean stop: what was not proposed is dropped unanswered when `run` closes the queue
     // (clients resend after reconnecting); everything proposed was committed and handed to
@@ -239,13 +246,11 @@ fn propose(
     }
 }
 
-/// The ready loop: persist (one append per ready, after a device flush when it names placed
-/// blocks), advance, hand committed entries over.
+/// The ready loop: persist (one append per ready), advance, hand committed entries over.
 fn drive(
     node: &mut RawNode<LogStore>,
     waiting: &mut HashMap<u64, Completion>,
     links: &mut Links<'_>,
-    dev: &dyn raft_state::device::Device,
 ) -> Result<(), DriverError> {
     links.compact(node.mut_store())?;
     while node.has_ready() {
@@ -254,13 +259,8 @@ fn drive(
             return Err(DriverError::Unexpected("messages or a snapshot to handle".into()));
         }
         hand_over(rd.take_committed_entries(), waiting, links, node.store())?;
+        // Placed writes among them were flushed before the node could take them (`queue.rs`).
         let entries = rd.take_entries();
-        if entries.iter().any(|e| needs_flush(&e.data)) {
-            // The blocks placed writes name were written by the connections, not flushed: a
-            // durable record must never name a block that is not durable first.
-            dev.flush().map_err(|source| DriverError::Volume(VolumeError::Device { block: 0, source }))?;
-            raft_state::failpoint("place::after_data");
-        }
         let hs = rd.hs().cloned();
         if !entries.is_empty() || hs.is_some() {
             node.mut_store().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;

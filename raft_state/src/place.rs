@@ -7,14 +7,16 @@
 //! ([`crate::volume::Volume::lend`]), hashes each 4 KiB, writes them there
 //! (`Device::write_placed`: into the page cache when the device uses one, with write-back
 //! started at once, so reads of fresh data hit the cache; else O_DIRECT from the caller's
-//! buffer) and returns the entry data of a [`Command::Placed`] that names them. Those writes are not durable yet: the log's
-//! owner flushes the device before it appends a batch holding a placed entry
-//! ([`needs_flush`]), so a durable record never names a block that is not durable first.
+//! //! buffer) and returns the entry data of a [`Command::Placed`] that names them. Those writes
+//! are not durable yet: the device must be flushed after they were written and before a batch
+//! holding their entry is appended to the log ([`needs_flush`]; the driver's flusher thread
+//! does it before the node may take the entry), so a durable record never names a block that
+//! is not durable first.
 //! Applying such an entry links the blocks into the tree (no copy, no hashing); recovery
 //! holds the blocks that unapplied records name before it replays them.
 //!
-//! Placing costs the log's owner a flush before the record's own durable write, so small
-//! writes stay inline: `min_bytes` is the threshold.
+//! Placing costs a flush before the record's own durable write, so small writes stay inline:
+//! `min_bytes` is the threshold.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -44,8 +46,8 @@ pub struct Placer {
     spare: Mutex<VecDeque<u64>>,
 }
 
-/// Whether entry data is a placed write: the log's owner must flush the device before it
-/// logs it (its blocks were written but not flushed).
+/// Whether entry data is a placed write: the device must be flushed after its blocks were
+/// written and before it is logged (they were written but not flushed).
 pub fn needs_flush(data: &[u8]) -> bool {
     data.len() > 4 && data[..4] == COMMAND_MAGIC && data[4] == Command::PLACED_KIND
 }
