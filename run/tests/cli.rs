@@ -97,3 +97,11 @@ fn chaos_with_a_bad_server_config_is_a_failed_run() {
         "{stdout}"
     );
 }
+
+#[test]
+fn serve_says_why_its_config_file_cannot_be_read() {
+    let dir = Scratch::new("cli-config");
+    let (code, err) = refused(&rblk(&["serve", "v.img", "--config", "nosuch.toml"], &dir.0));
+    assert_eq!(code, Some(2));
+    assert!(err.starts_with("rblk: cannot read config file nosuch.toml: No such file or directory"), "{err}");
+}
