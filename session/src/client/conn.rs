@@ -12,7 +12,7 @@ use std::sync::{mpsc, Mutex};
 
 use zerocopy::IntoBytes;
 
-use crate::server::Command;
+use crate::server::RequestKind;
 use crate::wire::*;
 use crate::{read_full, read_raw, SessionError};
 
@@ -83,7 +83,14 @@ impl Conn {
     }
 
     /// Sends one request and waits for its outcome.
-    pub(super) fn request(&self, command: Command, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Outcome {
+    pub(super) fn request(
+        &self,
+        command: RequestKind,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Outcome {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -94,7 +101,7 @@ impl Conn {
             if state.shutting_down || state.disc_sent {
                 return Outcome::Lost("the server is shutting down".into());
             }
-            let read_len = if command == Command::Read { length } else { 0 };
+            let read_len = if command == RequestKind::Read { length } else { 0 };
             state.waiters.insert(handle, Waiter { read_len, reply: tx });
         }
         let header = RawRequest {

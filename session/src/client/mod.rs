@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::server::Command;
+use crate::server::RequestKind;
 use crate::wire::*;
 use crate::SessionError;
 
@@ -193,36 +193,36 @@ impl Client {
     }
 
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, SessionError> {
-        self.check_range(Command::Read, offset, len.into(), true)?;
-        self.call(Command::Read, 0, offset, len, &[])
+        self.check_range(RequestKind::Read, offset, len.into(), true)?;
+        self.call(RequestKind::Read, 0, offset, len, &[])
     }
 
     /// Writes `data` at `offset`; with `fua` the reply waits until it is persistent.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), SessionError> {
         let len = u32::try_from(data.len())
             .map_err(|_| SessionError::InvalidArgument(format!("write of {} bytes", data.len())))?;
-        self.check_range(Command::Write, offset, len.into(), true)?;
+        self.check_range(RequestKind::Write, offset, len.into(), true)?;
         let flags = self.fua_flag(fua)?;
-        self.call(Command::Write, flags, offset, len, data).map(drop)
+        self.call(RequestKind::Write, flags, offset, len, data).map(drop)
     }
 
     pub fn flush(&self) -> Result<(), SessionError> {
         self.need(NBD_FLAG_SEND_FLUSH, "NBD_CMD_FLUSH")?;
-        self.call(Command::Flush, 0, 0, 0, &[]).map(drop)
+        self.call(RequestKind::Flush, 0, 0, 0, &[]).map(drop)
     }
 
     pub fn trim(&self, offset: u64, len: u32) -> Result<(), SessionError> {
         self.need(NBD_FLAG_SEND_TRIM, "NBD_CMD_TRIM")?;
-        self.check_range(Command::Trim, offset, len.into(), false)?;
-        self.call(Command::Trim, 0, offset, len, &[]).map(drop)
+        self.check_range(RequestKind::Trim, offset, len.into(), false)?;
+        self.call(RequestKind::Trim, 0, offset, len, &[]).map(drop)
     }
 
     /// Zeroes `len` bytes at `offset`; with `no_hole` the server must keep them allocated.
     pub fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool) -> Result<(), SessionError> {
         self.need(NBD_FLAG_SEND_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES")?;
-        self.check_range(Command::WriteZeroes, offset, len.into(), false)?;
+        self.check_range(RequestKind::WriteZeroes, offset, len.into(), false)?;
         let flags = if no_hole { NBD_CMD_FLAG_NO_HOLE } else { 0 };
-        self.call(Command::WriteZeroes, flags, offset, len, &[]).map(drop)
+        self.call(RequestKind::WriteZeroes, flags, offset, len, &[]).map(drop)
     }
 
     /// Ends the session with `NBD_CMD_DISC` (a soft disconnect). Taking the client by value
@@ -252,7 +252,7 @@ impl Client {
     /// The client's MUSTs of proto.md "Size constraints": offset and length multiples of the
     /// minimum block, within the export, and payloads within the maximum. Zero lengths SHOULD
     /// NOT be sent ("Request types"), so they are refused here too.
-    fn check_range(&self, command: Command, offset: u64, len: u64, payload: bool) -> Result<(), SessionError> {
+    fn check_range(&self, command: RequestKind, offset: u64, len: u64, payload: bool) -> Result<(), SessionError> {
         let (min, _, max) = self.settled.block_sizes;
         let size = self.settled.size;
         let problem = if len == 0 {
@@ -276,7 +276,7 @@ impl Client {
     /// new connection until one answers it.
     fn call(
         &self,
-        command: Command,
+        command: RequestKind,
         flags: u16,
         offset: u64,
         length: u32,
