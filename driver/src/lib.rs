@@ -23,6 +23,8 @@
 pub mod budget;
 pub mod cli;
 pub mod conn;
+mod error;
+mod heartbeat;
 pub mod node;
 pub mod queue;
 pub mod sandbox;
@@ -34,38 +36,12 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use raft_state::device::Device;
-use raft_state::log::LogError;
-use raft_state::volume::{Volume, VolumeError, VolumeOptions};
+use raft_state::volume::{Volume, VolumeOptions};
 use slog::{info, warn, Logger};
 
+pub use error::{error_chain, DriverError};
+pub use heartbeat::Heartbeat;
 pub use node::NodeConfig;
-
-/// Errors that stop the driver.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error("volume")]
-    Volume(#[source] VolumeError),
-    #[error("raft log")]
-    Log(#[source] LogError),
-    /// raft-rs refused a configuration, a start or a proposal.
-    #[error("raft: {what}")]
-    Raft {
-        what: &'static str,
-        #[source]
-        source: raft::Error,
-    },
-    /// Something a single-voter group never does happened: a bug, so the driver stops.
-    #[error("the single-node Raft group did something it never does: {0}")]
-    Unexpected(String),
-    /// A thread of the pipeline (the applier, a checkpoint) ended: its own error, if it had
-    /// one, is logged or returned separately.
-    #[error("the {0} thread stopped")]
-    Stopped(&'static str),
-    #[error("the {0} thread panicked")]
-    Panicked(&'static str),
-    #[error("I/O")]
-    Io(#[from] std::io::Error),
-}
 
 /// Everything the driver is told.
 #[derive(Debug, Clone)]
@@ -100,43 +76,6 @@ pub struct Limits {
 pub const MIN_BLOCK: u32 = 512;
 pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 32 << 20;
-
-/// The channel to the supervisor: one line `ready ms=<start to serving ms> replayed=<entries>`
-/// once the driver recovered and accepts clients (the supervisor counts that as progress),
-/// then `beat` lines from a thread of their own while the node or the applier make progress.
-/// Writes never block (the pipe is non-blocking; a full pipe drops a beat, a gone supervisor
-/// is ignored).
-#[derive(Debug)]
-pub struct Heartbeat {
-    out: std::fs::File,
-    every: Duration,
-}
-
-impl Heartbeat {
-    pub fn new(out: std::fs::File, every: Duration) -> Heartbeat {
-        Heartbeat { out, every }
-    }
-
-    /// Says `ready`, then beats every interval in which `alive` moved, until `done` is set.
-    /// The beats never wait behind request work: only a node or applier that stopped moving
-    /// (hung) silences them.
-    fn start(mut self, ms: u64, replayed: u64, alive: Arc<AtomicU64>, done: Arc<AtomicBool>) -> std::io::Result<()> {
-        use std::io::Write;
-        let _ = self.out.write_all(format!("ready ms={ms} replayed={replayed}\n").as_bytes());
-        std::thread::Builder::new().name("rblk-beat".into()).spawn(move || {
-            let mut seen = alive.load(Ordering::Relaxed);
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(self.every);
-                let now = alive.load(Ordering::Relaxed);
-                if now != seen {
-                    seen = now;
-                    let _ = self.out.write_all(b"beat\n");
-                }
-            }
-        })?;
-        Ok(())
-    }
-}
 
 /// Opens the volume and serves `listener` until `stop` is set (then returns `Ok` after a
 /// final checkpoint) or a fatal error. With a heartbeat, reports recovery and beats.
@@ -269,9 +208,6 @@ fn client_waiting(listener: &UnixListener) -> bool {
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
-
-/// An error with its sources, for logs and the exit message.
-pub use raft_state::error_chain;
 
 /// A logger to stderr at `level` (trace, debug, info, warning, error, critical); the
 /// environment variable `RBLK_LOG` overrides it.

@@ -29,7 +29,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,98 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use raft_state::rng::Rng;
 use run::stamp::{decode, stamp, BLOCK};
+use session::SessionError;
+
+/// Why a scenario file was refused, or a run failed. Failures that the server's doings explain
+/// carry its log ([`ChaosError::server_log`]), shown after the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    /// A file of the run (the scenario, the server's configuration or log) cannot be read or
+    /// written.
+    #[error("{}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", path.display())]
+    ScenarioSyntax {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A key of the scenario is unknown, or its value is not what the key takes.
+    #[error("{}: {key}: {why}", path.display())]
+    ScenarioKey { path: PathBuf, key: String, why: String },
+    /// The chaos defaults or the scenario's `config` are not TOML.
+    #[error("{what}")]
+    ServerConfig {
+        what: &'static str,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// `rblk serve` could not be started, or waited for.
+    #[error("{what}")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rblk serve has no stdout")]
+    NoStdout,
+    #[error("rblk serve exited with {status} after SIGTERM")]
+    StopFailed { status: ExitStatus, log: String },
+    /// A request of the workload or the verification failed outright.
+    #[error("{what}")]
+    Request {
+        what: &'static str,
+        #[source]
+        source: SessionError,
+    },
+    /// A block read back is garbage or another block's, in the stamp's own words.
+    #[error("{0}")]
+    BadStamp(String),
+    /// A read during the workload saw another write than the last acknowledged one.
+    #[error("block {block}: read write {read}, acknowledged was {acknowledged}")]
+    ReadMismatch { block: u64, read: u64, acknowledged: u64 },
+    /// A block verified after the workload holds another write than the last acknowledged one.
+    #[error("block {block}: holds write {holds}, acknowledged was {acknowledged}")]
+    VerifyMismatch { block: u64, holds: u64, acknowledged: u64 },
+    #[error("a writer panicked")]
+    WriterPanicked,
+    #[error("the report lock is poisoned (a writer panicked)")]
+    ReportLock,
+    /// A writer failed; the tail of the server log shows what the server did meanwhile.
+    #[error("the workload failed")]
+    Workload {
+        #[source]
+        source: Box<ChaosError>,
+        log_tail: String,
+    },
+    #[error("expected the supervisor to give up, it exited with {status}")]
+    NoGiveUp { status: ExitStatus, log: String },
+    #[error("the supervisor did not give up within a minute")]
+    GiveUpLate { log: String },
+    #[error("only {restarts} driver restarts, the scenario wants {wanted}")]
+    TooFewRestarts { restarts: u64, wanted: u64 },
+    #[error("failpoint {name} never fired ({report})")]
+    FailpointSilent { name: String, report: String },
+    #[error("the hung driver was not detected")]
+    HangUndetected { log_tail: String },
+}
+
+impl ChaosError {
+    /// The server log (or its tail) that explains the failure, if the failure carries it.
+    pub fn server_log(&self) -> Option<&str> {
+        match self {
+            ChaosError::StopFailed { log, .. } | ChaosError::NoGiveUp { log, .. } | ChaosError::GiveUpLate { log } => {
+                Some(log)
+            }
+            ChaosError::Workload { log_tail, .. } | ChaosError::HangUndetected { log_tail } => Some(log_tail),
+            _ => None,
+        }
+    }
+}
 
 /// A scenario, as read from its file.
 #[derive(Debug, Clone)]
@@ -61,11 +153,13 @@ fn field<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
 }
 
 impl Scenario {
-    pub fn load(path: &Path) -> Result<Scenario, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
-        let bad = |key: &str, why: String| format!("{}: {key}: {why}", path.display());
-        let string = |key: &str| -> Result<Option<String>, String> {
+    pub fn load(path: &Path) -> Result<Scenario, ChaosError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ChaosError::File { path: path.to_path_buf(), source })?;
+        let table: toml::Table =
+            text.parse().map_err(|source| ChaosError::ScenarioSyntax { path: path.to_path_buf(), source })?;
+        let bad = |key: &str, why: String| ChaosError::ScenarioKey { path: path.to_path_buf(), key: key.into(), why };
+        let string = |key: &str| -> Result<Option<String>, ChaosError> {
             match field(&table, key) {
                 None => Ok(None),
                 Some(toml::Value::String(s)) => Ok(Some(s.clone())),
@@ -174,12 +268,17 @@ struct Server {
 }
 
 impl Server {
-    fn start(dir: &Path, scenario: &Scenario, driver: &Path) -> Result<Server, String> {
+    fn start(dir: &Path, scenario: &Scenario, driver: &Path) -> Result<Server, ChaosError> {
+        let file = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChaosError::File { path, source }
+        };
+        let serve = |what| move |source| ChaosError::Serve { what, source };
         let cfg = dir.join("chaos.toml");
-        std::fs::write(&cfg, server_config(&scenario.config)?).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        std::fs::write(&cfg, server_config(&scenario.config)?).map_err(file(&cfg))?;
         let log = dir.join("serve.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(file(&log))?;
+        let exe = std::env::current_exe().map_err(serve("locating the rblk executable"))?;
         let mut child = Command::new(exe)
             .arg("serve")
             .arg(dir.join("chaos.img"))
@@ -195,10 +294,10 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
-            .map_err(|e| format!("starting rblk serve: {e}"))?;
+            .map_err(serve("starting rblk serve"))?;
         let mut line = String::new();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or(ChaosError::NoStdout)?;
+        BufReader::new(stdout).read_line(&mut line).map_err(serve("reading the first line of rblk serve"))?;
         Ok(Server { child, log })
     }
 
@@ -212,11 +311,12 @@ impl Server {
         children.split_whitespace().next()?.parse().ok()
     }
 
-    fn stop(mut self) -> Result<(), String> {
+    fn stop(mut self) -> Result<(), ChaosError> {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let status = self.child.wait().map_err(|e| e.to_string())?;
+        let status =
+            self.child.wait().map_err(|source| ChaosError::Serve { what: "waiting for rblk serve", source })?;
         if !status.success() {
-            return Err(format!("rblk serve exited with {status} after SIGTERM:\n{}", self.log()));
+            return Err(ChaosError::StopFailed { status, log: self.log() });
         }
         Ok(())
     }
@@ -237,12 +337,12 @@ fn writer(
     next_id: &AtomicU64,
     until: Instant,
     report: &Arc<std::sync::Mutex<Report>>,
-) -> Result<Vec<u64>, String> {
+) -> Result<Vec<u64>, ChaosError> {
     let (first, blocks) = region;
     let mut model = vec![0u64; blocks as usize];
     let mut rng = Rng::new(seed);
     let (mut writes, mut reads, mut trims) = (0, 0, 0);
-    let err = |what: &str, e: session::SessionError| format!("{what}: {e}");
+    let err = |what| move |source| ChaosError::Request { what, source };
     while Instant::now() < until {
         let n = 1 + rng.below(16.min(blocks));
         let at = rng.below(blocks - n + 1);
@@ -254,26 +354,25 @@ fn writer(
                 for b in 0..n {
                     data.extend_from_slice(&stamp(first + at + b, id));
                 }
-                client.write(offset, &data, rng.chance(1, 8)).map_err(|e| err("write", e))?;
+                client.write(offset, &data, rng.chance(1, 8)).map_err(err("write"))?;
                 model[at as usize..(at + n) as usize].fill(id);
                 writes += 1;
             }
             6 => {
-                client.trim(offset, (n * BLOCK) as u32).map_err(|e| err("trim", e))?;
+                client.trim(offset, (n * BLOCK) as u32).map_err(err("trim"))?;
                 model[at as usize..(at + n) as usize].fill(0);
                 trims += 1;
             }
-            7 => client.flush().map_err(|e| err("flush", e))?,
+            7 => client.flush().map_err(err("flush"))?,
             _ => {
-                let got = client.read(offset, (n * BLOCK) as u32).map_err(|e| err("read", e))?;
+                let got = client.read(offset, (n * BLOCK) as u32).map_err(err("read"))?;
                 for b in 0..n {
                     let block = first + at + b;
-                    let id = decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize])?;
-                    if id != model[(at + b) as usize] {
-                        return Err(format!(
-                            "block {block}: read write {id}, acknowledged was {}",
-                            model[(at + b) as usize]
-                        ));
+                    let id =
+                        decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize]).map_err(ChaosError::BadStamp)?;
+                    let acknowledged = model[(at + b) as usize];
+                    if id != acknowledged {
+                        return Err(ChaosError::ReadMismatch { block, read: id, acknowledged });
                     }
                 }
                 reads += 1;
@@ -289,21 +388,20 @@ fn writer(
 }
 
 /// Reads every region back and checks it against the models.
-fn verify(client: &session::Client, regions: &[(u64, u64)], models: &[Vec<u64>]) -> Result<u64, String> {
+fn verify(client: &session::Client, regions: &[(u64, u64)], models: &[Vec<u64>]) -> Result<u64, ChaosError> {
     let mut verified = 0;
     for (&(first, blocks), model) in regions.iter().zip(models) {
         for chunk in (0..blocks).step_by(256) {
             let n = 256.min(blocks - chunk);
-            let got =
-                client.read((first + chunk) * BLOCK, (n * BLOCK) as u32).map_err(|e| format!("verify read: {e}"))?;
+            let got = client
+                .read((first + chunk) * BLOCK, (n * BLOCK) as u32)
+                .map_err(|source| ChaosError::Request { what: "verify read", source })?;
             for b in 0..n {
                 let block = first + chunk + b;
-                let id = decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize])?;
-                if id != model[(chunk + b) as usize] {
-                    return Err(format!(
-                        "block {block}: holds write {id}, acknowledged was {}",
-                        model[(chunk + b) as usize]
-                    ));
+                let id = decode(block, &got[(b * BLOCK) as usize..][..BLOCK as usize]).map_err(ChaosError::BadStamp)?;
+                let acknowledged = model[(chunk + b) as usize];
+                if id != acknowledged {
+                    return Err(ChaosError::VerifyMismatch { block, holds: id, acknowledged });
                 }
                 verified += 1;
             }
@@ -313,23 +411,27 @@ fn verify(client: &session::Client, regions: &[(u64, u64)], models: &[Vec<u64>])
 }
 
 /// Runs `scenario` in `dir` with the given seed.
-pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<Report, String> {
+pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<Report, ChaosError> {
     let server = Server::start(dir, scenario, driver)?;
     let socket = dir.join("chaos.sock");
     if scenario.expect_give_up {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut server = server;
         loop {
-            if let Some(status) = server.child.try_wait().map_err(|e| e.to_string())? {
+            let exited = server
+                .child
+                .try_wait()
+                .map_err(|source| ChaosError::Serve { what: "waiting for rblk serve", source })?;
+            if let Some(status) = exited {
                 let log = server.log();
                 if status.success() || !log.contains("giving up") {
-                    return Err(format!("expected the supervisor to give up, it exited with {status}:\n{log}"));
+                    return Err(ChaosError::NoGiveUp { status, log });
                 }
                 let restarts = log.matches("driver died").count() as u64;
                 return Ok(Report { restarts, ..Report::default() });
             }
             if Instant::now() > deadline {
-                return Err(format!("the supervisor did not give up within a minute:\n{}", server.log()));
+                return Err(ChaosError::GiveUpLate { log: server.log() });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -343,7 +445,8 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
             give_up_after: Duration::from_secs(120),
         }),
     };
-    let client = session::Client::connect_with(&socket, "", &options).map_err(|e| format!("connect: {e}"))?;
+    let client = session::Client::connect_with(&socket, "", &options)
+        .map_err(|source| ChaosError::Request { what: "connect", source })?;
     let blocks = scenario.size / BLOCK / scenario.writers;
     let regions: Vec<(u64, u64)> = (0..scenario.writers).map(|w| (w * blocks, blocks)).collect();
     let report = Arc::new(std::sync::Mutex::new(Report::default()));
@@ -352,7 +455,7 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
     let done = AtomicBool::new(false);
     let mut rng = Rng::new(seed);
     let mut kills = 0u64;
-    let models: Result<Vec<Vec<u64>>, String> = std::thread::scope(|scope| {
+    let models: Result<Vec<Vec<u64>>, ChaosError> = std::thread::scope(|scope| {
         let workers: Vec<_> = regions
             .iter()
             .enumerate()
@@ -387,10 +490,10 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
             std::thread::sleep(Duration::from_millis(5));
         }
         done.store(true, Ordering::SeqCst);
-        workers.into_iter().map(|w| w.join().map_err(|_| "a writer panicked".to_string())?).collect()
+        workers.into_iter().map(|w| w.join().map_err(|_| ChaosError::WriterPanicked)?).collect()
     });
-    let models = models.map_err(|e| format!("{e}\nserver log:\n{}", tail(&server.log())))?;
-    let mut report = std::mem::take(&mut *report.lock().map_err(|_| "report lock")?);
+    let models = models.map_err(|e| ChaosError::Workload { source: Box::new(e), log_tail: tail(&server.log()) })?;
+    let mut report = std::mem::take(&mut *report.lock().map_err(|_| ChaosError::ReportLock)?);
     report.kills = kills;
     report.verified_blocks = verify(&client, &regions, &models)?;
     report.reconnects = client.reconnects();
@@ -404,24 +507,25 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
     }
     report.restart_ms = restart_times(&log);
     if report.restarts < scenario.min_restarts {
-        return Err(format!("only {} driver restarts, the scenario wants {}", report.restarts, scenario.min_restarts));
+        return Err(ChaosError::TooFewRestarts { restarts: report.restarts, wanted: scenario.min_restarts });
     }
     if scenario.all_failpoints {
         for spec in scenario.failpoints.split(';').filter(|s| !s.is_empty()) {
             let name = spec.split('=').next().unwrap_or(spec);
             if !report.failpoints.contains_key(name) {
-                return Err(format!("failpoint {name} never fired ({report})"));
+                return Err(ChaosError::FailpointSilent { name: name.to_string(), report: report.to_string() });
             }
         }
     }
     if scenario.hang_at.is_some() && !log.contains("no heartbeat") {
-        return Err(format!("the hung driver was not detected:\n{}", tail(&log)));
+        return Err(ChaosError::HangUndetected { log_tail: tail(&log) });
     }
     server.stop()?;
     // After a clean stop and a new start (failpoints off), everything is still there.
     let calm = Scenario { failpoints: String::new(), ..scenario.clone() };
     let server = Server::start(dir, &calm, driver)?;
-    let client = session::Client::connect_with(&socket, "", &options).map_err(|e| format!("connect: {e}"))?;
+    let client = session::Client::connect_with(&socket, "", &options)
+        .map_err(|source| ChaosError::Request { what: "connect", source })?;
     report.verified_blocks += verify(&client, &regions, &models)?;
     drop(client);
     server.stop()?;
@@ -430,11 +534,13 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
 
 /// The chaos defaults (quick heartbeats and restarts, a generous crash-loop limit), with the
 /// scenario's configuration merged over them section by section.
-fn server_config(scenario: &str) -> Result<String, String> {
+fn server_config(scenario: &str) -> Result<String, ChaosError> {
     const DEFAULTS: &str = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\n\
         restart_backoff = \"10ms\"\nrestart_backoff_max = \"200ms\"\nmax_failed_starts = 1000\n";
-    let mut merged: toml::Table = DEFAULTS.parse().map_err(|e| format!("chaos defaults: {e}"))?;
-    let extra: toml::Table = scenario.parse().map_err(|e| format!("scenario config: {e}"))?;
+    let mut merged: toml::Table =
+        DEFAULTS.parse().map_err(|source| ChaosError::ServerConfig { what: "chaos defaults", source })?;
+    let extra: toml::Table =
+        scenario.parse().map_err(|source| ChaosError::ServerConfig { what: "scenario config", source })?;
     for (section, values) in extra {
         match (merged.get_mut(&section), values) {
             (Some(toml::Value::Table(base)), toml::Value::Table(over)) => base.extend(over),

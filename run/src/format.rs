@@ -2,11 +2,54 @@
 //! or a block device.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use raft_state::device::{AlignedBuf, Device, FileDevice, BLOCK};
+use raft_state::device::{AlignedBuf, Device, DeviceError, FileDevice, BLOCK};
 use raft_state::layout::ROOT_SLOTS;
-use raft_state::volume::{FormatOptions, Volume};
+use raft_state::volume::{FormatOptions, Volume, VolumeError};
+
+/// Why `rblk format` did not format. A failed step names the image and the step
+/// (`v.img: grow`); its cause is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("--size {0} is not a positive multiple of 4096 bytes")]
+    BadSize(u64),
+    #[error("--log-size {0} is not a multiple of 4096 bytes")]
+    BadLogSize(u64),
+    /// Formatting would destroy a volume, and `--force` was not given.
+    #[error("{} already holds an rblk volume; use --force to format over it", image.display())]
+    HoldsVolume { image: PathBuf },
+    /// The separate root device cannot be opened.
+    #[error("{}", path.display())]
+    OpenRoot {
+        path: PathBuf,
+        #[source]
+        source: DeviceError,
+    },
+    /// A step on the image's device failed (open, create, zero the log region, flush).
+    #[error("{}: {what}", image.display())]
+    Device {
+        image: PathBuf,
+        what: &'static str,
+        #[source]
+        source: DeviceError,
+    },
+    /// A step on the image as a file, or the volume id, failed.
+    #[error("{}: {what}", image.display())]
+    Io {
+        image: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the genesis roots and the empty log failed.
+    #[error("{}: format", image.display())]
+    Volume {
+        image: PathBuf,
+        #[source]
+        source: VolumeError,
+    },
+}
 
 /// What to format.
 #[derive(Debug, Clone)]
@@ -31,58 +74,58 @@ fn data_blocks_for(volume_blocks: u64) -> u64 {
 }
 
 /// Formats `image` (and `root`, the optional separate root device) and returns a summary.
-pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, String> {
-    let err =
-        |what: &str, e: &dyn std::error::Error| format!("{}: {what}: {}", image.display(), driver::error_chain(e));
+pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, FormatError> {
+    let device = |what| move |source| FormatError::Device { image: image.to_path_buf(), what, source };
+    let io = |what| move |source| FormatError::Io { image: image.to_path_buf(), what, source };
+    let open_root = |path: &Path| {
+        FileDevice::open(path).map_err(|source| FormatError::OpenRoot { path: path.to_path_buf(), source })
+    };
     if spec.size == 0 || !spec.size.is_multiple_of(BLOCK) {
-        return Err(format!("--size {} is not a positive multiple of 4096 bytes", spec.size));
+        return Err(FormatError::BadSize(spec.size));
     }
     if !spec.log_size.is_multiple_of(BLOCK) {
-        return Err(format!("--log-size {} is not a multiple of 4096 bytes", spec.log_size));
+        return Err(FormatError::BadLogSize(spec.log_size));
     }
     let volume_blocks = spec.size / BLOCK;
     let log_blocks = spec.log_size / BLOCK;
     let roots_here = if root.is_none() { ROOT_SLOTS } else { 0 };
     let want_bytes = (roots_here + log_blocks + data_blocks_for(volume_blocks)) * BLOCK;
     let dev = if image.exists() {
-        let dev = FileDevice::open(image).map_err(|e| err("open", &e))?;
-        let separate = root
-            .map(|p| FileDevice::open(p).map_err(|e| format!("{}: {}", p.display(), driver::error_chain(&e))))
-            .transpose()?;
+        let dev = FileDevice::open(image).map_err(device("open"))?;
+        let separate = root.map(open_root).transpose()?;
         let roots_dev: &dyn Device = separate.as_ref().map_or(&dev as &dyn Device, |d| d as &dyn Device);
         if !spec.force && raft_state::roots::open(roots_dev).is_ok() {
-            return Err(format!("{} already holds an rblk volume; use --force to format over it", image.display()));
+            return Err(FormatError::HoldsVolume { image: image.to_path_buf() });
         }
         let is_file = std::fs::metadata(image).map(|m| m.is_file()).unwrap_or(false);
         if is_file && dev.size() < want_bytes {
             // A regular file grows (sparse) to what the volume needs.
             drop(dev);
-            let file = std::fs::OpenOptions::new().write(true).open(image).map_err(|e| err("open", &e))?;
-            file.set_len(want_bytes).and_then(|()| file.sync_all()).map_err(|e| err("grow", &e))?;
-            FileDevice::open(image).map_err(|e| err("open", &e))?
+            let file = std::fs::OpenOptions::new().write(true).open(image).map_err(io("open"))?;
+            file.set_len(want_bytes).and_then(|()| file.sync_all()).map_err(io("grow"))?;
+            FileDevice::open(image).map_err(device("open"))?
         } else {
             dev
         }
     } else {
-        FileDevice::create(image, want_bytes).map_err(|e| err("create", &e))?
+        FileDevice::create(image, want_bytes).map_err(device("create"))?
     };
-    let root_dev = root
-        .map(|p| FileDevice::open(p).map_err(|e| format!("{}: {}", p.display(), driver::error_chain(&e))))
-        .transpose()?;
-    let volume_id = random_id().map_err(|e| err("random volume id", &e))?;
+    let root_dev = root.map(open_root).transpose()?;
+    let volume_id = random_id().map_err(io("random volume id"))?;
     let opts = FormatOptions { volume_bytes: spec.size, log_blocks, volume_id };
-    Volume::format(&dev, root_dev.as_ref().map(|d| d as &dyn Device), opts).map_err(|e| err("format", &e))?;
+    Volume::format(&dev, root_dev.as_ref().map(|d| d as &dyn Device), opts)
+        .map_err(|source| FormatError::Volume { image: image.to_path_buf(), source })?;
     if std::fs::metadata(image).map(|m| m.is_file()).unwrap_or(false) {
         // On a file system, the first write into a hole allocates blocks, and the flush after
         // it must then commit the file system's journal too: the log ring (flushed after
         // every append) is written once now so that appends never allocate. Zeros are no
         // record of any volume.
         let end = if spec.preallocate { dev.size() / BLOCK } else { roots_here + log_blocks };
-        zero_fill(&dev, roots_here, end).map_err(|e| err("zero the log region", &e))?;
+        zero_fill(&dev, roots_here, end).map_err(device("zero the log region"))?;
     }
-    dev.flush().map_err(|e| err("flush", &e))?;
+    dev.flush().map_err(device("flush"))?;
     if let Some(r) = &root_dev {
-        r.flush().map_err(|e| err("flush root device", &e))?;
+        r.flush().map_err(device("flush root device"))?;
     }
     let data_mib = ((dev.size() / BLOCK).saturating_sub(roots_here + log_blocks) * BLOCK) >> 20;
     Ok(format!(
@@ -96,7 +139,7 @@ pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, 
 }
 
 /// Writes zeros over blocks `from..to`.
-fn zero_fill(dev: &FileDevice, from: u64, to: u64) -> Result<(), raft_state::device::DeviceError> {
+fn zero_fill(dev: &FileDevice, from: u64, to: u64) -> Result<(), DeviceError> {
     const CHUNK: u64 = 1024; // blocks: 4 MiB
     let zeros = AlignedBuf::blocks(CHUNK as usize);
     let mut at = from;

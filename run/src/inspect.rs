@@ -7,18 +7,28 @@ use std::sync::Arc;
 
 use raft_state::device::{Device, BLOCK};
 use raft_state::log::LogStore;
-use raft_state::roots::{self, Role};
+use raft_state::roots::{self, Role, RootError};
 use raft_state::tree::{BlockTree, TreeKind};
 use raft_state::volume::{alloc_ref, log_anchor, log_region, tree_ref};
 use serde_json::{json, Value};
+
+/// Why there is nothing to inspect. What fails beyond the roots (the log, a tree) is a finding
+/// of the report, not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// No current root can be chosen: the slots are blank, damaged or disagree. The roots'
+    /// own message says which.
+    #[error(transparent)]
+    Roots(#[from] RootError),
+}
 
 /// The findings, as JSON (the text form is rendered from it).
 #[derive(Debug)]
 pub struct Report(Value);
 
-pub fn inspect(dev: Arc<dyn Device>, root_dev: Option<Arc<dyn Device>>) -> Result<Report, String> {
+pub fn inspect(dev: Arc<dyn Device>, root_dev: Option<Arc<dyn Device>>) -> Result<Report, InspectError> {
     let roots_dev = root_dev.clone().unwrap_or_else(|| dev.clone());
-    let roots = roots::open(&*roots_dev).map_err(|e| driver::error_chain(&e))?;
+    let roots = roots::open(&*roots_dev)?;
     let current = roots.current().clone();
     let g = current.geometry;
     let p = &current.payload;

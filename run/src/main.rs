@@ -19,13 +19,72 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use raft_state::device::{Device, FileDevice};
+use raft_state::device::{Device, DeviceError, FileDevice};
 
 const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
   rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
   rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
+
+/// Why a command failed. Printed as `rblk: ` and the error with its sources, `: `-joined.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The command line is wrong (the message may carry the usage text).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error("{}", image.display())]
+    Inspect {
+        image: PathBuf,
+        #[source]
+        source: inspect::InspectError,
+    },
+    #[error(transparent)]
+    Chaos(#[from] chaos::ChaosError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// An image or root device cannot be opened as a device.
+    #[error("{}", path.display())]
+    Device {
+        path: PathBuf,
+        #[source]
+        source: DeviceError,
+    },
+    /// A file or directory the command needs cannot be opened or made.
+    #[error("{}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up the stop signals")]
+    Signals(#[source] driver::DriverError),
+    #[error("locating rblk-driver")]
+    LocateDriver(#[source] std::io::Error),
+    #[error("{} is in use by a running server", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("removing the stale socket {}", path.display())]
+    RemoveStaleSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The argument parsing below speaks in plain messages.
+impl From<String> for CliError {
+    fn from(message: String) -> CliError {
+        CliError::Usage(message)
+    }
+}
 
 /// Command-line words: positionals and `--flag value` / `--switch` pairs.
 struct Words {
@@ -100,21 +159,21 @@ fn main() -> ExitCode {
             "serve" => cmd_serve(w),
             "inspect" => cmd_inspect(w),
             "chaos" => cmd_chaos(w),
-            "-h" | "--help" | "help" => Err(USAGE.to_string()),
-            other => Err(format!("unknown command {other:?}\n{USAGE}")),
+            "-h" | "--help" | "help" => Err(CliError::Usage(USAGE.to_string())),
+            other => Err(CliError::Usage(format!("unknown command {other:?}\n{USAGE}"))),
         },
-        Err(e) => Err(e),
+        Err(e) => Err(CliError::Usage(e)),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rblk: {e}");
+            eprintln!("rblk: {}", driver::error_chain(&e));
             ExitCode::from(2)
         }
     }
 }
 
-fn cmd_format(mut w: Words) -> Result<ExitCode, String> {
+fn cmd_format(mut w: Words) -> Result<ExitCode, CliError> {
     let size = size_flag(&mut w, "--size")?.ok_or_else(|| format!("format needs --size\n{USAGE}"))?;
     let log_size = size_flag(&mut w, "--log-size")?.unwrap_or(config::Config::default().volume.log_size);
     let root = w.take("--root-device").map(PathBuf::from);
@@ -128,14 +187,15 @@ fn cmd_format(mut w: Words) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_inspect(mut w: Words) -> Result<ExitCode, String> {
+fn cmd_inspect(mut w: Words) -> Result<ExitCode, CliError> {
     let root = w.take("--root-device").map(PathBuf::from);
     let json = w.switch("--json");
     let pos = w.done(1)?;
     let image = PathBuf::from(pos.first().ok_or_else(|| format!("inspect needs an IMAGE\n{USAGE}"))?);
     let dev = open_device(&image)?;
     let root_dev = root.as_deref().map(open_device).transpose()?;
-    let report = inspect::inspect(dev, root_dev).map_err(|e| format!("{}: {e}", image.display()))?;
+    let report =
+        inspect::inspect(dev, root_dev).map_err(|source| CliError::Inspect { image: image.clone(), source })?;
     if json {
         println!("{}", report.to_json());
     } else {
@@ -144,7 +204,7 @@ fn cmd_inspect(mut w: Words) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
+fn cmd_chaos(mut w: Words) -> Result<ExitCode, CliError> {
     let seed =
         w.take("--seed").map(|s| s.parse::<u64>().map_err(|_| format!("--seed {s:?}: not a number"))).transpose()?;
     let duration =
@@ -162,7 +222,7 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
     let dir = dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("rblk-chaos-{}-{}", scenario.name, std::process::id())));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| CliError::File { path: dir.clone(), source })?;
     let driver = driver_binary()?;
     eprintln!("chaos {}: seed {seed}, {:?}, in {}", scenario.name, scenario.duration, dir.display());
     match chaos::run(&scenario, &dir, &driver, seed) {
@@ -174,19 +234,27 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("chaos {}: FAILED (seed {seed}; the run directory {} is kept): {e}", scenario.name, dir.display());
+            let chain = driver::error_chain(&e);
+            println!(
+                "chaos {}: FAILED (seed {seed}; the run directory {} is kept): {chain}",
+                scenario.name,
+                dir.display()
+            );
+            if let Some(log) = e.server_log() {
+                println!("server log:\n{log}");
+            }
             Ok(ExitCode::FAILURE)
         }
     }
 }
 
-fn open_device(path: &Path) -> Result<Arc<dyn Device>, String> {
-    Ok(Arc::new(FileDevice::open(path).map_err(|e| format!("{}: {}", path.display(), driver::error_chain(&e)))?))
+fn open_device(path: &Path) -> Result<Arc<dyn Device>, CliError> {
+    Ok(Arc::new(FileDevice::open(path).map_err(|source| CliError::Device { path: path.to_path_buf(), source })?))
 }
 
-fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
+fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     let mut cfg = match w.take("--config") {
-        Some(path) => config::Config::load(Path::new(&path)).map_err(|e| e.to_string())?,
+        Some(path) => config::Config::load(Path::new(&path))?,
         None => config::Config::default(),
     };
     if let Some(socket) = w.take("--socket") {
@@ -200,9 +268,9 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
         cfg.volume.image = image.into();
     }
     // Flags may have changed what the file said: the same rules apply.
-    cfg.validate().map_err(|e| e.to_string())?;
+    cfg.validate()?;
     let log = driver::logger(cfg.log.level.as_str());
-    let stop = driver::stop_on_signals(&log).map_err(|e| driver::error_chain(&e))?;
+    let stop = driver::stop_on_signals(&log).map_err(CliError::Signals)?;
     let image = cfg.volume.image.clone();
     let root = cfg.volume.root_device.clone();
     if !image.exists() {
@@ -212,7 +280,11 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
         eprintln!("{summary}");
     }
     let open_rw = |p: &Path| {
-        std::fs::OpenOptions::new().read(true).write(true).open(p).map_err(|e| format!("{}: {e}", p.display()))
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .map_err(|source| CliError::File { path: p.to_path_buf(), source })
     };
     let held = supervisor::Held {
         image: open_rw(&image)?,
@@ -229,25 +301,23 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, String> {
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            eprintln!("rblk: {e}");
+            eprintln!("rblk: {}", driver::error_chain(&e));
             Ok(ExitCode::FAILURE)
         }
     }
 }
 
 /// The `rblk-driver` to start: `$RBLK_DRIVER`, else the one beside this `rblk`.
-fn driver_binary() -> Result<PathBuf, String> {
+fn driver_binary() -> Result<PathBuf, CliError> {
     match std::env::var_os("RBLK_DRIVER") {
         Some(path) => Ok(PathBuf::from(path)),
-        None => {
-            Ok(std::env::current_exe().map_err(|e| format!("locating rblk-driver: {e}"))?.with_file_name("rblk-driver"))
-        }
+        None => Ok(std::env::current_exe().map_err(CliError::LocateDriver)?.with_file_name("rblk-driver")),
     }
 }
 
 /// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one
 /// is an error (another server).
-fn bind(path: &Path) -> Result<UnixListener, String> {
+fn bind(path: &Path) -> Result<UnixListener, CliError> {
     if path.exists() {
         // A server that was just killed may take a moment to let go of it.
         let live = (0..20).all(|_| {
@@ -258,9 +328,10 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
             up
         });
         if live {
-            return Err(format!("{} is in use by a running server", path.display()));
+            return Err(CliError::SocketInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("removing the stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path)
+            .map_err(|source| CliError::RemoveStaleSocket { path: path.to_path_buf(), source })?;
     }
-    UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
+    UnixListener::bind(path).map_err(|source| CliError::Bind { path: path.to_path_buf(), source })
 }

@@ -39,6 +39,24 @@ pub struct Held {
     pub listener: UnixListener,
 }
 
+/// Why the supervisor stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The driver could not be started at all (a missing binary, no processes left).
+    #[error("starting {}", driver.display())]
+    Start {
+        driver: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Incarnations kept dying before they recovered: restarting cannot fix that.
+    #[error(
+        "driver crash loop: {failed_starts} starts in a row died before becoming ready, last cause: {last_cause}; \
+         giving up"
+    )]
+    CrashLoop { failed_starts: u32, last_cause: String },
+}
+
 /// How long a stopping driver gets to checkpoint before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 /// How long a starting driver may take to recover before its silence counts.
@@ -58,13 +76,14 @@ pub fn supervise(
     cfg: &config::Config,
     stop: &AtomicBool,
     log: &Logger,
-) -> Result<(), String> {
+) -> Result<(), SupervisorError> {
     let s = &cfg.supervisor;
     let mut failed_starts = 0u32;
     let mut backoff = s.restart_backoff;
     for incarnation in 1u64.. {
         let started = Instant::now();
-        let (mut child, beats) = spawn(driver, held, cfg).map_err(|e| format!("starting {}: {e}", driver.display()))?;
+        let (mut child, beats) =
+            spawn(driver, held, cfg).map_err(|source| SupervisorError::Start { driver: driver.clone(), source })?;
         info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
         let end = watch(&mut child, beats, cfg, stop, incarnation, log);
         let Some(Death { cause, ready }) = end else {
@@ -81,11 +100,9 @@ pub fn supervise(
         }
         failed_starts += 1;
         if failed_starts >= s.max_failed_starts {
-            let msg = format!(
-                "driver crash loop: {failed_starts} starts in a row died before becoming ready, last cause: {cause}; giving up"
-            );
-            error!(log, "giving up"; "why" => &msg);
-            return Err(msg);
+            let give_up = SupervisorError::CrashLoop { failed_starts, last_cause: cause };
+            error!(log, "giving up"; "why" => give_up.to_string());
+            return Err(give_up);
         }
         info!(log, "backing off"; "ms" => backoff.as_millis() as u64, "failed_starts" => failed_starts,
             "why" => "the incarnation ended before it was ready");

@@ -38,9 +38,13 @@ use std::time::Duration;
 use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
+/// The old name of [`RequestKind`], kept only while `driver/src/conn.rs` still spells it
+/// `session::Command` (that file is being changed elsewhere); remove it once nothing does.
+#[doc(hidden)]
+pub use server::RequestKind as Command;
 pub use server::{
     check_request, check_request_for, handshake, read_appended, read_payload, read_request, read_request_header,
-    request_buffered, write_reply, Command, Export, Negotiated, Request,
+    request_buffered, write_reply, Export, Negotiated, Request, RequestKind,
 };
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.
@@ -86,7 +90,7 @@ pub enum SessionError {
     InvalidArgument(String),
     /// The server answered the request with an NBD error value.
     #[error("{command:?} at offset {offset}, length {length} failed: {} ({errno})", wire::errno_name(*errno))]
-    Nbd { errno: u32, command: Command, offset: u64, length: u64 },
+    Nbd { errno: u32, command: RequestKind, offset: u64, length: u64 },
     /// The connection failed before this request was answered; the request may or may not have
     /// taken effect and can be sent again on a new connection.
     #[error("the connection to the server is gone ({cause}); the request was not answered")]

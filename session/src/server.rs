@@ -281,9 +281,11 @@ fn send_reply<S: Write>(stream: &mut S, option: u32, reply_type: u32, data: &[u8
     flush(stream, "option reply")
 }
 
-/// A transmission request type (proto.md "Request types").
+/// A transmission request type (proto.md "Request types"): what an NBD request asks for. Named
+/// apart from the Raft entry payload (`raft_state::command::Command`) that the driver turns
+/// writes, trims and zeroings into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub enum RequestKind {
     Read,
     Write,
     Disc,
@@ -295,28 +297,28 @@ pub enum Command {
     Other(u16),
 }
 
-impl Command {
-    pub fn from_wire(command: u16) -> Command {
+impl RequestKind {
+    pub fn from_wire(command: u16) -> RequestKind {
         match command {
-            NBD_CMD_READ => Command::Read,
-            NBD_CMD_WRITE => Command::Write,
-            NBD_CMD_DISC => Command::Disc,
-            NBD_CMD_FLUSH => Command::Flush,
-            NBD_CMD_TRIM => Command::Trim,
-            NBD_CMD_WRITE_ZEROES => Command::WriteZeroes,
-            other => Command::Other(other),
+            NBD_CMD_READ => RequestKind::Read,
+            NBD_CMD_WRITE => RequestKind::Write,
+            NBD_CMD_DISC => RequestKind::Disc,
+            NBD_CMD_FLUSH => RequestKind::Flush,
+            NBD_CMD_TRIM => RequestKind::Trim,
+            NBD_CMD_WRITE_ZEROES => RequestKind::WriteZeroes,
+            other => RequestKind::Other(other),
         }
     }
 
     pub fn to_wire(self) -> u16 {
         match self {
-            Command::Read => NBD_CMD_READ,
-            Command::Write => NBD_CMD_WRITE,
-            Command::Disc => NBD_CMD_DISC,
-            Command::Flush => NBD_CMD_FLUSH,
-            Command::Trim => NBD_CMD_TRIM,
-            Command::WriteZeroes => NBD_CMD_WRITE_ZEROES,
-            Command::Other(other) => other,
+            RequestKind::Read => NBD_CMD_READ,
+            RequestKind::Write => NBD_CMD_WRITE,
+            RequestKind::Disc => NBD_CMD_DISC,
+            RequestKind::Flush => NBD_CMD_FLUSH,
+            RequestKind::Trim => NBD_CMD_TRIM,
+            RequestKind::WriteZeroes => NBD_CMD_WRITE_ZEROES,
+            RequestKind::Other(other) => other,
         }
     }
 }
@@ -326,7 +328,7 @@ impl Command {
 pub struct Request {
     /// The client's cookie, echoed in the reply.
     pub handle: u64,
-    pub command: Command,
+    pub command: RequestKind,
     /// Command flags (`NBD_CMD_FLAG_*`).
     pub flags: u16,
     pub offset: u64,
@@ -373,7 +375,7 @@ pub fn read_request_header<R: Read>(r: &mut R) -> Result<Request, SessionError> 
     }
     let request = Request {
         handle: raw.handle.get(),
-        command: Command::from_wire(raw.command.get()),
+        command: RequestKind::from_wire(raw.command.get()),
         flags: raw.flags.get(),
         offset: raw.offset.get(),
         length: raw.length.get(),
@@ -386,7 +388,7 @@ pub fn read_request_header<R: Read>(r: &mut R) -> Result<Request, SessionError> 
 /// commands carry none, proto.md "Request message"). A payload above `max_payload` is
 /// [`SessionError::PayloadTooLong`]; the connection must drop.
 pub fn read_payload<R: Read>(r: &mut R, request: &mut Request, max_payload: u32) -> Result<(), SessionError> {
-    if request.command != Command::Write {
+    if request.command != RequestKind::Write {
         return Ok(());
     }
     if request.length > max_payload {
@@ -463,19 +465,19 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
     let advertised = export.transmission_flags();
     let fua = if advertised & NBD_FLAG_SEND_FUA != 0 { NBD_CMD_FLAG_FUA } else { 0 };
     let allowed_flags = match req.command {
-        Command::Other(_) => return Some(NBD_EINVAL),
-        Command::Disc => return None,
-        Command::WriteZeroes => fua | NBD_CMD_FLAG_NO_HOLE,
-        Command::Read | Command::Write | Command::Flush | Command::Trim => fua,
+        RequestKind::Other(_) => return Some(NBD_EINVAL),
+        RequestKind::Disc => return None,
+        RequestKind::WriteZeroes => fua | NBD_CMD_FLAG_NO_HOLE,
+        RequestKind::Read | RequestKind::Write | RequestKind::Flush | RequestKind::Trim => fua,
     };
     if req.flags & !allowed_flags != 0 {
         return Some(NBD_EINVAL);
     }
-    let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+    let writes = matches!(req.command, RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes);
     if writes && export.read_only {
         return Some(NBD_EPERM);
     }
-    if req.command == Command::Flush {
+    if req.command == RequestKind::Flush {
         // Offset and length of a FLUSH are reserved and MUST be zero (proto.md NBD_CMD_FLUSH).
         return (req.offset != 0 || req.length != 0).then_some(NBD_EINVAL);
     }
@@ -486,13 +488,13 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
     if !req.offset.is_multiple_of(min) || !u64::from(req.length).is_multiple_of(min) {
         return Some(NBD_EINVAL);
     }
-    if matches!(req.command, Command::Read | Command::Write) && req.length > export.max_block {
+    if matches!(req.command, RequestKind::Read | RequestKind::Write) && req.length > export.max_block {
         return Some(NBD_EINVAL);
     }
     let fits = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= export.size);
     if !fits {
         let past_end =
-            if matches!(req.command, Command::Write | Command::WriteZeroes) { NBD_ENOSPC } else { NBD_EINVAL };
+            if matches!(req.command, RequestKind::Write | RequestKind::WriteZeroes) { NBD_ENOSPC } else { NBD_EINVAL };
         return Some(past_end);
     }
     None
@@ -506,7 +508,7 @@ mod tests {
         Export { max_block: 64 * 1024, ..Export::new(1 << 20) }
     }
 
-    fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
+    fn req(command: RequestKind, flags: u16, offset: u64, length: u32) -> Request {
         Request { handle: 7, command, flags, offset, length, data: Vec::new() }
     }
 
@@ -526,7 +528,7 @@ mod tests {
     // alignment (the server SHOULD accept it); every other rule still holds.
     #[test]
     fn clients_without_block_sizes_may_use_any_alignment() {
-        use Command::*;
+        use RequestKind::*;
         let rw = export();
         for r in [req(Read, 0, 1, 1), req(Write, 0, 4097, 3), req(Trim, 0, 100, 1), req(WriteZeroes, 0, 7, 9)] {
             assert_eq!(check_request_for(&r, &rw, false), None, "{r:?}");
@@ -541,7 +543,7 @@ mod tests {
     // trims on a read-only export EPERM; unknown commands and flags EINVAL.
     #[test]
     fn check_request_follows_the_error_values_section() {
-        use Command::*;
+        use RequestKind::*;
         let rw = export();
         let ro = Export { read_only: true, ..export() };
         let size = rw.size;
@@ -662,7 +664,7 @@ mod tests {
             write,
             Request {
                 handle: 0xabc,
-                command: Command::Write,
+                command: RequestKind::Write,
                 flags: NBD_CMD_FLAG_FUA,
                 offset: 4096,
                 length: 4,
@@ -671,7 +673,7 @@ mod tests {
         );
         // A READ carries no payload: the next request follows the header directly.
         let read = read_request(&mut stream, 1024).expect("read");
-        assert_eq!((read.handle, read.command, read.length, read.data.len()), (0xdef, Command::Read, 512, 0));
+        assert_eq!((read.handle, read.command, read.length, read.data.len()), (0xdef, RequestKind::Read, 512, 0));
         // Then the stream ends between requests: the client went away.
         assert!(matches!(read_request(&mut stream, 1024), Err(SessionError::Closed { .. })));
     }
@@ -680,7 +682,7 @@ mod tests {
     fn read_request_keeps_unknown_commands_for_an_einval_reply() {
         let bytes = raw_request(NBD_REQUEST_MAGIC, 0, 0x77, 1, 0, 512);
         let request = read_request(&mut &bytes[..], 1024).expect("request");
-        assert_eq!(request.command, Command::Other(0x77));
+        assert_eq!(request.command, RequestKind::Other(0x77));
         assert_eq!(check_request(&request, &export()), Some(NBD_EINVAL));
     }
 

@@ -11,7 +11,7 @@ use std::thread;
 use common::*;
 use session::client::DEFAULT_BLOCK_SIZES;
 use session::wire::*;
-use session::{handshake, read_request, write_reply, Client, Command, Export, SessionError};
+use session::{handshake, read_request, write_reply, Client, Export, RequestKind, SessionError};
 
 const SIZE: u64 = 1 << 20;
 
@@ -133,7 +133,7 @@ fn server_errors_and_missing_features() {
     let (client, _disk, server) = start(Export { read_only: true, ..export() }, 1);
     let err = client.write(0, &[1; 512], false).expect_err("read-only");
     assert!(
-        matches!(err, SessionError::Nbd { errno: NBD_EPERM, command: Command::Write, offset: 0, length: 512 }),
+        matches!(err, SessionError::Nbd { errno: NBD_EPERM, command: RequestKind::Write, offset: 0, length: 512 }),
         "{err:?}"
     );
     assert!(matches!(client.write(0, &[1; 512], true), Err(SessionError::Unsupported("NBD_CMD_FLAG_FUA"))));
@@ -281,7 +281,7 @@ fn eshutdown_leads_to_a_soft_disconnect() {
         assert_nothing_pending(stream);
         write_reply(stream, second.handle, 0, &[9; 512]).expect("reply");
         let disc = read_request(stream, 1 << 25).expect("disc");
-        assert_eq!(disc.command, Command::Disc);
+        assert_eq!(disc.command, RequestKind::Disc);
         // Nothing may follow NBD_CMD_DISC.
         read_request(stream, 1 << 25)
     });
@@ -336,7 +336,7 @@ fn falls_back_to_export_name_when_go_is_unsupported() {
         assert_eq!(client.read(0, 512).expect("read"), vec![3; 512]);
         assert!(matches!(client.trim(0, 512), Err(SessionError::Unsupported(_))));
         client.disconnect().expect("disconnect");
-        assert_eq!(server.join().expect("server"), Command::Disc);
+        assert_eq!(server.join().expect("server"), RequestKind::Disc);
     }
 }
 
@@ -456,5 +456,5 @@ fn unknown_info_is_ignored_and_missing_block_sizes_default() {
     assert_eq!(client.block_sizes(), DEFAULT_BLOCK_SIZES);
     assert!(matches!(client.flush(), Err(SessionError::Unsupported("NBD_CMD_FLUSH"))));
     client.disconnect().expect("disconnect");
-    assert_eq!(server.join().expect("server"), Command::Disc);
+    assert_eq!(server.join().expect("server"), RequestKind::Disc);
 }

@@ -9,7 +9,7 @@ use std::thread::{self, JoinHandle};
 
 use common::*;
 use session::wire::*;
-use session::{handshake, read_request, write_reply, Command, Export, Negotiated, SessionError};
+use session::{handshake, read_request, write_reply, Export, Negotiated, RequestKind, SessionError};
 
 type Outcome = (Result<Option<Negotiated>, SessionError>, UnixStream);
 
@@ -93,7 +93,7 @@ fn go_answers_info_then_starts_transmission() {
     // The next bytes are transmission: a request, and its simple reply.
     client.write_all(&request_bytes(0, NBD_CMD_READ, 42, 0, 512)).expect("request");
     let request = read_request(&mut server, export().payload_limit()).expect("request");
-    assert_eq!((request.command, request.handle, request.length), (Command::Read, 42, 512));
+    assert_eq!((request.command, request.handle, request.length), (RequestKind::Read, 42, 512));
     write_reply(&mut server, request.handle, 0, &[7; 512]).expect("reply");
     assert_eq!(read_simple_reply(&mut client), (0, 42));
     assert_eq!(read_n(&mut client, 512), vec![7; 512]);

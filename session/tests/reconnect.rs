@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use session::wire::*;
 use session::{
-    check_request, handshake, read_request, write_reply, Client, Command, Export, Options, Reconnect, Request,
+    check_request, handshake, read_request, write_reply, Client, Export, Options, Reconnect, Request, RequestKind,
     SessionError,
 };
 
@@ -110,16 +110,16 @@ fn apply(request: &Request, export: &Export, disk: &Disk) -> (u32, Vec<u8>) {
     let range = start..start + request.length as usize;
     let mut disk = disk.lock().expect("disk");
     match request.command {
-        Command::Read => (0, disk[range].to_vec()),
-        Command::Write => {
+        RequestKind::Read => (0, disk[range].to_vec()),
+        RequestKind::Write => {
             disk[range].copy_from_slice(&request.data);
             (0, Vec::new())
         }
-        Command::Trim | Command::WriteZeroes => {
+        RequestKind::Trim | RequestKind::WriteZeroes => {
             disk[range].fill(0);
             (0, Vec::new())
         }
-        Command::Flush | Command::Disc | Command::Other(_) => (0, Vec::new()),
+        RequestKind::Flush | RequestKind::Disc | RequestKind::Other(_) => (0, Vec::new()),
     }
 }
 
@@ -230,7 +230,7 @@ fn serve_until(mut stream: UnixStream, fault: Fault, export: &Export, disk: &Dis
             Err(e) => panic!("the client broke the stream: {e}"),
         };
         faults.requests += 1;
-        if request.command == Command::Disc {
+        if request.command == RequestKind::Disc {
             return;
         }
         let at_fault = |after: u64| served == after;
@@ -391,18 +391,18 @@ fn error_replies_are_answers_not_retried() {
             let request = read_request(&mut stream, 1 << 25).expect("request");
             seen.push((request.command, request.offset));
             match request.command {
-                Command::Disc => return seen,
-                Command::Read if request.offset == 0 => {
+                RequestKind::Disc => return seen,
+                RequestKind::Read if request.offset == 0 => {
                     write_reply(&mut stream, request.handle, NBD_EINVAL, &[]).expect("reply");
                 }
-                Command::Read => write_reply(&mut stream, request.handle, NBD_EIO, &[]).expect("reply"),
+                RequestKind::Read => write_reply(&mut stream, request.handle, NBD_EIO, &[]).expect("reply"),
                 _ => write_reply(&mut stream, request.handle, 0, &[]).expect("reply"),
             }
         }
     });
     let client = Client::connect_with(&path, "", &options(quick())).expect("connect");
     let err = client.read(0, 512).expect_err("EINVAL");
-    assert!(matches!(err, SessionError::Nbd { errno: NBD_EINVAL, command: Command::Read, .. }), "{err:?}");
+    assert!(matches!(err, SessionError::Nbd { errno: NBD_EINVAL, command: RequestKind::Read, .. }), "{err:?}");
     let err = client.read(4096, 512).expect_err("EIO");
     assert!(matches!(err, SessionError::Nbd { errno: NBD_EIO, .. }), "{err:?}");
     client.write(0, &[1; 512], false).expect("the connection goes on");
@@ -411,7 +411,7 @@ fn error_replies_are_answers_not_retried() {
     let seen = server.join().expect("server");
     assert_eq!(
         seen,
-        [(Command::Read, 0), (Command::Read, 4096), (Command::Write, 0), (Command::Disc, 0)],
+        [(RequestKind::Read, 0), (RequestKind::Read, 4096), (RequestKind::Write, 0), (RequestKind::Disc, 0)],
         "each request went out once"
     );
 }
@@ -434,13 +434,13 @@ fn eshutdown_is_a_reconnect_when_reconnecting() {
         assert_nothing_pending(&first);
         let (_, data) = apply(&b, &export(), &disk);
         write_reply(&mut first, b.handle, 0, &data).expect("reply");
-        assert_eq!(read_request(&mut first, 1 << 25).expect("disc").command, Command::Disc);
+        assert_eq!(read_request(&mut first, 1 << 25).expect("disc").command, RequestKind::Disc);
         drop(first);
         let mut second = accept(&listener, &export());
         let mut resent = Vec::new();
         loop {
             let request = read_request(&mut second, 1 << 25).expect("request");
-            if request.command == Command::Disc {
+            if request.command == RequestKind::Disc {
                 return resent;
             }
             resent.push(request.offset);
@@ -585,7 +585,7 @@ fn a_changed_export_fails_pending_requests() {
         "{err:?}"
     );
     assert!(err.to_string().contains("size changed across a reconnect from 1048576 to 2097152"), "{err}");
-    assert_eq!(server.join().expect("server"), Command::Disc);
+    assert_eq!(server.join().expect("server"), RequestKind::Disc);
     assert!(matches!(client.write(0, &[1; 512], false), Err(SessionError::ExportChanged { .. })));
     assert_eq!(client.size(), SIZE);
 }

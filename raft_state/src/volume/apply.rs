@@ -88,7 +88,7 @@ impl Volume {
                     match self.check_range(offset, length) {
                         Ok(()) => match cmd {
                             Command::Placed { offset, blocks } => self.link_placed(offset / BLOCK, blocks, entry.index),
-                            _ => self.run(&cmd),
+                            _ => self.apply_command(&cmd),
                         },
                         Err(e) => {
                             warn!(self.log, "entry not applied"; "index" => entry.index, "error" => %e);
@@ -120,7 +120,7 @@ impl Volume {
         }
     }
 
-    fn run(&mut self, cmd: &Command<'_>) -> Result<Applied, VolumeError> {
+    fn apply_command(&mut self, cmd: &Command<'_>) -> Result<Applied, VolumeError> {
         let (offset, length) = cmd.range();
         let end = offset + length;
         let mut block = AlignedBuf::blocks(1);
@@ -273,7 +273,7 @@ impl Volume {
             match self.map_block(first_vb + i as u64, Some(Ptr { block, hash })) {
                 Ok(()) => {}
                 // A damaged map node on this block's path: the block stays as it was, the
-                // fresh copy goes back (run() reports the damage).
+                // fresh copy goes back (apply_command() reports the damage).
                 Err(e @ VolumeError::Tree(_)) => {
                     self.alloc.free(&*self.dev, block)?;
                     if outcome.is_ok() {

@@ -12,7 +12,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use session::wire::*;
-use session::{check_request, handshake, read_request, write_reply, Client, Command, Export, Request, SessionError};
+use session::{
+    check_request, handshake, read_request, write_reply, Client, Export, Request, RequestKind, SessionError,
+};
 
 /// Long enough for any test step; a hung test fails instead of hanging the suite.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -53,7 +55,7 @@ pub fn serve(mut stream: UnixStream, export: &Export, disk: &Disk, batch: usize)
             Err(e) => return Err(e),
         };
         served.requests += 1;
-        if request.command == Command::Disc {
+        if request.command == RequestKind::Disc {
             served.saw_disc = true;
             break;
         }
@@ -81,17 +83,17 @@ fn answer(stream: &mut UnixStream, export: &Export, disk: &Disk, request: &Reque
     let range = start..start + request.length as usize;
     let mut disk = disk.lock().expect("disk");
     let data = match request.command {
-        Command::Read => disk[range].to_vec(),
-        Command::Write => {
+        RequestKind::Read => disk[range].to_vec(),
+        RequestKind::Write => {
             disk[range].copy_from_slice(&request.data);
             Vec::new()
         }
-        Command::Trim | Command::WriteZeroes => {
+        RequestKind::Trim | RequestKind::WriteZeroes => {
             disk[range].fill(0);
             Vec::new()
         }
-        Command::Flush => Vec::new(),
-        Command::Disc | Command::Other(_) => unreachable!("check_request lets neither through"),
+        RequestKind::Flush => Vec::new(),
+        RequestKind::Disc | RequestKind::Other(_) => unreachable!("check_request lets neither through"),
     };
     drop(disk);
     write_reply(stream, request.handle, 0, &data).map_err(reply_failed)
