@@ -346,11 +346,11 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         };
         // The bytes this request holds until it is answered: its payload or its reply.
         let cost = match req.command {
-            session::Command::Read | session::Command::Write => u64::from(req.length),
+            session::RequestKind::Read | session::RequestKind::Write => u64::from(req.length),
             _ => 0,
         };
         let limit = shared.export.payload_limit();
-        if req.command == session::Command::Write && req.length > limit {
+        if req.command == session::RequestKind::Write && req.length > limit {
             break Err(session::SessionError::PayloadTooLong { handle: req.handle, length: req.length, max: limit });
         }
         // Waits, without reading the socket, while the budgets are spent; what this thread
@@ -362,10 +362,11 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         });
         // A write to place is read into an aligned buffer, the one its blocks are written from;
         // other writes straight into their entries, behind their headers.
-        let placing = req.command == session::Command::Write && shared.placer.wants(req.offset, u64::from(req.length));
+        let placing =
+            req.command == session::RequestKind::Write && shared.placer.wants(req.offset, u64::from(req.length));
         let mut aligned = None;
         let pieces = match req.command {
-            session::Command::Write if placing => {
+            session::RequestKind::Write if placing => {
                 let mut buf = shared.buffers.take();
                 if let Err(e) = read_aligned(&mut reader, &mut buf, req.length) {
                     break Err(e);
@@ -373,7 +374,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
                 aligned = Some(buf);
                 Vec::new()
             }
-            session::Command::Write => match read_write_pieces(&mut reader, &req) {
+            session::RequestKind::Write => match read_write_pieces(&mut reader, &req) {
                 Ok(pieces) => pieces,
                 Err(e) => break Err(e),
             },
@@ -396,20 +397,20 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             // A small read whose data is cached is answered here; the others run on the
             // connection's readers, several at once: each waits for the device, or (a large
             // one) spends a while checking hashes.
-            session::Command::Read => {
+            session::RequestKind::Read => {
                 let hot = req.length <= HOT_READ_MAX && answer.read(&req, &mut out, true);
                 if !hot && reads.send(Work::Read(req, grant)).is_err() {
                     break Ok(());
                 }
             }
-            session::Command::Write => submit(&answer, req.handle, pieces, grant),
-            session::Command::Trim | session::Command::WriteZeroes => {
+            session::RequestKind::Write => submit(&answer, req.handle, pieces, grant),
+            session::RequestKind::Trim | session::RequestKind::WriteZeroes => {
                 submit(&answer, req.handle, vec![range_command(&req)], grant);
             }
             // Every acknowledged write is already durable (committed to the log).
-            session::Command::Flush => encode(&mut out, req.handle, 0, &[]),
-            session::Command::Disc => break Ok(()),
-            session::Command::Other(_) => encode(&mut out, req.handle, session::NBD_EINVAL, &[]),
+            session::RequestKind::Flush => encode(&mut out, req.handle, 0, &[]),
+            session::RequestKind::Disc => break Ok(()),
+            session::RequestKind::Other(_) => encode(&mut out, req.handle, session::NBD_EINVAL, &[]),
         }
     };
     if !out.is_empty() {
@@ -707,7 +708,7 @@ fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, Vo
 fn range_command(req: &Request) -> Vec<u8> {
     let (offset, length) = (req.offset, u64::from(req.length));
     match req.command {
-        session::Command::WriteZeroes => Command::WriteZeroes { offset, length }.encode(),
+        session::RequestKind::WriteZeroes => Command::WriteZeroes { offset, length }.encode(),
         _ => Command::Trim { offset, length }.encode(),
     }
 }
@@ -716,7 +717,7 @@ fn range_command(req: &Request) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn req(command: session::Command, flags: u16, offset: u64, length: u32) -> Request {
+    fn req(command: session::RequestKind, flags: u16, offset: u64, length: u32) -> Request {
         Request { handle: 1, command, flags, offset, length, data: Vec::new() }
     }
 
@@ -726,7 +727,7 @@ mod tests {
     #[test]
     fn write_pieces_cover_the_request_in_entry_sized_pieces() {
         for (offset, length) in [(0u64, 512u32), (512, 4096), (1_048_064, 2_999_808), (7 << 20, 32 << 20)] {
-            let r = req(session::Command::Write, 0, offset, length);
+            let r = req(session::RequestKind::Write, 0, offset, length);
             let payload: Vec<u8> = (0..length).map(|i| (i % 251) as u8).collect();
             let mut at = offset;
             let mut data = Vec::new();
@@ -751,15 +752,15 @@ mod tests {
     /// 160 MiB of zeros built in memory per 28-byte request).
     #[test]
     fn range_commands_are_one_entry_of_constant_size() {
-        let plain = range_command(&req(session::Command::WriteZeroes, 0, 4096, 8192));
+        let plain = range_command(&req(session::RequestKind::WriteZeroes, 0, 4096, 8192));
         assert!(matches!(Command::decode(&plain), Ok(Command::WriteZeroes { offset: 4096, length: 8192 })));
         let huge = u32::MAX / 4096 * 4096;
-        let no_hole = range_command(&req(session::Command::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 0, huge));
+        let no_hole = range_command(&req(session::RequestKind::WriteZeroes, session::NBD_CMD_FLAG_NO_HOLE, 0, huge));
         assert!(no_hole.len() <= 64);
         assert!(
             matches!(Command::decode(&no_hole), Ok(Command::WriteZeroes { offset: 0, length }) if length == u64::from(huge))
         );
-        let trim = range_command(&req(session::Command::Trim, 0, 0, huge));
+        let trim = range_command(&req(session::RequestKind::Trim, 0, 0, huge));
         assert!(matches!(Command::decode(&trim), Ok(Command::Trim { .. })));
     }
 

@@ -38,10 +38,6 @@ use std::time::Duration;
 use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
-/// The old name of [`RequestKind`], kept only while `driver/src/conn.rs` still spells it
-/// `session::Command` (that file is being changed elsewhere); remove it once nothing does.
-#[doc(hidden)]
-pub use server::RequestKind as Command;
 pub use server::{
     check_request, check_request_for, handshake, read_appended, read_payload, read_request, read_request_header,
     request_buffered, write_reply, Export, Negotiated, Request, RequestKind,
