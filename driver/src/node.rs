@@ -322,9 +322,9 @@ fn apply_loop(
     let started = Instant::now();
     if guard.stats().applied_index > guard.stats().root_applied_index {
         // The last checkpoint: no compaction after it (the log is closing; it is in memory).
-        let sealed = guard.seal_checkpoint(&mark).map_err(DriverError::Volume)?;
+        let mut sealed = guard.seal_checkpoint(&mark).map_err(DriverError::Volume)?;
         let durable = sealed.make_durable();
-        guard.finish_checkpoint(sealed, durable).map_err(DriverError::Volume)?;
+        guard.finish_checkpoint(&mut sealed, durable).map_err(DriverError::Volume)?;
     }
     info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
     Ok(())
@@ -389,12 +389,14 @@ fn start_checkpoint<'scope, 'env>(
     log: &'env Logger,
 ) -> Result<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>, DriverError> {
     let started = Instant::now();
-    let sealed = write_volume(volume).seal_checkpoint(mark).map_err(DriverError::Volume)?;
+    let mut sealed = write_volume(volume).seal_checkpoint(mark).map_err(DriverError::Volume)?;
     let sealed_ms = started.elapsed().as_millis() as u64;
     let thread = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
         let durable = sealed.make_durable();
         let applied = sealed.applied_index();
-        let compaction = write_volume(volume).finish_checkpoint(sealed, durable).map_err(DriverError::Volume)?;
+        let compaction = write_volume(volume).finish_checkpoint(&mut sealed, durable).map_err(DriverError::Volume)?;
+        // The frozen map's nodes are freed here, without the volume.
+        drop(sealed);
         if let Some(c) = compaction {
             // The node thread compacts its log at its next round (or is gone: then no matter).
             let _ = compact.send(c);

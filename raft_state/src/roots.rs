@@ -642,6 +642,14 @@ impl NextRoot {
         &self.root
     }
 
+    /// Changes the prepared root's payload (before it is written): a checkpoint learns its
+    /// block map's root only after writing the frozen tree.
+    pub fn update_payload(&mut self, change: impl FnOnce(&mut RootPayload)) -> Result<(), RootError> {
+        change(&mut self.root.payload);
+        self.buf = self.root.encode()?;
+        Ok(())
+    }
+
     /// Writes the root over its slot and flushes. After an error the root set must not be
     /// used again (the caller poisons it or stops).
     pub fn write(&self, root_dev: &dyn Device) -> Result<(), RootError> {

@@ -17,9 +17,16 @@
 //!   writes them to fresh blocks children-first (so each parent can hold its children's
 //!   hashes) and returns the new root. The blocks of the nodes they replace are reported by
 //!   `take_freed`; the caller reuses them only when no durable root can reach them.
+//! - Dirty nodes are shared (`Arc`) and copied on write, so `freeze` takes a copy of the whole
+//!   dirty tree in O(1): a checkpoint writes that frozen copy (`FrozenTree::write`, on any
+//!   thread, without the tree) while the tree goes on changing — a change copies only the
+//!   nodes on its path that the frozen copy shares. `thaw` then turns every live node that
+//!   is still the frozen one into a clean reference to what was written, and reports the
+//!   written blocks the live tree no longer reaches as freed.
 //! - A subtree with no entries has no node: it is an empty entry in its parent. Unwritten and
 //!   trimmed blocks therefore cost no space (thin provisioning).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use zerocopy::little_endian::{U32, U64};
@@ -133,7 +140,8 @@ const _: () = assert!(size_of::<RawNode>() == BLOCK_SIZE);
 enum Slot {
     Empty,
     Clean(Ptr),
-    Dirty(Box<Node>),
+    /// Shared with a frozen copy until a change copies it (`Arc::make_mut`).
+    Dirty(Arc<Node>),
 }
 
 #[derive(Debug, Clone)]
@@ -295,7 +303,7 @@ impl BlockTree {
                     if target.is_none() {
                         return Ok(None);
                     }
-                    *slot = Slot::Dirty(Box::new(Node { slots: vec![Slot::Empty; FANOUT as usize] }));
+                    *slot = Slot::Dirty(Arc::new(Node { slots: vec![Slot::Empty; FANOUT as usize] }));
                     self.dirty += 1;
                 }
                 Slot::Clean(ptr) => {
@@ -303,13 +311,14 @@ impl BlockTree {
                     self.freed.push(ptr.block);
                     // The current tree no longer reaches this copy: let it make room.
                     lock(&self.cache).remove(&ptr.block);
-                    *slot = Slot::Dirty(Box::new((*node).clone()));
+                    *slot = Slot::Dirty(Arc::new((*node).clone()));
                     self.dirty += 1;
                 }
                 Slot::Dirty(_) => {}
             }
             let Slot::Dirty(node) = slot else { unreachable!("made dirty above") };
-            let child = &mut node.slots[Self::position(index, level)];
+            // A node a frozen copy shares is copied here, and so is every node on the path.
+            let child = &mut Arc::make_mut(node).slots[Self::position(index, level)];
             if level == 0 {
                 let old = match child {
                     Slot::Clean(ptr) => Some(*ptr),
@@ -356,36 +365,64 @@ impl BlockTree {
 
     /// Writes every dirty node to a fresh block from `alloc`, children first, and returns the
     /// new root. The writes are not flushed: the caller flushes once before writing the root
-    /// block that names this tree. Subtrees that became empty vanish.
+    /// block that names this tree. Subtrees that became empty vanish. (`freeze`, then
+    /// `FrozenTree::write`, then `thaw`, at once.)
     pub fn flush(
         &mut self,
         dev: &dyn Device,
         alloc: &mut dyn FnMut() -> Result<u64, TreeError>,
     ) -> Result<TreeRef, TreeError> {
-        // Every node written is one of the dirty ones: the arena holds them all.
-        let need = self.dirty as usize;
-        if self.arena.len() < need * BLOCK_SIZE {
-            self.arena = AlignedBuf::blocks(need);
-        }
-        let mut flusher = Flusher {
+        let mut frozen = self.freeze(alloc)?;
+        let at = frozen.write(dev)?;
+        self.thaw(&mut frozen);
+        Ok(at)
+    }
+
+    /// A copy of the tree as it is now, for `FrozenTree::write` to write while this tree goes
+    /// on changing, with a block from `alloc` for every node it will write (taken here, in
+    /// the order it writes them: children first). After the copy is written and its root is
+    /// durable, hand it back to `thaw`. One at a time.
+    pub fn freeze(&mut self, alloc: &mut dyn FnMut() -> Result<u64, TreeError>) -> Result<FrozenTree, TreeError> {
+        let (nodes, _) = nodes_to_write(&self.root, self.height - 1);
+        let blocks = (0..nodes).map(|_| alloc()).collect::<Result<Vec<u64>, TreeError>>()?;
+        Ok(FrozenTree {
             kind: self.kind,
             volume_id: self.volume_id,
-            cache: &self.cache,
-            alloc,
-            arena: &mut self.arena,
-            written: Vec::with_capacity(need),
-        };
-        let ptr = flusher.flush_slot(&mut self.root, self.height - 1)?;
-        let written = std::mem::take(&mut flusher.written);
-        write_runs(dev, &self.arena, &written)?;
-        if self.arena.len() > MAX_KEPT_ARENA {
-            self.arena = AlignedBuf::blocks(0);
-        }
-        self.dirty = 0;
-        Ok(match ptr {
-            Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
-            None => TreeRef { block: 0, hash: [0; 32], height: self.height },
+            height: self.height,
+            root: self.root.clone(),
+            blocks,
+            arena: std::mem::replace(&mut self.arena, AlignedBuf::blocks(0)),
+            written: HashMap::new(),
+            clean: Vec::new(),
         })
+    }
+
+    /// Takes back a frozen copy that was written (`FrozenTree::write`): every live node that
+    /// did not change since `freeze` becomes a clean reference to the block it was written
+    /// to, and the blocks written for nodes that changed since (which the written root still
+    /// reaches, the live tree no longer) join the freed ones. Afterwards the live tree
+    /// shares no node with `frozen`, whose nodes are freed when it is dropped: the caller
+    /// drops it outside any lock it holds (that takes longer than the rest).
+    pub fn thaw(&mut self, frozen: &mut FrozenTree) {
+        let written = std::mem::take(&mut frozen.written);
+        let clean = std::mem::take(&mut frozen.clean);
+        let arena = std::mem::replace(&mut frozen.arena, AlignedBuf::blocks(0));
+        let mut freed = Vec::new();
+        reconcile(&mut self.root, &frozen.root, self.height - 1, &written, &mut freed);
+        let mut cache = lock(&self.cache);
+        // The nodes just written are the working set: keep them.
+        for (block, hash, level, node) in clean {
+            cache.insert(block, (hash, level, node));
+        }
+        for block in &freed {
+            cache.remove(block);
+        }
+        drop(cache);
+        self.freed.extend(freed);
+        self.dirty = count_dirty(&self.root);
+        if arena.len() <= MAX_KEPT_ARENA {
+            self.arena = arena;
+        }
     }
 
     /// Node blocks replaced since the last call: unreachable from the tree `flush` returns,
@@ -550,18 +587,129 @@ impl BlockTree {
 /// nodes (6.4 MiB).
 const MAX_KEPT_ARENA: usize = 8 << 20;
 
-/// What `BlockTree::flush` needs on its way down the tree. Each node is encoded in place, in
-/// the next block of the arena, and written at the end: the allocator hands out consecutive
-/// blocks, so runs of consecutive blocks are consecutive in the arena too and go out with one
-/// write each, straight from it.
-struct Flusher<'a> {
+/// A copy of a tree's dirty nodes (`BlockTree::freeze`), to be written without the tree.
+pub struct FrozenTree {
     kind: TreeKind,
     volume_id: [u8; 16],
-    cache: &'a NodeCache,
-    alloc: &'a mut dyn FnMut() -> Result<u64, TreeError>,
-    arena: &'a mut AlignedBuf,
-    /// The block each arena block goes to, in arena order.
-    written: Vec<u64>,
+    height: u32,
+    root: Slot,
+    /// The blocks the nodes go to, in the order `write` writes them.
+    blocks: Vec<u64>,
+    /// Where `write` encodes the nodes (the tree's, lent).
+    arena: AlignedBuf,
+    /// What `write` wrote: each node's pointer by the node's address (the nodes stay alive,
+    /// and so unique, as long as `root` holds them).
+    written: HashMap<*const Node, Ptr>,
+    /// Clean copies of the written nodes, for the tree's cache: block, hash, level, node.
+    clean: Vec<(u64, Hash, u32, Arc<Node>)>,
+}
+
+// SAFETY: the raw pointers in `written` are only compared as addresses, never dereferenced;
+// everything else in the struct is Send.
+unsafe impl Send for FrozenTree {}
+
+impl std::fmt::Debug for FrozenTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrozenTree").field("kind", &self.kind).field("nodes", &self.blocks.len()).finish()
+    }
+}
+
+impl FrozenTree {
+    /// Encodes and writes every node, children first, each to its block, and returns the
+    /// tree's new root. The writes are not flushed: the caller flushes once before writing
+    /// the root block that names this tree. Call once.
+    pub fn write(&mut self, dev: &dyn Device) -> Result<TreeRef, TreeError> {
+        let need = self.blocks.len();
+        if self.arena.len() < need * BLOCK_SIZE {
+            self.arena = AlignedBuf::blocks(need);
+        }
+        let mut writer = Writer {
+            kind: self.kind,
+            volume_id: self.volume_id,
+            blocks: &self.blocks,
+            arena: &mut self.arena,
+            next: 0,
+            written: HashMap::with_capacity(need),
+            clean: Vec::with_capacity(need),
+        };
+        let ptr = writer.node(&self.root, self.height - 1)?;
+        let (next, written, clean) = (writer.next, writer.written, writer.clean);
+        if next != need {
+            // `freeze` counted what this writes: a difference is a bug, never a guess.
+            return Err(TreeError::BadNode { block: 0, why: format!("froze {need} nodes to write, wrote {next}") });
+        }
+        self.written = written;
+        self.clean = clean;
+        write_runs(dev, &self.arena, &self.blocks)?;
+        Ok(match ptr {
+            Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
+            None => TreeRef { block: 0, hash: [0; 32], height: self.height },
+        })
+    }
+}
+
+/// How many nodes writing the subtree at `slot` (a node at `level`) writes, and whether it is
+/// not empty: a dirty node is written when anything below it is mapped.
+fn nodes_to_write(slot: &Slot, level: u32) -> (usize, bool) {
+    let node = match slot {
+        Slot::Empty => return (0, false),
+        Slot::Clean(_) => return (0, true),
+        Slot::Dirty(node) => node,
+    };
+    if level == 0 {
+        let used = node.slots.iter().any(|c| matches!(c, Slot::Clean(_)));
+        return (usize::from(used), used);
+    }
+    let (mut count, mut used) = (0, false);
+    for child in &node.slots {
+        let (c, u) = nodes_to_write(child, level - 1);
+        count += c;
+        used |= u;
+    }
+    (count + usize::from(used), used)
+}
+
+/// Dirty nodes in the subtree at `slot`.
+fn count_dirty(slot: &Slot) -> u64 {
+    match slot {
+        Slot::Dirty(node) => 1 + node.slots.iter().map(count_dirty).sum::<u64>(),
+        _ => 0,
+    }
+}
+
+/// See `BlockTree::thaw`: `live` and `frozen` are the slots at the same place of the live
+/// tree and of its frozen copy, a node at `level` (or a data block below level 0).
+fn reconcile(live: &mut Slot, frozen: &Slot, level: u32, written: &HashMap<*const Node, Ptr>, freed: &mut Vec<u64>) {
+    let Slot::Dirty(f) = frozen else { return };
+    let wrote = written.get(&Arc::as_ptr(f)).copied();
+    match live {
+        // Unchanged since the freeze, and so is everything below it (a change copies every
+        // node on its path).
+        Slot::Dirty(l) if Arc::ptr_eq(l, f) => *live = wrote.map_or(Slot::Empty, Slot::Clean),
+        Slot::Dirty(l) => {
+            freed.extend(wrote.map(|p| p.block));
+            if level > 0 {
+                let l = Arc::make_mut(l);
+                for (lc, fc) in l.slots.iter_mut().zip(&f.slots) {
+                    reconcile(lc, fc, level - 1, written, freed);
+                }
+            }
+        }
+        // Dropped since the freeze: nothing live reaches what was written for it.
+        Slot::Empty | Slot::Clean(_) => free_written(f, level, written, freed),
+    }
+}
+
+/// The blocks written for the frozen subtree `node` (at `level`).
+fn free_written(node: &Arc<Node>, level: u32, written: &HashMap<*const Node, Ptr>, freed: &mut Vec<u64>) {
+    freed.extend(written.get(&Arc::as_ptr(node)).map(|p| p.block));
+    if level > 0 {
+        for child in &node.slots {
+            if let Slot::Dirty(c) = child {
+                free_written(c, level - 1, written, freed);
+            }
+        }
+    }
 }
 
 /// Writes the arena's blocks to theirs: consecutive blocks (in both) with one write.
@@ -580,42 +728,53 @@ fn write_runs(dev: &dyn Device, arena: &[u8], blocks: &[u64]) -> Result<(), Tree
     dev.write_many(&writes).map_err(|source| TreeError::Device { block: blocks.first().copied().unwrap_or(0), source })
 }
 
-impl Flusher<'_> {
-    fn flush_slot(&mut self, slot: &mut Slot, level: u32) -> Result<Option<Ptr>, TreeError> {
+/// What `FrozenTree::write` needs on its way down the tree. Each node is encoded in place, in
+/// the next block of the arena, and written at the end: the allocator handed out consecutive
+/// blocks, so runs of consecutive blocks are consecutive in the arena too and go out with one
+/// write each, straight from it.
+struct Writer<'a> {
+    kind: TreeKind,
+    volume_id: [u8; 16],
+    blocks: &'a [u64],
+    arena: &'a mut AlignedBuf,
+    /// Nodes written so far (the next block and arena block to use).
+    next: usize,
+    written: HashMap<*const Node, Ptr>,
+    clean: Vec<(u64, Hash, u32, Arc<Node>)>,
+}
+
+impl Writer<'_> {
+    fn node(&mut self, slot: &Slot, level: u32) -> Result<Option<Ptr>, TreeError> {
         let node = match slot {
             Slot::Empty => return Ok(None),
             Slot::Clean(ptr) => return Ok(Some(*ptr)),
             Slot::Dirty(node) => node,
         };
         let mut entries = [RawEntry { block: U64::new(0), hash: [0; 32] }; FANOUT as usize];
+        let mut slots = Vec::with_capacity(FANOUT as usize);
         let mut used = 0u32;
-        for (i, child) in node.slots.iter_mut().enumerate() {
+        for (i, child) in node.slots.iter().enumerate() {
             let ptr = if level == 0 {
                 match child {
                     Slot::Clean(ptr) => Some(*ptr),
                     _ => None,
                 }
             } else {
-                self.flush_slot(child, level - 1)?
+                self.node(child, level - 1)?
             };
+            slots.push(ptr.map_or(Slot::Empty, Slot::Clean));
             if let Some(p) = ptr {
                 entries[i] = RawEntry { block: U64::new(p.block), hash: p.hash };
                 used += 1;
             }
         }
         if used == 0 {
-            *slot = Slot::Empty;
             return Ok(None);
         }
-        let block = (self.alloc)()?;
-        let at = self.written.len() * BLOCK_SIZE;
-        if self.arena.len() < at + BLOCK_SIZE {
-            // Sized from the dirty count, which bounds the nodes written; grown all the same.
-            let mut bigger = AlignedBuf::blocks((self.written.len() + 1) * 2);
-            bigger[..at].copy_from_slice(&self.arena[..at]);
-            *self.arena = bigger;
-        }
-        let bytes = &mut self.arena[at..at + BLOCK_SIZE];
+        let Some(&block) = self.blocks.get(self.next) else {
+            return Err(TreeError::BadNode { block: 0, why: "more nodes to write than were frozen".into() });
+        };
+        let bytes = &mut self.arena[self.next * BLOCK_SIZE..][..BLOCK_SIZE];
         let raw = RawNode::mut_from_bytes(bytes).map_err(|_| TreeError::NoSpace)?;
         *raw = RawNode {
             magic: NODE_MAGIC,
@@ -630,11 +789,9 @@ impl Flusher<'_> {
             padding: [0; 1472],
         };
         let ptr = Ptr { block, hash: hash::tree_node(bytes) };
-        self.written.push(block);
-        // The node just written is the working set: keep it (its children are all clean now).
-        if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
-            lock(self.cache).insert(block, (ptr.hash, level, Arc::new(*node)));
-        }
+        self.next += 1;
+        self.written.insert(Arc::as_ptr(node), ptr);
+        self.clean.push((block, ptr.hash, level, Arc::new(Node { slots })));
         Ok(Some(ptr))
     }
 }
@@ -685,10 +842,11 @@ impl Unmap<'_> {
             let node = BlockTree::cached(self.cache, self.kind, self.volume_id, self.dev, *ptr, level)?;
             self.freed.push(ptr.block);
             lock(self.cache).remove(&ptr.block);
-            *slot = Slot::Dirty(Box::new((*node).clone()));
+            *slot = Slot::Dirty(Arc::new((*node).clone()));
             *self.dirty += 1;
         }
         let Slot::Dirty(node) = slot else { return Ok(()) };
+        let node = Arc::make_mut(node);
         let child_span = FANOUT.pow(level);
         let first = (start.max(base) - base) / child_span;
         let last = (end.min(base + span) - 1 - base) / child_span;
@@ -886,6 +1044,101 @@ mod tests {
             }
             at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
             let reopened = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+            for i in 0..span {
+                assert_eq!(reopened.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
+            }
+        }
+    }
+
+    /// A frozen copy written while the tree goes on changing (as a checkpoint beside the
+    /// applier does) holds exactly the tree as frozen; the live tree keeps every later change,
+    /// and the blocks reported freed at each freeze are exactly those the previous written
+    /// version reached and the next one does not.
+    #[test]
+    fn a_frozen_copy_is_written_while_the_tree_changes() {
+        for seed in 0..60u64 {
+            let disk = SimDisk::new(60_000 * BLOCK, seed);
+            let mut rng = Rng::new(seed);
+            let height = 1 + (seed % 3) as u32;
+            let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, height).expect("tree");
+            if seed % 3 == 2 {
+                tree.set_cache_capacity(2);
+            }
+            let span = tree.capacity().min(3000);
+            let mut model: BTreeMap<u64, Ptr> = BTreeMap::new();
+            let mut next = 10;
+            let mut step = 0u64;
+            let mut change = |tree: &mut BlockTree, model: &mut BTreeMap<u64, Ptr>, rng: &mut Rng| {
+                step += 1;
+                if rng.chance(1, 15) {
+                    let start = rng.below(span);
+                    let len = if rng.chance(1, 2) { 70 } else { span };
+                    let end = (start + 1 + rng.below(len)).min(span);
+                    let mut unmapped = Vec::new();
+                    tree.unmap_range(&disk, start..end, &mut unmapped).expect("unmap");
+                    let gone: Vec<u64> = model.range(start..end).map(|(i, _)| *i).collect();
+                    for i in gone {
+                        model.remove(&i);
+                    }
+                } else {
+                    let index = rng.below(span);
+                    let target = if rng.chance(1, 5) { None } else { Some(ptr(step)) };
+                    let old = tree.set(&disk, index, target).expect("set");
+                    let want = match target {
+                        Some(p) => model.insert(index, p),
+                        None => model.remove(&index),
+                    };
+                    assert_eq!(old, want, "seed {seed} step {step}");
+                }
+            };
+            let mut at = TreeRef { block: 0, hash: [0; 32], height };
+            for round in 0..4 {
+                for _ in 0..rng.below(200) {
+                    change(&mut tree, &mut model, &mut rng);
+                }
+                let frozen_model = model.clone();
+                let mut frozen = tree.freeze(&mut bump(&mut next)).expect("freeze");
+                let freed: BTreeSet<u64> = tree.take_freed().into_iter().collect();
+                for _ in 0..rng.below(200) {
+                    change(&mut tree, &mut model, &mut rng);
+                }
+                let written = frozen.write(&disk).expect("write");
+                let reopened = BlockTree::open(TreeKind::BlockMap, VOL, written).expect("reopen");
+                for i in 0..span {
+                    assert_eq!(
+                        reopened.get(&disk, i).expect("get"),
+                        frozen_model.get(&i).copied(),
+                        "seed {seed} round {round} frozen index {i}"
+                    );
+                }
+                assert_eq!(
+                    freed,
+                    reachable(&disk, at).difference(&reachable(&disk, written)).copied().collect(),
+                    "seed {seed} round {round}: freed at the freeze"
+                );
+                at = written;
+                tree.thaw(&mut frozen);
+                drop(frozen);
+                assert_eq!(tree.dirty_nodes(), count_dirty(&tree.root), "seed {seed} round {round}");
+                for i in 0..span {
+                    assert_eq!(
+                        tree.get(&disk, i).expect("get"),
+                        model.get(&i).copied(),
+                        "seed {seed} round {round} live index {i}"
+                    );
+                }
+            }
+            // A last flush writes what changed after the last freeze, and frees what the last
+            // written version reached and this one does not.
+            let last = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+            let freed: BTreeSet<u64> = tree.take_freed().into_iter().collect();
+            assert_eq!(
+                freed,
+                reachable(&disk, at).difference(&reachable(&disk, last)).copied().collect(),
+                "seed {seed}"
+            );
+            assert!(!tree.is_dirty() && tree.dirty_nodes() == 0);
+            let reopened = BlockTree::open(TreeKind::BlockMap, VOL, last).expect("reopen");
             for i in 0..span {
                 assert_eq!(reopened.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
             }

@@ -8,7 +8,7 @@ use crate::alloc::AllocError;
 use crate::device::{Device, BLOCK};
 use crate::log::{LogMark, LogStore};
 use crate::roots::{self, RootPayload};
-use crate::tree::TreeError;
+use crate::tree::{FrozenTree, TreeError};
 
 impl Volume {
     /// Whether a checkpoint is due: the log written since the current root reached the
@@ -47,9 +47,9 @@ impl Volume {
     /// backup root still needs: `seal_checkpoint`, `make_durable`, `finish_checkpoint` and the
     /// compaction in one go, for a caller that owns the log. Any error poisons the volume.
     pub fn checkpoint(&mut self, store: &mut LogStore) -> Result<(), VolumeError> {
-        let sealed = self.seal_checkpoint(&store.mark(self.applied_index))?;
+        let mut sealed = self.seal_checkpoint(&store.mark(self.applied_index))?;
         let durable = sealed.make_durable();
-        if let Some(c) = self.finish_checkpoint(sealed, durable)? {
+        if let Some(c) = self.finish_checkpoint(&mut sealed, durable)? {
             self.compact(store, c)?;
         }
         Ok(())
@@ -82,7 +82,7 @@ impl Volume {
         let result = self.try_seal(log);
         match &result {
             Ok(sealed) => {
-                self.sealed = Some((sealed.next.root().payload.applied_index, sealed.next.root().payload.log_tail));
+                self.sealed = Some((sealed.applied_index, log.tail));
                 self.last_checkpoint = Instant::now();
                 self.placed_since_seal = 0;
             }
@@ -93,10 +93,11 @@ impl Volume {
 
     /// Installs the root `make_durable` wrote (or poisons the volume with its error) and lets
     /// the allocator hand out what the checkpoint released. Returns the compaction of the log
-    /// that the new backup root allows, for the log's owner to carry out.
+    /// that the new backup root allows, for the log's owner to carry out. Drop `sealed`
+    /// after releasing the volume: it frees the frozen map's nodes then.
     pub fn finish_checkpoint(
         &mut self,
-        sealed: SealedCheckpoint,
+        sealed: &mut SealedCheckpoint,
         durable: Result<(), VolumeError>,
     ) -> Result<Option<Compaction>, VolumeError> {
         self.sealed = None;
@@ -104,7 +105,15 @@ impl Volume {
             self.poisoned = true;
             return Err(e);
         }
-        self.roots.install(sealed.next);
+        let Some(next) = sealed.next.take() else {
+            // Finished before: a bug in the caller, and the volume cannot tell what is durable.
+            self.poisoned = true;
+            return Err(VolumeError::CheckpointPending);
+        };
+        if let Some(map) = sealed.map.as_mut() {
+            self.map.thaw(map);
+        }
+        self.roots.install(next);
         self.alloc.root_durable();
         self.space_pressure = self.space_pressure.saturating_sub(1);
         // No root that may be opened now replays the entries the backup applied.
@@ -128,7 +137,9 @@ impl Volume {
         let dirty = self.map.dirty_nodes();
         let dev = &*self.dev;
         let alloc = &mut self.alloc;
-        let map_ref = self.map.flush(dev, &mut || {
+        // The block map is frozen here and written by `make_durable`, without the volume; the
+        // blocks its nodes go to are taken now, so the allocator's tree below records them.
+        let map = self.map.freeze(&mut || {
             alloc.allocate(dev).map_err(|e| match e {
                 AllocError::Tree(t) => t,
                 _ => TreeError::NoSpace,
@@ -137,9 +148,8 @@ impl Volume {
         for block in self.map.take_freed() {
             self.alloc.free(dev, block)?;
         }
-        let map_us = started.elapsed().as_micros() as u64;
         let alloc_ref = self.alloc.checkpoint(dev)?;
-        debug!(self.log, "sealed"; "dirty_nodes" => dirty, "map_us" => map_us, "us" => started.elapsed().as_micros() as u64);
+        debug!(self.log, "sealed"; "dirty_nodes" => dirty, "us" => started.elapsed().as_micros() as u64);
         // Everything up to the head is durable; what lies past the applied index is replayed
         // after this root.
         let (log_tail, log_head) = (log.tail, log.head);
@@ -149,42 +159,63 @@ impl Volume {
             conf_state: self.conf_state.clone(),
             log_tail,
             log_head,
-            tree_root: map_ref.block,
-            tree_height: map_ref.height,
-            tree_hash: map_ref.hash,
+            // Set by `make_durable` once the frozen map is written.
+            tree_root: 0,
+            tree_height: self.map.height(),
+            tree_hash: [0; 32],
             alloc_root: alloc_ref.block,
             alloc_hash: alloc_ref.hash,
             used_blocks: self.alloc.used(),
             placed_blocks: self.placed_since_seal,
         };
         let next = self.roots.prepare(payload)?;
-        Ok(SealedCheckpoint { dev: self.dev.clone(), root_dev: self.root_dev.clone(), next })
+        Ok(SealedCheckpoint {
+            dev: self.dev.clone(),
+            root_dev: self.root_dev.clone(),
+            applied_index: self.applied_index,
+            next: Some(next),
+            map: Some(map),
+        })
     }
 }
 
-/// A checkpoint whose trees are written but not yet flushed, and its root, prepared: see
-/// `Volume::seal_checkpoint`.
+/// A checkpoint whose allocator tree and data blocks are written but not yet flushed, its
+/// block map frozen, and its root prepared: see `Volume::seal_checkpoint`.
 #[derive(Debug)]
 pub struct SealedCheckpoint {
     dev: Arc<dyn Device>,
     root_dev: Arc<dyn Device>,
-    next: roots::NextRoot,
+    applied_index: u64,
+    /// Taken by `finish_checkpoint`.
+    next: Option<roots::NextRoot>,
+    /// The block map as sealed: written by `make_durable`, handed back to the live map by
+    /// `finish_checkpoint`.
+    map: Option<FrozenTree>,
 }
 
 impl SealedCheckpoint {
-    /// Flushes the device (the trees and every data block written before the seal become
-    /// durable), then writes the root over its slot and flushes it. Needs no volume: blocks
-    /// written meanwhile are fresh ones that no root names.
-    pub fn make_durable(&self) -> Result<(), VolumeError> {
+    /// Writes the frozen block map (encoding and hashing its nodes), flushes the device (the
+    /// trees and every data block written before the seal become durable), then writes the
+    /// root over its slot and flushes it. Needs no volume: blocks written meanwhile are fresh
+    /// ones that no root names, and the map's nodes go to blocks taken at the seal.
+    pub fn make_durable(&mut self) -> Result<(), VolumeError> {
+        let Some(next) = self.next.as_mut() else { return Err(VolumeError::CheckpointPending) };
+        if let Some(map) = self.map.as_mut() {
+            let at = map.write(&*self.dev)?;
+            next.update_payload(|p| {
+                p.tree_root = at.block;
+                p.tree_hash = at.hash;
+            })?;
+        }
         self.dev.flush().map_err(|source| VolumeError::Device { block: 0, source })?;
         // The new trees are durable; no root names them yet.
         crate::failpoint("checkpoint::before_root");
-        self.next.write(&*self.root_dev)?;
+        next.write(&*self.root_dev)?;
         Ok(())
     }
 
     /// The index the root records as applied.
     pub fn applied_index(&self) -> u64 {
-        self.next.root().payload.applied_index
+        self.applied_index
     }
 }

@@ -84,9 +84,9 @@ impl Harness {
 
     /// Makes the sealed checkpoint durable and installs it, if there is one.
     fn settle(&mut self) -> Result<(), String> {
-        if let Some(sealed) = self.pending.take() {
+        if let Some(mut sealed) = self.pending.take() {
             let durable = sealed.make_durable();
-            if let Some(c) = self.volume.finish_checkpoint(sealed, durable).map_err(|e| e.to_string())? {
+            if let Some(c) = self.volume.finish_checkpoint(&mut sealed, durable).map_err(|e| e.to_string())? {
                 self.volume.compact(&mut self.store, c).map_err(|e| e.to_string())?;
             }
         }
