@@ -393,7 +393,6 @@ impl BlockTree {
             blocks,
             arena: std::mem::replace(&mut self.arena, AlignedBuf::blocks(0)),
             written: HashMap::new(),
-            clean: Vec::new(),
         })
     }
 
@@ -401,21 +400,21 @@ impl BlockTree {
     /// did not change since `freeze` becomes a clean reference to the block it was written
     /// to, and the blocks written for nodes that changed since (which the written root still
     /// reaches, the live tree no longer) join the freed ones. Afterwards the live tree
-    /// shares no node with `frozen`, whose nodes are freed when it is dropped: the caller
-    /// drops it outside any lock it holds (that takes longer than the rest).
+    /// shares no node with `frozen`; the written nodes it reaches move into the cache, and
+    /// the others are freed when `frozen` is dropped: the caller drops it outside any lock it
+    /// holds (on random writes, most of the nodes changed while the copy was written).
     pub fn thaw(&mut self, frozen: &mut FrozenTree) {
         let written = std::mem::take(&mut frozen.written);
-        let clean = std::mem::take(&mut frozen.clean);
         let arena = std::mem::replace(&mut frozen.arena, AlignedBuf::blocks(0));
         let mut freed = Vec::new();
         reconcile(&mut self.root, &frozen.root, self.height - 1, &written, &mut freed);
+        // The nodes just written that the live tree reaches are the working set: keep them.
+        let gone: std::collections::HashSet<u64> = freed.iter().copied().collect();
+        let mut kept = Vec::new();
+        harvest(&mut frozen.root, self.height - 1, &written, &gone, &mut kept);
         let mut cache = lock(&self.cache);
-        // The nodes just written are the working set: keep them.
-        for (block, hash, level, node) in clean {
+        for (block, hash, level, node) in kept {
             cache.insert(block, (hash, level, node));
-        }
-        for block in &freed {
-            cache.remove(block);
         }
         drop(cache);
         self.freed.extend(freed);
@@ -600,8 +599,6 @@ pub struct FrozenTree {
     /// What `write` wrote: each node's pointer by the node's address (the nodes stay alive,
     /// and so unique, as long as `root` holds them).
     written: HashMap<*const Node, Ptr>,
-    /// Clean copies of the written nodes, for the tree's cache: block, hash, level, node.
-    clean: Vec<(u64, Hash, u32, Arc<Node>)>,
 }
 
 // SAFETY: the raw pointers in `written` are only compared as addresses, never dereferenced;
@@ -630,16 +627,14 @@ impl FrozenTree {
             arena: &mut self.arena,
             next: 0,
             written: HashMap::with_capacity(need),
-            clean: Vec::with_capacity(need),
         };
         let ptr = writer.node(&self.root, self.height - 1)?;
-        let (next, written, clean) = (writer.next, writer.written, writer.clean);
+        let (next, written) = (writer.next, writer.written);
         if next != need {
             // `freeze` counted what this writes: a difference is a bug, never a guess.
             return Err(TreeError::BadNode { block: 0, why: format!("froze {need} nodes to write, wrote {next}") });
         }
         self.written = written;
-        self.clean = clean;
         write_runs(dev, &self.arena, &self.blocks)?;
         Ok(match ptr {
             Some(p) => TreeRef { block: p.block, hash: p.hash, height: self.height },
@@ -700,6 +695,40 @@ fn reconcile(live: &mut Slot, frozen: &Slot, level: u32, written: &HashMap<*cons
     }
 }
 
+/// After `reconcile`: moves the written nodes of the frozen subtree at `slot` (a node at
+/// `level`) that the live tree reaches (their blocks are not `gone`) out of it into `kept`,
+/// as the clean nodes they now are (children as written). The frozen tree holds its nodes
+/// alone by now, so they change in place; the others stay, to be freed with it.
+fn harvest(
+    slot: &mut Slot,
+    level: u32,
+    written: &HashMap<*const Node, Ptr>,
+    gone: &std::collections::HashSet<u64>,
+    kept: &mut Vec<(u64, Hash, u32, Arc<Node>)>,
+) {
+    let Slot::Dirty(node) = slot else { return };
+    let Some(ptr) = written.get(&Arc::as_ptr(node)).copied() else { return };
+    let Some(inner) = Arc::get_mut(node) else { return };
+    if level > 0 {
+        for child in inner.slots.iter_mut() {
+            harvest(child, level - 1, written, gone, kept);
+        }
+    }
+    if gone.contains(&ptr.block) {
+        return;
+    }
+    // Below a node the live tree reaches nothing changed: its children were all written (or
+    // became empty) and are clean references now.
+    for child in inner.slots.iter_mut() {
+        if let Slot::Dirty(c) = child {
+            *child = written.get(&Arc::as_ptr(c)).map_or(Slot::Empty, |p| Slot::Clean(*p));
+        }
+    }
+    if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
+        kept.push((ptr.block, ptr.hash, level, node));
+    }
+}
+
 /// The blocks written for the frozen subtree `node` (at `level`).
 fn free_written(node: &Arc<Node>, level: u32, written: &HashMap<*const Node, Ptr>, freed: &mut Vec<u64>) {
     freed.extend(written.get(&Arc::as_ptr(node)).map(|p| p.block));
@@ -740,7 +769,6 @@ struct Writer<'a> {
     /// Nodes written so far (the next block and arena block to use).
     next: usize,
     written: HashMap<*const Node, Ptr>,
-    clean: Vec<(u64, Hash, u32, Arc<Node>)>,
 }
 
 impl Writer<'_> {
@@ -751,7 +779,6 @@ impl Writer<'_> {
             Slot::Dirty(node) => node,
         };
         let mut entries = [RawEntry { block: U64::new(0), hash: [0; 32] }; FANOUT as usize];
-        let mut slots = Vec::with_capacity(FANOUT as usize);
         let mut used = 0u32;
         for (i, child) in node.slots.iter().enumerate() {
             let ptr = if level == 0 {
@@ -762,7 +789,6 @@ impl Writer<'_> {
             } else {
                 self.node(child, level - 1)?
             };
-            slots.push(ptr.map_or(Slot::Empty, Slot::Clean));
             if let Some(p) = ptr {
                 entries[i] = RawEntry { block: U64::new(p.block), hash: p.hash };
                 used += 1;
@@ -791,7 +817,6 @@ impl Writer<'_> {
         let ptr = Ptr { block, hash: hash::tree_node(bytes) };
         self.next += 1;
         self.written.insert(Arc::as_ptr(node), ptr);
-        self.clean.push((block, ptr.hash, level, Arc::new(Node { slots })));
         Ok(Some(ptr))
     }
 }
