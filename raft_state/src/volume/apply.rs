@@ -10,12 +10,15 @@ use crate::tree::{self, Ptr, TreeError};
 
 impl Volume {
     /// Lends `count` free blocks to the log for placed writes (`Command::Placed`), or fails
-    /// with `NoSpace` (the write then goes inline). Keeps the metadata reserve, counting a
-    /// path of the block map for every lent block.
+    /// with `NoSpace` (the write waits for space, then goes inline). Keeps the metadata
+    /// reserve, counting a path of the block map for every lent block, and room for inline
+    /// writes besides (`inline_headroom`): a small write logged while placed writes wait for
+    /// their flush is applied before them, with all their blocks still lent, and must not
+    /// find the volume full because of them.
     pub fn lend(&mut self, count: u64) -> Result<Vec<u64>, VolumeError> {
         self.check()?;
         let slack = TRIM_SLACK_PATHS * u64::from(self.map.height());
-        let need = count + self.metadata_need_with(count) + slack;
+        let need = count + self.metadata_need_with(count) + slack + self.inline_headroom();
         if self.alloc.free_blocks() < need {
             self.space_pressure = 2;
             return Err(AllocError::NoSpace.into());

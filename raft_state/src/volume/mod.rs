@@ -320,6 +320,12 @@ impl Volume {
         self.metadata_need() + TRIM_SLACK_PATHS * u64::from(self.map.height())
     }
 
+    /// Free blocks that lending leaves to inline writes: 1/256 of the volume, at least 16 and
+    /// at most 4096 blocks (4 MiB for 1 GiB, 16 MiB from 4 GiB on).
+    fn inline_headroom(&self) -> u64 {
+        (self.geometry.volume_blocks / 256).clamp(16, 4096)
+    }
+
     fn check(&self) -> Result<(), VolumeError> {
         if self.poisoned {
             return Err(VolumeError::Poisoned);

@@ -569,6 +569,37 @@ fn a_full_volume_fails_writes_and_stays_usable() {
     check(&h, &model);
 }
 
+/// Blocks lent to placed writes never take the room an inline write needs: a small write
+/// that overtakes placed writes waiting for their flush is applied while all their blocks are
+/// lent, and on a volume that is only overwritten it must not fail with NoSpace. (Before the
+/// headroom, a light client's 4 KiB writes beside a flood of 1 MiB overwrites on a full
+/// 1 GiB volume got ENOSPC.)
+#[test]
+fn lending_leaves_room_for_inline_writes() {
+    let mut h = Harness::format(21);
+    for vb in 0..VOLUME_BLOCKS {
+        let data = vec![vb as u8; BLOCK_SIZE];
+        assert_eq!(h.propose(&Command::Write { offset: vb * BLOCK, data: &data }).expect("fill"), Applied::Done);
+    }
+    // Release what the fill freed, so that the free blocks are all there are.
+    h.checkpoint().expect("checkpoint");
+    h.checkpoint().expect("checkpoint");
+    let mut lent = 0;
+    while h.volume.lend(1).is_ok() {
+        lent += 1;
+        assert!(lent < DISK_BLOCKS, "lending never stopped");
+    }
+    assert!(lent > 0, "nothing could be lent");
+    for vb in 0..VOLUME_BLOCKS.min(8) {
+        let data = vec![0xee; BLOCK_SIZE];
+        assert_eq!(
+            h.propose(&Command::Write { offset: vb * BLOCK, data: &data }).expect("overwrite"),
+            Applied::Done,
+            "an inline overwrite of block {vb} with {lent} blocks lent"
+        );
+    }
+}
+
 /// A write of more whole blocks than one placement run, starting and ending mid-block, reads
 /// back exactly, before and after a checkpoint and reopen.
 #[test]
