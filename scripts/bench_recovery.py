@@ -651,9 +651,9 @@ def fs_type(path):
 def recovery_table(rows, workloads, sizes):
     lines = [
         "| workload | unapplied log | log MiB | entries replayed | kill → respawn ms | driver recovery ms "
-        "(scan / apply) | kill → first read ms | kill → first write ms | replay MB/s | RSS before kill / "
-        "after recovery MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(scan / apply) | kill → first read ms | kill → first write ms | replay MB/s of log | "
+        "replay MB/s of data | RSS before kill / after recovery MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in workloads:
         for s in sizes:
@@ -661,13 +661,19 @@ def recovery_table(rows, workloads, sizes):
             if not rs:
                 continue
             mb = median(rs, "replay_mb_s")
+            ms = median(rs, "recovery_ms")
+            data = s * MiB / 1e6 / (ms / 1e3) if s and ms else None
+            # The goals (issue 12): 600 MB/s of log for 4 KiB writes; for 1 MiB writes, which
+            # the log only names (written once), 1 GB/s of the data they wrote.
+            log_ok = mb is None or w != "rand4k" or mb >= 600
+            data_ok = data is None or w != "seq1m" or data >= 1000
             lines.append(
                 f"| {WORKLOADS[w][0]} | {s} MiB | {fmt(median(rs, 'log_bytes') / MiB, '.1f')} "
                 f"| {fmt(median(rs, 'replayed'))} | {fmt(median(rs, 'kill_to_respawn_ms'))} "
                 f"| {fmt(median(rs, 'recovery_ms'))} ({fmt(median(rs, 'spawn_to_scanned_ms'))} / "
                 f"{fmt(median(rs, 'scanned_to_recovered_ms'))}) "
                 f"| {fmt(median(rs, 'kill_to_read_ms'), '.1f')} | {fmt(median(rs, 'kill_to_write_ms'), '.1f')} "
-                f"| {fmt(mb)}{'' if mb is None or mb >= 500 else ' ✗'} "
+                f"| {fmt(mb)}{'' if log_ok else ' ✗'} | {fmt(data)}{'' if data_ok else ' ✗'} "
                 f"| {fmt(median(rs, 'rss_before_kill_kib') / 1024)} / {fmt(median(rs, 'rss_after_recovery_kib') / 1024)} |")
     return "\n".join(lines)
 
@@ -702,7 +708,9 @@ How each number is taken (medians of the rounds):
 - *(scan / apply)*: from the log timestamps (1 ms resolution): supervisor spawn → `log recovered`
   (process start, sandbox, roots, reading and checking the log) and `log recovered` → `volume recovered`
   (applying the entries to the block map).
-- *replay MB/s* = log bytes / driver recovery ms, in 10^6 bytes/s (✗: below the 500 MB/s goal).
+- *replay MB/s of log* = log bytes / driver recovery ms, in 10^6 bytes/s (✗: 4 KiB writes below
+  the 600 MB/s goal); *of data* = the unapplied MiB the client wrote / driver recovery ms (✗: 1 MiB
+  writes below the 1 GB/s goal; their log holds only the names of the blocks they were written to).
 - *RSS*: VmRSS of the killed driver just before the kill and of the new one once it served.
 - Memory: default configuration, `rblk serve --size V` (thin image file); idle = VmRSS 1 s after the
   driver logged `serving`; under load = fio 4 KiB randwrite QD32 over the whole volume for {runtime} s,
