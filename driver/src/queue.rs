@@ -253,6 +253,68 @@ mod tests {
         assert!(q.take_batch(Instant::now(), u64::MAX).is_empty());
     }
 
+    /// Entry data the queue takes for a placed write (only its kind matters here).
+    fn placed(stopped: Option<Arc<AtomicUsize>>) -> Proposal {
+        let mut p = proposal(0, 64, stopped);
+        p.data[..4].copy_from_slice(&raft_state::command::COMMAND_MAGIC);
+        p.data[4] = raft_state::command::Command::PLACED_KIND;
+        p
+    }
+
+    /// A placed write reaches the node only after a device flush that began after it was
+    /// queued; an inline write queued later does not wait for that flush.
+    #[test]
+    fn placed_writes_reach_the_node_after_a_flush() {
+        use raft_state::device::{SimDisk, TraceOp, BLOCK};
+        let q = Proposals::new();
+        let disk = SimDisk::new(4 * BLOCK, 1);
+        q.push(1, placed(None));
+        q.push(2, proposal(2, 10, None));
+        let batch = q.take_batch(Instant::now(), u64::MAX);
+        assert_eq!(batch.len(), 1, "only the inline write, before any flush");
+        assert_eq!(batch[0].data[0], 2);
+        assert!(!disk.trace().contains(&TraceOp::Flush));
+        let (batch, flushed) = std::thread::scope(|scope| {
+            let flusher = scope.spawn(|| q.flush_placed(&disk));
+            let batch = q.take_batch(Instant::now() + std::time::Duration::from_secs(10), u64::MAX);
+            let flushed = disk.trace().contains(&TraceOp::Flush);
+            q.close();
+            flusher.join().expect("flusher");
+            (batch, flushed)
+        });
+        assert_eq!(batch.len(), 1);
+        assert!(raft_state::place::needs_flush(&batch[0].data));
+        assert!(flushed, "taken before the device was flushed");
+    }
+
+    /// A flush that fails stops the driver: the queue reports the error to the node, the
+    /// placed writes that waited are never answered (completed as stopped), and the flusher
+    /// returns.
+    #[test]
+    fn a_failed_flush_fails_the_queue() {
+        use raft_state::device::{SimDisk, SimFault, BLOCK};
+        let q = Proposals::new();
+        let disk = SimDisk::new(4 * BLOCK, 1);
+        disk.inject(SimFault::FlushError);
+        let stopped = Arc::new(AtomicUsize::new(0));
+        q.push(1, placed(Some(stopped.clone())));
+        let returned = std::thread::scope(|scope| {
+            let flusher = scope.spawn(|| q.flush_placed(&disk));
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while !flusher.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let returned = flusher.is_finished();
+            // Ends a flusher that did not return by itself, so that the test fails, not hangs.
+            q.close();
+            flusher.join().expect("flusher");
+            returned
+        });
+        assert!(returned, "the flusher went on after a failed flush");
+        assert!(q.take_failure().is_some());
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn closing_completes_what_waits_and_what_comes_later_as_stopped() {
         let q = Proposals::new();
