@@ -431,11 +431,13 @@ fn apply(
     // Committed means durable: the clients hear now, while the new data blocks of all the
     // entries go out together. Nothing reads the volume before they are written (the lock
     // is held), and if writing them fails, the driver stops and replay writes them again.
-    for (done, applied) in done.into_iter().zip(results) {
-        if let Some(done) = done {
-            done(Outcome::Applied(applied));
+    crate::conn::batch_replies(|| {
+        for (done, applied) in done.into_iter().zip(results) {
+            if let Some(done) = done {
+                done(Outcome::Applied(applied));
+            }
         }
-    }
+    });
     guard.write_staged().map_err(failed)?;
     Ok(())
 }
