@@ -346,12 +346,12 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             Err(e) => break Err(e),
         };
         // The bytes this request holds until it is answered: its payload or its reply.
-        let cost = match req.command {
+        let cost = match req.kind {
             session::RequestKind::Read | session::RequestKind::Write => u64::from(req.length),
             _ => 0,
         };
         let limit = shared.export.payload_limit();
-        if req.command == session::RequestKind::Write && req.length > limit {
+        if req.kind == session::RequestKind::Write && req.length > limit {
             break Err(session::SessionError::PayloadTooLong { handle: req.handle, length: req.length, max: limit });
         }
         // Waits, without reading the socket, while the budgets are spent; what this thread
@@ -363,10 +363,9 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         });
         // A write to place is read into an aligned buffer, the one its blocks are written from;
         // other writes straight into their entries, behind their headers.
-        let placing =
-            req.command == session::RequestKind::Write && shared.placer.wants(req.offset, u64::from(req.length));
+        let placing = req.kind == session::RequestKind::Write && shared.placer.wants(req.offset, u64::from(req.length));
         let mut aligned = None;
-        let pieces = match req.command {
+        let pieces = match req.kind {
             session::RequestKind::Write if placing => {
                 let mut buf = shared.buffers.take();
                 if let Err(e) = read_aligned(&mut reader, &mut buf, req.length) {
@@ -394,7 +393,7 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             }
             continue;
         }
-        match req.command {
+        match req.kind {
             // A small read whose data is cached is answered here; the others run on the
             // connection's readers, several at once: each waits for the device, or (a large
             // one) spends a while checking hashes.
@@ -759,7 +758,7 @@ fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, Vo
 /// only cost the client's bandwidth and the device's space.
 fn range_command(req: &Request) -> Vec<u8> {
     let (offset, length) = (req.offset, u64::from(req.length));
-    match req.command {
+    match req.kind {
         session::RequestKind::WriteZeroes => Command::WriteZeroes { offset, length }.encode(),
         _ => Command::Trim { offset, length }.encode(),
     }
@@ -769,8 +768,8 @@ fn range_command(req: &Request) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn req(command: session::RequestKind, flags: u16, offset: u64, length: u32) -> Request {
-        Request { handle: 1, command, flags, offset, length, data: Vec::new() }
+    fn req(kind: session::RequestKind, flags: u16, offset: u64, length: u32) -> Request {
+        Request { handle: 1, kind, flags, offset, length, data: Vec::new() }
     }
 
     /// Pieces cover the request exactly, in order, none above `MAX_ENTRY_DATA`, and cut at

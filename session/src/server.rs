@@ -328,7 +328,7 @@ impl RequestKind {
 pub struct Request {
     /// The client's cookie, echoed in the reply.
     pub handle: u64,
-    pub command: RequestKind,
+    pub kind: RequestKind,
     /// Command flags (`NBD_CMD_FLAG_*`).
     pub flags: u16,
     pub offset: u64,
@@ -341,7 +341,7 @@ impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")
             .field("handle", &self.handle)
-            .field("command", &self.command)
+            .field("kind", &self.kind)
             .field("flags", &self.flags)
             .field("offset", &self.offset)
             .field("length", &self.length)
@@ -375,7 +375,7 @@ pub fn read_request_header<R: Read>(r: &mut R) -> Result<Request, SessionError> 
     }
     let request = Request {
         handle: raw.handle.get(),
-        command: RequestKind::from_wire(raw.command.get()),
+        kind: RequestKind::from_wire(raw.command.get()),
         flags: raw.flags.get(),
         offset: raw.offset.get(),
         length: raw.length.get(),
@@ -388,7 +388,7 @@ pub fn read_request_header<R: Read>(r: &mut R) -> Result<Request, SessionError> 
 /// commands carry none, proto.md "Request message"). A payload above `max_payload` is
 /// [`SessionError::PayloadTooLong`]; the connection must drop.
 pub fn read_payload<R: Read>(r: &mut R, request: &mut Request, max_payload: u32) -> Result<(), SessionError> {
-    if request.command != RequestKind::Write {
+    if request.kind != RequestKind::Write {
         return Ok(());
     }
     if request.length > max_payload {
@@ -464,7 +464,7 @@ pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
 pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool) -> Option<u32> {
     let advertised = export.transmission_flags();
     let fua = if advertised & NBD_FLAG_SEND_FUA != 0 { NBD_CMD_FLAG_FUA } else { 0 };
-    let allowed_flags = match req.command {
+    let allowed_flags = match req.kind {
         RequestKind::Other(_) => return Some(NBD_EINVAL),
         RequestKind::Disc => return None,
         RequestKind::WriteZeroes => fua | NBD_CMD_FLAG_NO_HOLE,
@@ -473,11 +473,11 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
     if req.flags & !allowed_flags != 0 {
         return Some(NBD_EINVAL);
     }
-    let writes = matches!(req.command, RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes);
+    let writes = matches!(req.kind, RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes);
     if writes && export.read_only {
         return Some(NBD_EPERM);
     }
-    if req.command == RequestKind::Flush {
+    if req.kind == RequestKind::Flush {
         // Offset and length of a FLUSH are reserved and MUST be zero (proto.md NBD_CMD_FLUSH).
         return (req.offset != 0 || req.length != 0).then_some(NBD_EINVAL);
     }
@@ -488,13 +488,13 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
     if !req.offset.is_multiple_of(min) || !u64::from(req.length).is_multiple_of(min) {
         return Some(NBD_EINVAL);
     }
-    if matches!(req.command, RequestKind::Read | RequestKind::Write) && req.length > export.max_block {
+    if matches!(req.kind, RequestKind::Read | RequestKind::Write) && req.length > export.max_block {
         return Some(NBD_EINVAL);
     }
     let fits = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= export.size);
     if !fits {
         let past_end =
-            if matches!(req.command, RequestKind::Write | RequestKind::WriteZeroes) { NBD_ENOSPC } else { NBD_EINVAL };
+            if matches!(req.kind, RequestKind::Write | RequestKind::WriteZeroes) { NBD_ENOSPC } else { NBD_EINVAL };
         return Some(past_end);
     }
     None
@@ -508,8 +508,8 @@ mod tests {
         Export { max_block: 64 * 1024, ..Export::new(1 << 20) }
     }
 
-    fn req(command: RequestKind, flags: u16, offset: u64, length: u32) -> Request {
-        Request { handle: 7, command, flags, offset, length, data: Vec::new() }
+    fn req(kind: RequestKind, flags: u16, offset: u64, length: u32) -> Request {
+        Request { handle: 7, kind, flags, offset, length, data: Vec::new() }
     }
 
     fn raw_request(magic: u32, flags: u16, command: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
@@ -664,7 +664,7 @@ mod tests {
             write,
             Request {
                 handle: 0xabc,
-                command: RequestKind::Write,
+                kind: RequestKind::Write,
                 flags: NBD_CMD_FLAG_FUA,
                 offset: 4096,
                 length: 4,
@@ -673,7 +673,7 @@ mod tests {
         );
         // A READ carries no payload: the next request follows the header directly.
         let read = read_request(&mut stream, 1024).expect("read");
-        assert_eq!((read.handle, read.command, read.length, read.data.len()), (0xdef, RequestKind::Read, 512, 0));
+        assert_eq!((read.handle, read.kind, read.length, read.data.len()), (0xdef, RequestKind::Read, 512, 0));
         // Then the stream ends between requests: the client went away.
         assert!(matches!(read_request(&mut stream, 1024), Err(SessionError::Closed { .. })));
     }
@@ -682,7 +682,7 @@ mod tests {
     fn read_request_keeps_unknown_commands_for_an_einval_reply() {
         let bytes = raw_request(NBD_REQUEST_MAGIC, 0, 0x77, 1, 0, 512);
         let request = read_request(&mut &bytes[..], 1024).expect("request");
-        assert_eq!(request.command, RequestKind::Other(0x77));
+        assert_eq!(request.kind, RequestKind::Other(0x77));
         assert_eq!(check_request(&request, &export()), Some(NBD_EINVAL));
     }
 

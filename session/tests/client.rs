@@ -281,7 +281,7 @@ fn eshutdown_leads_to_a_soft_disconnect() {
         assert_nothing_pending(stream);
         write_reply(stream, second.handle, 0, &[9; 512]).expect("reply");
         let disc = read_request(stream, 1 << 25).expect("disc");
-        assert_eq!(disc.command, RequestKind::Disc);
+        assert_eq!(disc.kind, RequestKind::Disc);
         // Nothing may follow NBD_CMD_DISC.
         read_request(stream, 1 << 25)
     });
@@ -329,7 +329,7 @@ fn falls_back_to_export_name_when_go_is_unsupported() {
             server_end.write_all(&reply).expect("export name reply");
             let request = read_request(&mut server_end, 1 << 25).expect("request");
             write_reply(&mut server_end, request.handle, 0, &[3; 512]).expect("reply");
-            read_request(&mut server_end, 1 << 25).expect("disc").command
+            read_request(&mut server_end, 1 << 25).expect("disc").kind
         });
         let client = Client::from_stream(client_end, "name").expect("client");
         assert_eq!((client.size(), client.block_sizes()), (SIZE, DEFAULT_BLOCK_SIZES));
@@ -450,7 +450,7 @@ fn unknown_info_is_ignored_and_missing_block_sizes_default() {
         info.extend_from_slice(&(NBD_FLAG_HAS_FLAGS).to_be_bytes());
         send_option_reply(&mut server_end, option, NBD_REP_INFO, &info);
         send_option_reply(&mut server_end, option, NBD_REP_ACK, &[]);
-        read_request(&mut server_end, 1 << 25).expect("disc").command
+        read_request(&mut server_end, 1 << 25).expect("disc").kind
     });
     let client = Client::from_stream(client_end, "").expect("client");
     assert_eq!(client.block_sizes(), DEFAULT_BLOCK_SIZES);

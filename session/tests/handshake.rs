@@ -93,7 +93,7 @@ fn go_answers_info_then_starts_transmission() {
     // The next bytes are transmission: a request, and its simple reply.
     client.write_all(&request_bytes(0, NBD_CMD_READ, 42, 0, 512)).expect("request");
     let request = read_request(&mut server, export().payload_limit()).expect("request");
-    assert_eq!((request.command, request.handle, request.length), (RequestKind::Read, 42, 512));
+    assert_eq!((request.kind, request.handle, request.length), (RequestKind::Read, 42, 512));
     write_reply(&mut server, request.handle, 0, &[7; 512]).expect("reply");
     assert_eq!(read_simple_reply(&mut client), (0, 42));
     assert_eq!(read_n(&mut client, 512), vec![7; 512]);

@@ -109,7 +109,7 @@ fn apply(request: &Request, export: &Export, disk: &Disk) -> (u32, Vec<u8>) {
     let start = request.offset as usize;
     let range = start..start + request.length as usize;
     let mut disk = disk.lock().expect("disk");
-    match request.command {
+    match request.kind {
         RequestKind::Read => (0, disk[range].to_vec()),
         RequestKind::Write => {
             disk[range].copy_from_slice(&request.data);
@@ -230,7 +230,7 @@ fn serve_until(mut stream: UnixStream, fault: Fault, export: &Export, disk: &Dis
             Err(e) => panic!("the client broke the stream: {e}"),
         };
         faults.requests += 1;
-        if request.command == RequestKind::Disc {
+        if request.kind == RequestKind::Disc {
             return;
         }
         let at_fault = |after: u64| served == after;
@@ -389,8 +389,8 @@ fn error_replies_are_answers_not_retried() {
         let mut seen = Vec::new();
         loop {
             let request = read_request(&mut stream, 1 << 25).expect("request");
-            seen.push((request.command, request.offset));
-            match request.command {
+            seen.push((request.kind, request.offset));
+            match request.kind {
                 RequestKind::Disc => return seen,
                 RequestKind::Read if request.offset == 0 => {
                     write_reply(&mut stream, request.handle, NBD_EINVAL, &[]).expect("reply");
@@ -434,13 +434,13 @@ fn eshutdown_is_a_reconnect_when_reconnecting() {
         assert_nothing_pending(&first);
         let (_, data) = apply(&b, &export(), &disk);
         write_reply(&mut first, b.handle, 0, &data).expect("reply");
-        assert_eq!(read_request(&mut first, 1 << 25).expect("disc").command, RequestKind::Disc);
+        assert_eq!(read_request(&mut first, 1 << 25).expect("disc").kind, RequestKind::Disc);
         drop(first);
         let mut second = accept(&listener, &export());
         let mut resent = Vec::new();
         loop {
             let request = read_request(&mut second, 1 << 25).expect("request");
-            if request.command == RequestKind::Disc {
+            if request.kind == RequestKind::Disc {
                 return resent;
             }
             resent.push(request.offset);
@@ -576,7 +576,7 @@ fn a_changed_export_fails_pending_requests() {
         drop(first);
         let mut second = accept(&listener, &Export { size: 2 * SIZE, ..export() });
         // The client hangs up softly, sending nothing else.
-        read_request(&mut second, 1 << 25).expect("disc").command
+        read_request(&mut second, 1 << 25).expect("disc").kind
     });
     let client = Client::connect_with(&path, "", &options(quick())).expect("connect");
     let err = client.read(0, 512).expect_err("export changed");

@@ -55,7 +55,7 @@ pub fn serve(mut stream: UnixStream, export: &Export, disk: &Disk, batch: usize)
             Err(e) => return Err(e),
         };
         served.requests += 1;
-        if request.command == RequestKind::Disc {
+        if request.kind == RequestKind::Disc {
             served.saw_disc = true;
             break;
         }
@@ -82,7 +82,7 @@ fn answer(stream: &mut UnixStream, export: &Export, disk: &Disk, request: &Reque
     let start = request.offset as usize;
     let range = start..start + request.length as usize;
     let mut disk = disk.lock().expect("disk");
-    let data = match request.command {
+    let data = match request.kind {
         RequestKind::Read => disk[range].to_vec(),
         RequestKind::Write => {
             disk[range].copy_from_slice(&request.data);
