@@ -11,6 +11,7 @@ use slog::{debug, info, Logger};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
+use crate::command::Command;
 use crate::device::{AlignedBuf, Device, DeviceError, BLOCK, BLOCK_SIZE};
 use crate::hash::{self, Hash};
 
@@ -439,6 +440,27 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// A placed write's entry as an inline write: its blocks read back and each verified
+    /// against the hash its record holds (a mismatch is an error, never wrong data). The
+    /// blocks are intact while the log holds the entry: recovery and the allocator keep the
+    /// blocks of every retained record out of reuse (`docs/format.md`, "Placed writes").
+    fn with_data(&self, e: &Entry) -> raft::Result<Entry> {
+        let other = |err: Box<dyn std::error::Error + Send + Sync>| raft::Error::Store(StorageError::Other(err));
+        let Command::Placed { offset, blocks } = Command::decode(&e.data).map_err(|err| other(Box::new(err)))? else {
+            return Ok(e.clone());
+        };
+        let mut data = vec![0u8; blocks.len() * BLOCK_SIZE];
+        let mut buf = AlignedBuf::blocks(1);
+        for (b, into) in blocks.iter().zip(data.chunks_exact_mut(BLOCK_SIZE)) {
+            let ptr = crate::tree::Ptr { block: b.block(), hash: b.hash };
+            crate::tree::read_verified(&*self.dev, ptr, &mut buf).map_err(|err| other(Box::new(err)))?;
+            into.copy_from_slice(&buf);
+        }
+        Ok(Entry { data: Command::Write { offset, data: &data }.encode(), ..e.clone() })
+    }
+}
+
 impl raft::Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
@@ -449,7 +471,7 @@ impl raft::Storage for LogStore {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         if low <= self.snapshot_index {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -463,12 +485,16 @@ impl raft::Storage for LogStore {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let mut out = Vec::new();
         let mut size = 0u64;
+        // Entries that leave this node carry their data: raft-rs fetches entries it may wait
+        // for (`can_async`) only to send them to a follower, which cannot read this device.
+        let leaving = context.can_async();
         for e in self.entries.range(from..to) {
+            let e = if leaving && crate::place::needs_flush(&e.data) { self.with_data(e)? } else { e.clone() };
             size += e.encoded_len() as u64;
             if !out.is_empty() && size > max_size {
                 break;
             }
-            out.push(e.clone());
+            out.push(e);
         }
         Ok(out)
     }

@@ -950,3 +950,31 @@ fn the_release_set_walked_beside_recovery_reaches_the_next_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(used[0], used[1], "blocks in use without and with a reopen");
 }
+
+/// An entry that leaves the node (raft-rs fetches it to send to a follower) carries a placed
+/// write's data, read back and verified; fetched to apply here, it stays as logged. A damaged
+/// block fails the fetch: never wrong data.
+#[test]
+fn a_placed_entry_leaves_the_node_with_its_data() {
+    use raft::{GetEntriesContext, Storage};
+    let mut h = Harness::format(5);
+    h.placer = Some(crate::place::Placer::new(h.disk.clone(), BLOCK));
+    h.auto_checkpoint = false;
+    let data: Vec<u8> = (0..3 * BLOCK_SIZE).map(|i| (i % 251) as u8).collect();
+    assert_eq!(h.propose(&Command::Write { offset: 2 * BLOCK, data: &data }).expect("write"), Applied::Done);
+    let index = h.store.last_index();
+    let local = h.store.entries(index, index + 1, None, GetEntriesContext::empty(false)).expect("local");
+    assert!(crate::place::needs_flush(&local[0].data), "fetched to apply here: as logged");
+    let sent = h.store.entries(index, index + 1, None, GetEntriesContext::empty(true)).expect("sent");
+    assert_eq!((sent[0].index, sent[0].term), (local[0].index, local[0].term));
+    match Command::decode(&sent[0].data).expect("decode") {
+        Command::Write { offset, data: carried } => {
+            assert_eq!(offset, 2 * BLOCK);
+            assert!(carried == &data[..], "the data read back differs");
+        }
+        _ => panic!("a placed entry left the node without its data"),
+    }
+    let Ok(Command::Placed { blocks, .. }) = Command::decode(&local[0].data) else { panic!("not placed") };
+    h.disk.inject(SimFault::BitFlip { offset: blocks[1].block() * BLOCK + 7, bit: 3 });
+    assert!(h.store.entries(index, index + 1, None, GetEntriesContext::empty(true)).is_err());
+}
