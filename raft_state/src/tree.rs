@@ -596,14 +596,15 @@ pub struct FrozenTree {
     blocks: Vec<u64>,
     /// Where `write` encodes the nodes (the tree's, lent).
     arena: AlignedBuf,
-    /// What `write` wrote: each node's pointer by the node's address (the nodes stay alive,
-    /// and so unique, as long as `root` holds them).
-    written: HashMap<*const Node, Ptr>,
+    /// What `write` wrote: each node's pointer by the node's address (`node_id`; the nodes
+    /// stay alive, and so their addresses unique, as long as `root` holds them).
+    written: HashMap<usize, Ptr>,
 }
 
-// SAFETY: the raw pointers in `written` are only compared as addresses, never dereferenced;
-// everything else in the struct is Send.
-unsafe impl Send for FrozenTree {}
+/// A frozen node's identity while its frozen tree holds it: its address.
+fn node_id(node: &Arc<Node>) -> usize {
+    Arc::as_ptr(node) as usize
+}
 
 impl std::fmt::Debug for FrozenTree {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -674,9 +675,9 @@ fn count_dirty(slot: &Slot) -> u64 {
 
 /// See `BlockTree::thaw`: `live` and `frozen` are the slots at the same place of the live
 /// tree and of its frozen copy, a node at `level` (or a data block below level 0).
-fn reconcile(live: &mut Slot, frozen: &Slot, level: u32, written: &HashMap<*const Node, Ptr>, freed: &mut Vec<u64>) {
+fn reconcile(live: &mut Slot, frozen: &Slot, level: u32, written: &HashMap<usize, Ptr>, freed: &mut Vec<u64>) {
     let Slot::Dirty(f) = frozen else { return };
-    let wrote = written.get(&Arc::as_ptr(f)).copied();
+    let wrote = written.get(&node_id(f)).copied();
     match live {
         // Unchanged since the freeze, and so is everything below it (a change copies every
         // node on its path).
@@ -702,12 +703,12 @@ fn reconcile(live: &mut Slot, frozen: &Slot, level: u32, written: &HashMap<*cons
 fn harvest(
     slot: &mut Slot,
     level: u32,
-    written: &HashMap<*const Node, Ptr>,
+    written: &HashMap<usize, Ptr>,
     gone: &std::collections::HashSet<u64>,
     kept: &mut Vec<(u64, Hash, u32, Arc<Node>)>,
 ) {
     let Slot::Dirty(node) = slot else { return };
-    let Some(ptr) = written.get(&Arc::as_ptr(node)).copied() else { return };
+    let Some(ptr) = written.get(&node_id(node)).copied() else { return };
     let Some(inner) = Arc::get_mut(node) else { return };
     if level > 0 {
         for child in inner.slots.iter_mut() {
@@ -721,7 +722,7 @@ fn harvest(
     // became empty) and are clean references now.
     for child in inner.slots.iter_mut() {
         if let Slot::Dirty(c) = child {
-            *child = written.get(&Arc::as_ptr(c)).map_or(Slot::Empty, |p| Slot::Clean(*p));
+            *child = written.get(&node_id(c)).map_or(Slot::Empty, |p| Slot::Clean(*p));
         }
     }
     if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Clean(ptr)) {
@@ -730,8 +731,8 @@ fn harvest(
 }
 
 /// The blocks written for the frozen subtree `node` (at `level`).
-fn free_written(node: &Arc<Node>, level: u32, written: &HashMap<*const Node, Ptr>, freed: &mut Vec<u64>) {
-    freed.extend(written.get(&Arc::as_ptr(node)).map(|p| p.block));
+fn free_written(node: &Arc<Node>, level: u32, written: &HashMap<usize, Ptr>, freed: &mut Vec<u64>) {
+    freed.extend(written.get(&node_id(node)).map(|p| p.block));
     if level > 0 {
         for child in &node.slots {
             if let Slot::Dirty(c) = child {
@@ -768,7 +769,7 @@ struct Writer<'a> {
     arena: &'a mut AlignedBuf,
     /// Nodes written so far (the next block and arena block to use).
     next: usize,
-    written: HashMap<*const Node, Ptr>,
+    written: HashMap<usize, Ptr>,
 }
 
 impl Writer<'_> {
@@ -816,7 +817,7 @@ impl Writer<'_> {
         };
         let ptr = Ptr { block, hash: hash::tree_node(bytes) };
         self.next += 1;
-        self.written.insert(Arc::as_ptr(node), ptr);
+        self.written.insert(node_id(node), ptr);
         Ok(Some(ptr))
     }
 }
@@ -990,12 +991,6 @@ mod tests {
     /// root; freed node blocks are exactly those no longer reachable.
     #[test]
     fn random_updates_match_a_model_across_flushes() {
-        fn count_dirty(slot: &Slot) -> u64 {
-            match slot {
-                Slot::Dirty(node) => 1 + node.slots.iter().map(count_dirty).sum::<u64>(),
-                _ => 0,
-            }
-        }
         for seed in 0..40u64 {
             let disk = SimDisk::new(40_000 * BLOCK, seed);
             let mut rng = Rng::new(seed);
