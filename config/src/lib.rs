@@ -76,6 +76,8 @@ pub const BLOCK: u64 = 4096;
 pub const MIN_LOG_SIZE: u64 = 64 << 10;
 /// The longest unix socket path `bind` takes on Linux (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+/// NBD proto.md: an export name is at most 4096 bytes.
+pub const MAX_EXPORT_NAME: usize = 4096;
 
 /// The whole configuration; see the crate docs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +126,10 @@ pub struct ServerConfig {
     /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
     #[serde(with = "serde_path")]
     pub socket: PathBuf,
+    /// The name the volume is exported under (NBD_OPT_LIST, NBD_OPT_INFO); the default
+    /// export "" reaches it too, any other name is refused. At most 4096 bytes of UTF-8, not
+    /// empty. Default `rblk`.
+    pub export_name: String,
     /// Client connections served at once (at least 1); further clients wait in the listening
     /// backlog until a slot frees. Default 64.
     pub max_connections: usize,
@@ -155,6 +161,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("rblk.sock"),
+            export_name: "rblk".to_string(),
             max_connections: 64,
             read_only: false,
             max_inflight: 64 << 20,
@@ -433,6 +440,13 @@ impl Config {
             return invalid(
                 "server.socket",
                 format!("is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}"),
+            );
+        }
+        // NBD proto.md: names are UTF-8 of at most 4096 bytes; "" is the default export.
+        if s.export_name.is_empty() || s.export_name.len() > MAX_EXPORT_NAME {
+            return invalid(
+                "server.export_name",
+                format!("must be 1 to {MAX_EXPORT_NAME} bytes long, got {}", s.export_name.len()),
             );
         }
         if s.max_connections == 0 {

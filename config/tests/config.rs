@@ -39,6 +39,7 @@ fn defaults_validate() {
     assert_eq!(c.volume.size, 1 << 30);
     assert_eq!(c.volume.log_size, 64 << 20);
     assert_eq!(c.server.socket, PathBuf::from("rblk.sock"));
+    assert_eq!(c.server.export_name, "rblk");
     assert_eq!(c.server.max_connections, 64);
     assert_eq!(c.server.max_inflight, 64 << 20);
     assert_eq!(c.server.max_inflight_per_connection, 32 << 20);
@@ -169,6 +170,8 @@ fn every_rule_rejects_naming_the_key() {
         ("[volume]\nlog_size = 65537".into(), "volume.log_size", "multiple of 4096"),
         ("[server]\nsocket = \"\"".into(), "server.socket", "must not be empty"),
         (format!("[server]\nsocket = \"{long_socket}\""), "server.socket", "at most 107"),
+        ("[server]\nexport_name = \"\"".into(), "server.export_name", "1 to 4096 bytes long, got 0"),
+        (format!("[server]\nexport_name = \"{}\"", "e".repeat(4097)), "server.export_name", "got 4097"),
         ("[server]\nmax_connections = 0".into(), "server.max_connections", "at least 1"),
         ("[server]\nmax_inflight = \"512K\"".into(), "server.max_inflight", "at least 1M"),
         (
