@@ -217,3 +217,23 @@ fn qemu_io_reconnects_through_driver_kills_with_roots_on_a_separate_device() {
     let image = std::fs::read(dir.path("v.img")).expect("image");
     assert!(!image[..3 * 4096].windows(8).any(|w| w == b"RBLKROOT"), "roots must not be on the image");
 }
+
+/// A driver stopped and continued (a debugger, the cgroup freezer) goes on beating: the
+/// kernel resumes its interrupted sleeps with restart_syscall, which the sandbox allows
+/// (denied, the heartbeat thread died on the EPERM and the supervisor killed a healthy
+/// driver for silence).
+#[test]
+fn a_stopped_and_continued_driver_keeps_serving() {
+    let dir = Scratch::new("sigstop");
+    let serve = Serve::start(&dir, QUICK, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let pid = serve.driver_pid();
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_millis(400));
+    kill(Pid::from_raw(pid), Signal::SIGCONT).expect("SIGCONT");
+    // Three heartbeat timeouts later it is still the same, unrestarted driver.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(serve.driver_pid(), pid, "{}", serve.log_tail());
+    assert!(!serve.log().contains("driver died"), "{}", serve.log_tail());
+    assert!(serve.stop().success());
+}
