@@ -13,6 +13,7 @@ mod chaos;
 mod format;
 mod inspect;
 mod supervisor;
+mod systemd;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -71,6 +72,8 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("systemd")]
+    Systemd(#[from] systemd::SystemdError),
     #[error("binding {}", path.display())]
     Bind {
         path: PathBuf,
@@ -253,6 +256,10 @@ fn open_device(path: &Path) -> Result<Arc<dyn Device>, CliError> {
 }
 
 fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
+    // First, before any file is opened: what a service manager handed over.
+    let inherited = systemd::listen_fd()?;
+    let socket_activated = inherited.is_some();
+    let mut notify = systemd::Notifier::from_env()?;
     let mut cfg = match w.take("--config") {
         Some(path) => config::Config::load(Path::new(&path))?,
         None => config::Config::default(),
@@ -290,14 +297,26 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
         image: open_rw(&image)?,
         image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
         root: root.as_deref().map(open_rw).transpose()?,
-        listener: bind(&cfg.server.socket)?,
+        listener: match inherited {
+            Some(listener) => listener,
+            None => bind(&cfg.server.socket)?,
+        },
     };
-    let socket = cfg.server.socket.clone();
-    let absolute = std::fs::canonicalize(&socket).unwrap_or_else(|_| socket.clone());
+    // An inherited socket belongs to the service manager (it removes its file); one we bound
+    // is removed when we stop.
+    let (path, ours) = if socket_activated {
+        let addr = held.listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
+        (addr.as_pathname().map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf), false)
+    } else {
+        (cfg.server.socket.clone(), true)
+    };
+    let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
     println!("nbd+unix:///?socket={}", absolute.display());
     let driver = driver_binary()?;
-    let result = supervisor::supervise(&driver, &held, &cfg, &stop, &log);
-    let _ = std::fs::remove_file(&socket);
+    let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
+    if ours {
+        let _ = std::fs::remove_file(&path);
+    }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

@@ -12,6 +12,12 @@
 //! beats; after `heartbeat_timeout` of silence it is killed (SIGKILL) and restarted. Every
 //! restart is logged with its cause, the incarnation and the recovery time. SIGTERM/SIGINT
 //! stop the driver cleanly (it checkpoints) and end the supervisor with exit 0.
+//!
+//! Under systemd (see `systemd.rs`) it says `READY=1` once the first incarnation serves,
+//! keeps `STATUS=` current (incarnation, recovery, restarts), and pings the watchdog only
+//! while there is progress: a driver beating, a driver recovering within its allowance, or a
+//! backoff between starts. A hung driver that the supervisor fails to replace thus stops the
+//! pings, and systemd's own watchdog takes over.
 
 use std::fs::File;
 use std::io::Read;
@@ -28,6 +34,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use slog::{error, info, warn, Logger};
+
+use crate::systemd::{Notifier, DRIVER_ENV_REMOVED};
 
 /// What the supervisor holds for the driver.
 #[derive(Debug)]
@@ -75,9 +83,11 @@ pub fn supervise(
     held: &Held,
     cfg: &config::Config,
     stop: &AtomicBool,
+    notify: &mut Notifier,
     log: &Logger,
 ) -> Result<(), SupervisorError> {
     let s = &cfg.supervisor;
+    let mut announced = false;
     let mut failed_starts = 0u32;
     let mut backoff = s.restart_backoff;
     for incarnation in 1u64.. {
@@ -85,11 +95,14 @@ pub fn supervise(
         let (mut child, beats) =
             spawn(driver, held, cfg).map_err(|source| SupervisorError::Start { driver: driver.clone(), source })?;
         info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
-        let end = watch(&mut child, beats, cfg, stop, incarnation, log);
+        notify.notify(&format!("STATUS=incarnation {incarnation}: recovering"));
+        let mut seen = Seen { notify: &mut *notify, announced: &mut announced, incarnation };
+        let end = watch(&mut child, beats, cfg, stop, &mut seen, log);
         let Some(Death { cause, ready }) = end else {
             info!(log, "stopped"; "incarnation" => incarnation);
             return Ok(());
         };
+        notify.notify(&format!("STATUS=incarnation {incarnation} died ({cause}); restarting"));
         let uptime_ms = started.elapsed().as_millis() as u64;
         warn!(log, "driver died"; "incarnation" => incarnation, "cause" => &cause, "uptime_ms" => uptime_ms, "was_ready" => ready);
         if ready {
@@ -102,11 +115,12 @@ pub fn supervise(
         if failed_starts >= s.max_failed_starts {
             let give_up = SupervisorError::CrashLoop { failed_starts, last_cause: cause };
             error!(log, "giving up"; "why" => give_up.to_string());
+            notify.notify(&format!("STATUS={give_up}"));
             return Err(give_up);
         }
         info!(log, "backing off"; "ms" => backoff.as_millis() as u64, "failed_starts" => failed_starts,
             "why" => "the incarnation ended before it was ready");
-        if sleep_unless(stop, backoff) {
+        if sleep_unless(stop, backoff, notify) {
             return Ok(());
         }
         backoff = (backoff * 2).min(s.restart_backoff_max);
@@ -121,12 +135,36 @@ struct Death {
     ready: bool,
 }
 
-/// Sleeps `d` in small steps; true if `stop` was set meanwhile.
-fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+/// What `watch` tells the service manager as an incarnation makes progress.
+struct Seen<'a> {
+    notify: &'a mut Notifier,
+    /// `READY=1` was sent (once per supervisor, on the first incarnation that serves).
+    announced: &'a mut bool,
+    incarnation: u64,
+}
+
+impl Seen<'_> {
+    fn ready(&mut self, recovery: &str) {
+        let status = format!("STATUS=serving: incarnation {}, recovery {recovery}", self.incarnation);
+        if !*self.announced {
+            *self.announced = true;
+            self.notify.notify(&format!("READY=1\n{status}"));
+        } else {
+            self.notify.notify(&status);
+        }
+    }
+}
+
+/// Sleeps `d` in small steps (the backoff is progress: the watchdog is fed); true if `stop`
+/// was set meanwhile.
+fn sleep_unless(stop: &AtomicBool, d: Duration, notify: &mut Notifier) -> bool {
     let until = Instant::now() + d;
     while Instant::now() < until {
         if stop.load(Ordering::SeqCst) {
             return true;
+        }
+        if notify.watchdog_due() {
+            notify.watchdog();
         }
         std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
     }
@@ -152,6 +190,9 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
         cmd.arg(flag).arg(fd.as_raw_fd().to_string());
     }
     cmd.arg("--config-toml").arg(cfg.to_toml_string()).stdin(Stdio::null());
+    for name in DRIVER_ENV_REMOVED {
+        cmd.env_remove(name);
+    }
     // Exactly these descriptors cross the exec: close-on-exec is cleared on them for the spawn
     // only (std opens everything else with it set).
     for (_, fd) in &inherit {
@@ -177,18 +218,27 @@ fn watch(
     mut beats: File,
     cfg: &config::Config,
     stop: &AtomicBool,
-    incarnation: u64,
+    seen: &mut Seen<'_>,
     log: &Logger,
 ) -> Option<Death> {
+    let incarnation = seen.incarnation;
     let timeout = cfg.supervisor.heartbeat_timeout;
     let mut last = Instant::now();
     let mut ready = false;
     let mut pending = Vec::new();
     let mut open = true;
+    // A line from the driver since the watchdog's last ping.
+    let mut progressed = false;
     loop {
         if stop.load(Ordering::SeqCst) {
+            seen.notify.notify("STOPPING=1");
             stop_driver(child, log);
             return None;
+        }
+        // Recovering within its allowance counts as progress; serving counts only with beats.
+        if seen.notify.watchdog_due() && (progressed || !ready) {
+            seen.notify.watchdog();
+            progressed = false;
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Some(Death { cause: describe(status), ready });
@@ -220,9 +270,11 @@ fn watch(
                     let line: Vec<u8> = pending.drain(..=at).collect();
                     let line = String::from_utf8_lossy(&line[..at]).into_owned();
                     last = Instant::now();
+                    progressed = true;
                     if let Some(rest) = line.strip_prefix("ready ") {
                         ready = true;
                         info!(log, "driver ready"; "incarnation" => incarnation, "recovery" => rest);
+                        seen.ready(rest);
                     }
                 }
             }

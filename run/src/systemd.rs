@@ -1,0 +1,194 @@
+//! The systemd conventions `rblk serve` follows, without libsystemd (as nbdkit and qemu-nbd do):
+//!
+//! - **Socket activation** (sd_listen_fds(3)): when `LISTEN_PID` names this process and
+//!   `LISTEN_FDS` is 1, descriptor 3 is the listening socket to serve instead of binding one.
+//!   It must be a listening stream socket; anything else is refused, not guessed at.
+//! - **Notification** (sd_notify(3)): datagrams to `NOTIFY_SOCKET` (a path, or `@name` for
+//!   an abstract socket): `READY=1` once the first driver incarnation serves, `STATUS=` lines
+//!   with the incarnation and its recovery, `STOPPING=1` on a requested stop.
+//! - **Watchdog**: with `WATCHDOG_USEC` set (and `WATCHDOG_PID`, if set, naming this
+//!   process), `WATCHDOG=1` at half the interval while the service makes progress. The
+//!   supervisor decides what progress is (the driver's heartbeat), so a hung driver that the
+//!   supervisor fails to replace lets systemd's watchdog fire.
+//!
+//! None of these variables reach the driver (`DRIVER_ENV_REMOVED`): they describe the
+//! supervisor's process, not the driver's.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage};
+
+/// The first descriptor systemd passes (SD_LISTEN_FDS_START).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The environment of the supervisor's own service manager, removed from the driver's.
+pub const DRIVER_ENV_REMOVED: &[&str] =
+    &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// Why an inherited socket or the notification settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("{name}={value:?} is not a number")]
+    NotANumber { name: &'static str, value: String },
+    #[error("LISTEN_FDS={0}: rblk serves one socket, pass exactly one")]
+    FdCount(u32),
+    #[error("the inherited descriptor {fd} is not usable")]
+    Inspect {
+        fd: RawFd,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("the inherited descriptor {fd} is not a listening unix stream socket ({what})")]
+    NotAListener { fd: RawFd, what: &'static str },
+    #[error("NOTIFY_SOCKET={0:?} is neither an absolute path nor @abstract")]
+    NotifySocket(String),
+}
+
+fn env_number(name: &'static str) -> Result<Option<u64>, SystemdError> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(value) => value.trim().parse().map(Some).map_err(|_| SystemdError::NotANumber { name, value }),
+    }
+}
+
+/// The listening socket systemd passed, if it passed one to this process. Takes ownership of
+/// descriptor 3, marks it close-on-exec (the supervisor hands it to each driver explicitly)
+/// and removes the `LISTEN_*` variables, as sd_listen_fds(1) does.
+pub fn listen_fd() -> Result<Option<UnixListener>, SystemdError> {
+    let ours = env_number("LISTEN_PID")? == Some(u64::from(std::process::id()));
+    let count = env_number("LISTEN_FDS")?;
+    for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(name);
+    }
+    let count = match (ours, count) {
+        (true, Some(n)) if n > 0 => n,
+        _ => return Ok(None),
+    };
+    if count != 1 {
+        return Err(SystemdError::FdCount(count as u32));
+    }
+    let fd = LISTEN_FDS_START;
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|source| SystemdError::Inspect { fd, source })?;
+    // SAFETY: systemd passed descriptor 3 to this process (LISTEN_PID is ours) and nothing
+    // else in rblk opens or owns it: it is taken exactly once, here, before any file is opened.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let inspect = |source| SystemdError::Inspect { fd, source };
+    let family = match nix::sys::socket::getsockname::<SockaddrStorage>(fd) {
+        Err(nix::Error::ENOTSOCK) => return Err(SystemdError::NotAListener { fd, what: "not a socket" }),
+        other => other.map_err(inspect)?.family(),
+    };
+    if family != Some(AddressFamily::Unix) {
+        return Err(SystemdError::NotAListener { fd, what: "not a unix socket" });
+    }
+    if getsockopt(&owned, sockopt::SockType).map_err(inspect)? != SockType::Stream {
+        return Err(SystemdError::NotAListener { fd, what: "not a stream socket" });
+    }
+    if !getsockopt(&owned, sockopt::AcceptConn).map_err(inspect)? {
+        return Err(SystemdError::NotAListener { fd, what: "not listening" });
+    }
+    Ok(Some(UnixListener::from(owned)))
+}
+
+/// Where the service manager listens for notifications, and the watchdog interval.
+/// Without `NOTIFY_SOCKET` every call does nothing.
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<(UnixDatagram, SocketAddr)>,
+    /// Half the watchdog interval (sd_watchdog_enabled(3) advises pinging at least that often).
+    ping_every: Option<Duration>,
+    last_ping: Instant,
+}
+
+impl Notifier {
+    /// A notifier that says nothing (not started by a service manager).
+    pub fn none() -> Notifier {
+        Notifier { target: None, ping_every: None, last_ping: Instant::now() }
+    }
+
+    /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, then removes them.
+    pub fn from_env() -> Result<Notifier, SystemdError> {
+        let socket = std::env::var("NOTIFY_SOCKET").ok();
+        let usec = env_number("WATCHDOG_USEC")?;
+        let pid = env_number("WATCHDOG_PID")?;
+        for name in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            std::env::remove_var(name);
+        }
+        let mut n = Notifier::none();
+        let Some(socket) = socket else { return Ok(n) };
+        let addr = if let Some(name) = socket.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name.as_bytes())
+        } else if socket.starts_with('/') {
+            SocketAddr::from_pathname(PathBuf::from(&socket))
+        } else {
+            return Err(SystemdError::NotifySocket(socket));
+        }
+        .map_err(|_| SystemdError::NotifySocket(socket.clone()))?;
+        let sock = UnixDatagram::unbound().map_err(|_| SystemdError::NotifySocket(socket))?;
+        n.target = Some((sock, addr));
+        let ours = pid.is_none_or(|p| p == u64::from(std::process::id()));
+        n.ping_every = usec.filter(|&u| u > 0 && ours).map(|u| Duration::from_micros(u) / 2);
+        Ok(n)
+    }
+
+    /// Sends one notification (newline-separated `KEY=value` lines). Best effort: a service
+    /// manager that went away must not stop the service.
+    pub fn notify(&self, state: &str) {
+        if let Some((sock, addr)) = &self.target {
+            let _ = sock.send_to_addr(state.as_bytes(), addr);
+        }
+    }
+
+    /// Whether the watchdog is on and due for a ping.
+    pub fn watchdog_due(&self) -> bool {
+        self.ping_every.is_some_and(|every| self.last_ping.elapsed() >= every)
+    }
+
+    /// Pings the watchdog (the caller saw progress since the last ping).
+    pub fn watchdog(&mut self) {
+        if self.ping_every.is_some() {
+            self.notify("WATCHDOG=1");
+            self.last_ping = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notifier_sends_each_state_as_one_datagram_to_a_path_socket() {
+        let dir = std::env::temp_dir().join(format!("rblk-notify-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier {
+            target: Some((UnixDatagram::unbound().unwrap(), SocketAddr::from_pathname(&path).unwrap())),
+            ping_every: None,
+            last_ping: Instant::now(),
+        };
+        n.notify("READY=1\nSTATUS=serving");
+        let mut buf = [0u8; 64];
+        let got = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..got], b"READY=1\nSTATUS=serving");
+        assert!(!n.watchdog_due(), "no watchdog without WATCHDOG_USEC");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_watchdog_is_due_at_half_its_interval() {
+        let mut n = Notifier::none();
+        n.ping_every = Some(Duration::from_millis(20));
+        assert!(!n.watchdog_due());
+        std::thread::sleep(Duration::from_millis(25));
+        assert!(n.watchdog_due());
+        n.watchdog();
+        assert!(!n.watchdog_due());
+    }
+}

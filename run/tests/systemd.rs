@@ -1,0 +1,214 @@
+//! `rblk serve` under systemd's conventions: readiness, status and watchdog notifications
+//! on a test NOTIFY_SOCKET; socket activation by `systemd-socket-activate` with a real
+//! client; the shipped unit files accepted by `systemd-analyze verify`.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod common;
+use common::{have, Scratch, Serve};
+
+/// The notifications received on a datagram socket, one string per datagram.
+struct Notifications(UnixDatagram);
+
+impl Notifications {
+    fn bind(path: &std::path::Path) -> Notifications {
+        let sock = UnixDatagram::bind(path).expect("notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        Notifications(sock)
+    }
+
+    /// Everything that arrives within `d`.
+    fn collect(&self, d: Duration) -> Vec<String> {
+        let until = Instant::now() + d;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until {
+            if let Ok(n) = self.0.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    }
+
+    /// Receives until one datagram contains `what`; returns all received, that one last.
+    fn until(&self, what: &str, within: Duration) -> Vec<String> {
+        let until = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until {
+            if let Ok(n) = self.0.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = msg.contains(what);
+                got.push(msg);
+                if done {
+                    return got;
+                }
+            }
+        }
+        panic!("no notification containing {what:?} within {within:?}; got {got:?}");
+    }
+}
+
+fn count(msgs: &[String], what: &str) -> usize {
+    msgs.iter().flat_map(|m| m.lines()).filter(|l| *l == what).count()
+}
+
+/// READY=1 exactly once, when the first driver serves; STATUS= through a restart; the
+/// watchdog pinged while the driver beats, silent while it is hung (SIGSTOP), again once it
+/// moves; STOPPING=1 on SIGTERM. None of it reaches the driver's environment.
+#[test]
+fn notifications_follow_the_driver() {
+    let dir = Scratch::new("sd-notify");
+    let notify = Notifications::bind(&dir.path("notify"));
+    let notify_path = dir.path("notify");
+    // The supervisor's own patience is long: only the watchdog pings show the hang.
+    let cfg = "[supervisor]\nheartbeat = \"50ms\"\nheartbeat_timeout = \"20s\"\n";
+    let mut serve = Serve::start(
+        &dir,
+        cfg,
+        &[("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8")), ("WATCHDOG_USEC", "300000")],
+    );
+    let first = notify.until("READY=1", Duration::from_secs(60));
+    assert!(first.iter().any(|m| m.contains("STATUS=incarnation 1: recovering")), "{first:?}");
+    let ready = first.last().expect("the READY datagram");
+    assert!(ready.contains("STATUS=serving: incarnation 1, recovery ms="), "{ready:?}");
+
+    let driver = serve.driver_pid();
+    let environ = std::fs::read(format!("/proc/{driver}/environ")).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    for name in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS"] {
+        assert!(!environ.contains(name), "{name} reached the driver");
+    }
+
+    // Serving and beating (a node ticks, so an idle driver beats too): pinged every 150 ms.
+    let serving = notify.collect(Duration::from_millis(1500));
+    assert!(count(&serving, "WATCHDOG=1") >= 4, "{serving:?}");
+
+    // Hung: no beats, so no pings (the supervisor has not given up on it yet).
+    kill(Pid::from_raw(driver), Signal::SIGSTOP).expect("SIGSTOP");
+    notify.collect(Duration::from_millis(400)); // what was already on its way
+    let hung = notify.collect(Duration::from_millis(1500));
+    assert_eq!(count(&hung, "WATCHDOG=1"), 0, "pinged while the driver was hung: {hung:?}");
+    kill(Pid::from_raw(driver), Signal::SIGCONT).expect("SIGCONT");
+    let moving = notify.collect(Duration::from_millis(1500));
+    assert!(count(&moving, "WATCHDOG=1") >= 2, "{moving:?}\n{}", serve.log_tail());
+
+    // A restart is reported, but readiness only once.
+    kill(Pid::from_raw(driver), Signal::SIGKILL).expect("SIGKILL");
+    let restart = notify.until("STATUS=serving: incarnation 2", Duration::from_secs(60));
+    assert!(restart.iter().any(|m| m.contains("STATUS=incarnation 1 died (killed by signal 9")), "{restart:?}");
+    assert_eq!(count(&restart, "READY=1"), 0, "{restart:?}");
+
+    let supervisor = serve.child.id();
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGTERM).expect("SIGTERM");
+    notify.until("STOPPING=1", Duration::from_secs(30));
+    assert!(serve.child.wait().expect("wait").success());
+}
+
+/// `systemd-socket-activate` holds the socket and starts `rblk serve` on the first
+/// connection; that client (waiting in the backlog) is served. The socket file is the
+/// manager's: rblk leaves it in place.
+#[test]
+fn socket_activation_serves_the_first_client() {
+    if !have("systemd-socket-activate") || !have("qemu-io") {
+        return;
+    }
+    let dir = Scratch::new("sd-activate");
+    let socket = dir.path("activated.sock");
+    let image = dir.path("v.img");
+    let format = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("format")
+        .arg(&image)
+        .args(["--size", "64M"])
+        .output()
+        .expect("rblk format");
+    assert!(format.status.success(), "{format:?}");
+    let log = std::fs::File::create(dir.path("serve.log")).expect("log");
+    let mut activator = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&socket)
+        .arg(format!("--setenv=RBLK_DRIVER={}", env!("CARGO_BIN_EXE_rblk-driver")))
+        .arg("--setenv=RBLK_LOG=info")
+        .arg(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(&image)
+        // A socket path that must not be used: the inherited one wins.
+        .arg("--socket")
+        .arg(dir.path("unused.sock"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let io = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5a 4096 1M", "-c", "read -P 0x5a 4096 1M"])
+        .output()
+        .expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&io.stdout), String::from_utf8_lossy(&io.stderr));
+    let served = std::fs::read_to_string(dir.path("serve.log")).unwrap_or_default();
+    assert!(io.status.success() && !text.contains("fail"), "qemu-io:\n{text}\nserve log:\n{served}");
+    assert!(!dir.path("unused.sock").exists(), "rblk bound its own socket instead of the inherited one");
+
+    kill(Pid::from_raw(activator.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = activator.wait().expect("wait");
+    let served = std::fs::read_to_string(dir.path("serve.log")).unwrap_or_default();
+    assert!(status.success(), "rblk serve under systemd-socket-activate ended with {status}:\n{served}");
+    assert!(socket.exists(), "rblk removed the socket file it did not create");
+}
+
+/// An inherited descriptor that is not a listening unix stream socket is refused with a
+/// clear error, not served.
+#[test]
+fn a_wrong_inherited_descriptor_is_refused() {
+    let dir = Scratch::new("sd-wrongfd");
+    let file = dir.path("not-a-socket");
+    std::fs::write(&file, b"x").expect("file");
+    // A shell makes descriptor 3 a plain file and execs rblk with its own pid as LISTEN_PID.
+    let script = format!(
+        "exec 3<'{}'; LISTEN_PID=$$ LISTEN_FDS=1 exec '{}' serve '{}' --socket '{}' --size 64M",
+        file.display(),
+        env!("CARGO_BIN_EXE_rblk"),
+        dir.path("v.img").display(),
+        dir.path("s.sock").display()
+    );
+    let out = Command::new("sh").arg("-c").arg(script).output().expect("sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served a plain file as a socket: {err}");
+    assert!(err.contains("is not a listening unix stream socket (not a socket)"), "{err}");
+    assert!(!dir.path("s.sock").exists());
+}
+
+/// The unit files as shipped pass `systemd-analyze verify` (the ExecStart binary pointed at
+/// the one just built, since nothing is installed).
+#[test]
+fn unit_files_verify() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let dir = Scratch::new("sd-units");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
+    let service = std::fs::read_to_string(src.join("rblk@.service")).expect("rblk@.service");
+    assert!(service.contains("ExecStart=/usr/bin/rblk serve"), "{service}");
+    assert!(service.contains("Type=notify") && service.contains("WatchdogSec="), "{service}");
+    let service = service.replace("/usr/bin/rblk", env!("CARGO_BIN_EXE_rblk"));
+    std::fs::write(dir.path("rblk@vol0.service"), service).expect("write");
+    std::fs::copy(src.join("rblk@.socket"), dir.path("rblk@vol0.socket")).expect("copy");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path("rblk@vol0.service"))
+        .arg(dir.path("rblk@vol0.socket"))
+        .output()
+        .expect("systemd-analyze");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+}
