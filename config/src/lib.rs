@@ -46,6 +46,8 @@
 //!   (names or numeric ids, e.g. `"65534"`).
 //! - `[log]` — `level = "info"`: one of trace, debug, info, warning, error, critical. The
 //!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
+//!   `format = "text"` (one line per event, RFC 3339 UTC timestamps) or `"json"` (one JSON
+//!   object per line: `ts`, `level`, `msg` and the event's keys).
 //!
 //! Sizes are whole bytes, written as a TOML integer (`4096`) or a string with a binary unit
 //! (`"64K"`, `"16M"`, `"1G"`, `"2T"`); durations are strings with a unit (`"500ms"`, `"30s"`,
@@ -304,6 +306,19 @@ impl Default for SupervisorConfig {
 pub struct LogConfig {
     /// The least severe level logged. Default `info`. `RBLK_LOG` overrides it.
     pub level: LogLevel,
+    /// How each event is written on stderr. Default `text`.
+    pub format: LogFormat,
+}
+
+/// How log events are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event: RFC 3339 timestamp, level, message, `key: value` pairs.
+    #[default]
+    Text,
+    /// One JSON object per line (`ts`, `level`, `msg`, then the keys), for log collectors.
+    Json,
 }
 
 /// A log level, least to most severe (slog's levels). Written in lower case; `warn` is

@@ -164,7 +164,7 @@ pub fn main() -> ExitCode {
         }
     };
     raft_state::failpoints_from_env();
-    let log = driver::logger(cfg.log.level.as_str());
+    let log = driver::logger(&cfg.log);
     let stop = match driver::stop_on_signals(&log) {
         Ok(s) => s,
         Err(e) => {

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod conn;
 mod error;
 mod heartbeat;
+mod logging;
 pub mod node;
 pub mod queue;
 pub mod sandbox;
@@ -41,6 +42,7 @@ use slog::{info, warn, Logger};
 
 pub use error::{error_chain, DriverError};
 pub use heartbeat::Heartbeat;
+pub use logging::{logger, raft_logger};
 pub use node::NodeConfig;
 
 /// Everything the driver is told.
@@ -207,17 +209,6 @@ fn client_waiting(listener: &UnixListener) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
-/// A logger to stderr at `level` (trace, debug, info, warning, error, critical); the
-/// environment variable `RBLK_LOG` overrides it.
-pub fn logger(level: &str) -> Logger {
-    use slog::Drain;
-    let level = std::env::var("RBLK_LOG").unwrap_or_else(|_| level.to_string());
-    let level = level.parse::<slog::Level>().unwrap_or(slog::Level::Info);
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator).build().filter_level(level).fuse();
-    Logger::root(drain, slog::o!())
 }
 
 /// Blocks SIGTERM and SIGINT in this thread and every thread started after, and starts a

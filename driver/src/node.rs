@@ -180,7 +180,7 @@ fn node_loop(
         ..Default::default()
     };
     raft_cfg.validate().map_err(|source| DriverError::Raft { what: "configuration", source })?;
-    let raft_log = log.new(slog::o!("raft" => 1));
+    let raft_log = crate::raft_logger(&log.new(slog::o!("raft" => 1)));
     let mut node =
         RawNode::new(&raft_cfg, store, &raft_log).map_err(|source| DriverError::Raft { what: "start", source })?;
     // A single node elects itself at once; its first entry (the leader's no-op) commits

@@ -552,7 +552,7 @@ fn run_inner(schedule: &Schedule, trace: bool, report: &mut Report) -> Result<()
     cfg.node.write_once_min = schedule.write_once_min;
     // The node looks at its stop flag once per tick: a short one makes each stop quick.
     cfg.node.tick = Duration::from_millis(2);
-    let log = if trace { driver::logger("info") } else { Logger::root(Discard, o!()) };
+    let log = if trace { driver::logger(&config::LogConfig::default()) } else { Logger::root(Discard, o!()) };
     let scratch = Scratch::new(seed);
     let mut incarnations = 0;
     let mut socket = || {

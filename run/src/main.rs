@@ -276,7 +276,7 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     }
     // Flags may have changed what the file said: the same rules apply.
     cfg.validate()?;
-    let log = driver::logger(cfg.log.level.as_str());
+    let log = driver::logger(&cfg.log);
     let stop = driver::stop_on_signals(&log).map_err(CliError::Signals)?;
     let image = cfg.volume.image.clone();
     let root = cfg.volume.root_device.clone();

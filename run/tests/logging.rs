@@ -1,0 +1,66 @@
+//! The log as operators and collectors read it: `[log] format = "json"` gives one JSON object
+//! per line with an RFC 3339 timestamp, text lines start with one too, and raft-rs's routine
+//! start-up events are at debug, not info.
+
+use std::time::Duration;
+
+mod common;
+use common::{Scratch, Serve};
+
+fn is_rfc3339_utc(ts: &str) -> bool {
+    // 2026-12-02T13:04:05.123Z
+    let b = ts.as_bytes();
+    b.len() == 24
+        && ts.ends_with('Z')
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'.'
+        && ts[..4].parse::<u32>().is_ok_and(|y| y >= 2024)
+}
+
+/// Runs a server until it serves, stops it, and returns its log.
+fn serve_log(name: &str, config: &str, env: &[(&str, &str)]) -> String {
+    let dir = Scratch::new(name);
+    let serve = Serve::start(&dir, config, env);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let log_path = serve.log.clone();
+    assert!(serve.stop().success());
+    std::fs::read_to_string(log_path).expect("log")
+}
+
+#[test]
+fn json_lines_from_supervisor_and_driver() {
+    let log = serve_log("log-json", "[log]\nformat = \"json\"\n", &[]);
+    let mut events = Vec::new();
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = v["ts"].as_str().unwrap_or_else(|| panic!("no ts: {line}"));
+        assert!(is_rfc3339_utc(ts), "{ts}");
+        assert!(v["level"].is_string(), "{line}");
+        events.push(v["msg"].as_str().unwrap_or_else(|| panic!("no msg: {line}")).to_string());
+    }
+    // The supervisor's and the driver's events, each with its keys.
+    for msg in ["driver started", "sandboxed", "volume recovered", "serving", "driver ready", "stopped"] {
+        assert!(events.iter().any(|e| e == msg), "no {msg:?} event in\n{log}");
+    }
+    // Nothing else but the one line `format` prints when it makes the image.
+    let other: Vec<&str> = log.lines().filter(|l| !l.starts_with('{') && !l.starts_with("formatted ")).collect();
+    assert!(other.is_empty(), "lines that are not JSON: {other:?}");
+}
+
+#[test]
+fn text_lines_start_with_an_rfc3339_timestamp_and_raft_routine_is_debug() {
+    let log = serve_log("log-text", "", &[("RBLK_LOG", "info")]);
+    for line in log.lines().filter(|l| !l.starts_with("formatted ")) {
+        let ts = line.split(' ').next().unwrap_or_default();
+        assert!(is_rfc3339_utc(ts), "{line}");
+    }
+    for routine in ["became leader", "RawNode created", "newRaft"] {
+        assert!(!log.contains(routine), "raft-rs's {routine:?} logged at info:\n{log}");
+    }
+    let debug = serve_log("log-debug", "", &[("RBLK_LOG", "debug")]);
+    assert!(debug.contains("DEBG became leader"), "raft-rs's events are kept at debug:\n{debug}");
+}
