@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--metrics-fd N] [--config-toml TEXT]
 //! ```
+//! `--metrics-fd` is the supervisor's metrics page (`driver::metrics`), mapped before the
+//! sandbox is entered; a page that is not one (wrong size or version) is logged and ignored.
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
 //! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
 //! it becomes the configured unprivileged user; always no_new_privs and seccomp.
@@ -32,6 +34,7 @@ struct Args {
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
     heartbeat_fd: Option<RawFd>,
+    metrics_fd: Option<RawFd>,
     config: Option<PathBuf>,
     config_toml: Option<String>,
 }
@@ -50,6 +53,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
             "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
+            "--metrics-fd" => a.metrics_fd = Some(fd(value()?)?),
             "--config" => a.config = Some(value()?.into()),
             "--config-toml" => a.config_toml = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
@@ -61,7 +65,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--metrics-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -175,7 +179,7 @@ pub fn main() -> ExitCode {
     let opened = (|| -> Result<_, String> {
         // Nothing but what was handed over stays open (a parent may leak descriptors). First,
         // before the devices open descriptors of their own (their io_uring rings).
-        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.heartbeat_fd, args.metrics_fd];
         if args.socket_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
@@ -199,6 +203,15 @@ pub fn main() -> ExitCode {
             }
             None => None,
         };
+        if let Some(fd) = args.metrics_fd {
+            // Mapped now: the sandbox allows mmap, but the page must be in place before any
+            // request is counted. The descriptor is not needed once mapped.
+            let fd = owned(fd);
+            match driver::metrics::Mapped::open(std::os::fd::AsFd::as_fd(&fd)) {
+                Ok(page) => driver::metrics::install(page),
+                Err(e) => slog::warn!(log, "metrics page refused: counting without it"; "error" => e),
+            }
+        }
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
         Ok((dev, root, listener, heartbeat, identity))
     })();

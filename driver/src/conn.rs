@@ -39,6 +39,7 @@ use slog::{debug, error, info, warn, Logger};
 
 use crate::budget::{Budget, Grant};
 use crate::error_chain;
+use crate::metrics::{self, Kind};
 use crate::node::{read_volume, write_volume, Outcome, Proposal};
 use crate::queue::Proposals;
 use crate::Limits;
@@ -345,6 +346,11 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             Ok(req) => req,
             Err(e) => break Err(e),
         };
+        let arrived = Instant::now();
+        let kind = Kind::of(req.kind);
+        if req.kind != session::RequestKind::Disc {
+            metrics::page().request(kind, u64::from(req.length));
+        }
         // The bytes this request holds until it is answered: its payload or its reply.
         let cost = match req.kind {
             session::RequestKind::Read | session::RequestKind::Write => u64::from(req.length),
@@ -382,12 +388,14 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
         };
         if let Some(errno) = session::check_request_for(&req, &shared.export, negotiated.block_size_requested) {
             encode(&mut out, req.handle, errno, &[]);
+            metrics::page().error(errno);
+            metrics::page().answered(kind, arrived.elapsed());
             continue;
         }
         if let Some(buf) = aligned {
             // Hashed, written and proposed by one of the connection's workers, several at once.
             shared.proposals.placing();
-            if reads.send(Work::Place(req, buf, grant)).is_err() {
+            if reads.send(Work::Place(req, buf, grant, arrived)).is_err() {
                 shared.proposals.placed();
                 break Ok(());
             }
@@ -399,18 +407,28 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             // one) spends a while checking hashes.
             session::RequestKind::Read => {
                 let hot = req.length <= HOT_READ_MAX && answer.read(&req, &mut out, true);
-                if !hot && reads.send(Work::Read(req, grant)).is_err() {
+                if hot {
+                    metrics::page().answered(kind, arrived.elapsed());
+                }
+                if !hot && reads.send(Work::Read(req, grant, arrived)).is_err() {
                     break Ok(());
                 }
             }
-            session::RequestKind::Write => submit(&answer, req.handle, pieces, grant),
+            session::RequestKind::Write => submit(&answer, req.handle, pieces, grant, (kind, arrived)),
             session::RequestKind::Trim | session::RequestKind::WriteZeroes => {
-                submit(&answer, req.handle, vec![range_command(&req)], grant);
+                submit(&answer, req.handle, vec![range_command(&req)], grant, (kind, arrived));
             }
             // Every acknowledged write is already durable (committed to the log).
-            session::RequestKind::Flush => encode(&mut out, req.handle, 0, &[]),
+            session::RequestKind::Flush => {
+                encode(&mut out, req.handle, 0, &[]);
+                metrics::page().answered(kind, arrived.elapsed());
+            }
             session::RequestKind::Disc => break Ok(()),
-            session::RequestKind::Other(_) => encode(&mut out, req.handle, session::NBD_EINVAL, &[]),
+            session::RequestKind::Other(_) => {
+                encode(&mut out, req.handle, session::NBD_EINVAL, &[]);
+                metrics::page().error(session::NBD_EINVAL);
+                metrics::page().answered(kind, arrived.elapsed());
+            }
         }
     };
     if !out.is_empty() {
@@ -531,10 +549,10 @@ const KEEP_READ_BUFFER: usize = (1 << 20) + 4096;
 
 /// What the connection's workers do.
 enum Work {
-    /// A read that waits for the media (or checks many hashes).
-    Read(Request, Grant),
+    /// A read that waits for the media (or checks many hashes); when its header was read.
+    Read(Request, Grant, Instant),
     /// A write to place, its payload read: hash it, write it to lent blocks, propose it.
-    Place(Request, AlignedBuf, Grant),
+    Place(Request, AlignedBuf, Grant, Instant),
 }
 
 /// One worker: takes reads and writes to place off the connection's queue until it closes.
@@ -548,9 +566,10 @@ fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer) {
         };
         match next {
             Err(_) => return,
-            Ok(Work::Read(req, grant)) => {
+            Ok(Work::Read(req, grant, arrived)) => {
                 out.clear();
                 answer.read(&req, &mut out, false);
+                metrics::page().answered(Kind::Read, arrived.elapsed());
                 if !out.is_empty() {
                     let _ = answer.replies.send(&out);
                 }
@@ -559,10 +578,10 @@ fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer) {
                     out = Vec::new();
                 }
             }
-            Ok(Work::Place(req, buf, grant)) => {
+            Ok(Work::Place(req, buf, grant, arrived)) => {
                 let shared = &answer.shared;
                 match place(shared, &req, &buf[..req.length as usize]) {
-                    Ok(pieces) => submit(answer, req.handle, pieces, grant),
+                    Ok(pieces) => submit(answer, req.handle, pieces, grant, (Kind::Write, arrived)),
                     Err(e) => {
                         // The device failed a write: the driver stops (the supervisor restarts
                         // it); this request is not answered, the client resends it after
@@ -615,6 +634,7 @@ pub fn batch_replies(complete: impl FnOnce()) {
 /// Sends a write's reply straight to the client when that cannot wait; else the reply writer.
 /// During `batch_replies`, collects it instead.
 fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, handle: u64, error: u32) {
+    metrics::page().error(error);
     let collected = COLLECTING.with(|c| {
         let mut c = c.borrow_mut();
         let Some(list) = c.as_mut() else { return false };
@@ -643,7 +663,8 @@ fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, handle: u64, e
 /// `MAX_ENTRY_DATA`; a trim or write-zeroes of any length is one); the reply goes out when
 /// all of them are applied, with the worst error among them. The request's bytes stay taken
 /// from the budgets until then.
-fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant) {
+/// `arrived`: the request's kind and when its header was read, for its latency.
+fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant, arrived: (Kind, Instant)) {
     let state = Arc::new(Mutex::new(Pending {
         remaining: pieces.len(),
         error: 0,
@@ -664,6 +685,7 @@ fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant) {
                 return;
             }
             let Some(answer) = s.answer.take() else { return };
+            metrics::page().answered(arrived.0, arrived.1.elapsed());
             if s.error == session::NBD_EIO {
                 // Damage met while applying: said only once the log proves the driver is
                 // not failing as a whole.

@@ -26,6 +26,7 @@ pub mod conn;
 mod error;
 mod heartbeat;
 mod logging;
+pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod sandbox;
@@ -100,6 +101,7 @@ pub fn run(
             .map_err(DriverError::Volume)?;
     let stats = volume.stats();
     let replayed = stats.applied_index - stats.root_applied_index;
+    metrics::volume_gauges(&stats);
     let export = session::Export {
         size: volume.size(),
         read_only: cfg.read_only,

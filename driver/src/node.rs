@@ -20,6 +20,7 @@ use raft_state::log::{LogMark, LogStore};
 use raft_state::volume::{Applied, Compaction, Volume};
 use slog::{debug, error, info, Logger};
 
+use crate::metrics;
 use crate::queue::Proposals;
 use crate::DriverError;
 
@@ -262,8 +263,17 @@ fn drive(
         // Placed writes among them were flushed before the node could take them (`queue.rs`).
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();
+        if !entries.is_empty() {
+            let m = metrics::page();
+            m.batch_entries.observe(entries.len() as u64);
+            m.batch_bytes.fetch_add(entries.iter().map(|e| e.data.len() as u64).sum(), Ordering::Relaxed);
+        }
         if !entries.is_empty() || hs.is_some() {
             node.mut_store().append_owned(entries, hs.as_ref()).map_err(DriverError::Log)?;
+            let (used, ring) = node.store().usage();
+            let m = metrics::page();
+            m.log_used_bytes.store(used * config::BLOCK, Ordering::Relaxed);
+            m.log_size_bytes.store(ring * config::BLOCK, Ordering::Relaxed);
         }
         let mut light = node.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -325,6 +335,8 @@ fn apply_loop(
         let mut sealed = guard.seal_checkpoint(&mark).map_err(DriverError::Volume)?;
         let durable = sealed.make_durable();
         guard.finish_checkpoint(&mut sealed, durable).map_err(DriverError::Volume)?;
+        metrics::page().checkpoint_ms.observe(started.elapsed().as_millis() as u64);
+        metrics::volume_gauges(&guard.stats());
     }
     info!(log, "stopped cleanly"; "applied" => guard.applied_index(), "checkpoint_ms" => started.elapsed().as_millis() as u64);
     Ok(())
@@ -401,8 +413,9 @@ fn start_checkpoint<'scope, 'env>(
             // The node thread compacts its log at its next round (or is gone: then no matter).
             let _ = compact.send(c);
         }
-        debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms,
-            "ms" => started.elapsed().as_millis() as u64);
+        let ms = started.elapsed().as_millis() as u64;
+        metrics::page().checkpoint_ms.observe(ms);
+        debug!(log, "checkpoint"; "applied" => applied, "sealed_ms" => sealed_ms, "ms" => ms);
         Ok(())
     })?;
     Ok(thread)
@@ -439,6 +452,7 @@ fn apply(
         }
     });
     guard.write_staged().map_err(failed)?;
+    metrics::volume_gauges(&guard.stats());
     Ok(())
 }
 
