@@ -20,7 +20,9 @@ need protoc=protobuf-compiler `# raft-proto is generated with prost at build tim
   nbdkit=nbdkit                `# a peer to compare with in benchmarks` \
   mkfs.ext4=e2fsprogs \
   systemd-socket-activate=systemd `# socket activation; systemd-analyze verify of the units` \
-  fusermount3=fuse3            `# lazyfs (FUSE, no libfuse needed) under the power-cut test`
+  fusermount3=fuse3            `# lazyfs (FUSE, no libfuse needed) under the power-cut test` \
+  curl=curl                    `# scrapes /metrics and /status` \
+  promtool=prometheus          `# promtool check metrics: the exposition is valid`
 
 # Every real-client test must run, not skip, once its tools are here.
 export RBLK_REQUIRE_CLIENTS=1

@@ -48,6 +48,10 @@
 //!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
 //!   `format = "text"` (one line per event, RFC 3339 UTC timestamps) or `"json"` (one JSON
 //!   object per line: `ts`, `level`, `msg` and the event's keys).
+//! - `[metrics]` — `listen = ""` (off): where the supervisor serves Prometheus metrics (`GET
+//!   /metrics`) and the live status (`GET /status`, JSON) over HTTP: `"HOST:PORT"` (e.g.
+//!   `"127.0.0.1:9898"`; port 0 takes a free one, printed at start) or a unix socket path
+//!   (it must contain a `/`, e.g. `"./metrics.sock"`; at most 107 bytes). See docs/metrics.md.
 //!
 //! Sizes are whole bytes, written as a TOML integer (`4096`) or a string with a binary unit
 //! (`"64K"`, `"16M"`, `"1G"`, `"2T"`); durations are strings with a unit (`"500ms"`, `"30s"`,
@@ -92,6 +96,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub supervisor: SupervisorConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// `[volume]`: the image served and how `rblk serve` formats a missing one.
@@ -308,6 +313,45 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// How each event is written on stderr. Default `text`.
     pub format: LogFormat,
+}
+
+/// `[metrics]`: the supervisor's HTTP endpoint for metrics and live status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `""` (off), `"HOST:PORT"` (TCP; port 0 picks a free one) or a unix socket path (it
+    /// must contain a `/`). Default off.
+    pub listen: String,
+}
+
+/// Where `[metrics] listen` says to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl MetricsConfig {
+    /// The endpoint, `None` when metrics are off; an error names what is wrong.
+    pub fn endpoint(&self) -> Result<Option<MetricsListen>, String> {
+        let l = self.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(addr) = l.parse::<std::net::SocketAddr>() {
+            return Ok(Some(MetricsListen::Tcp(addr)));
+        }
+        if l.contains('/') {
+            if l.len() > MAX_SOCKET_PATH {
+                return Err(format!("is {} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}", l.len()));
+            }
+            return Ok(Some(MetricsListen::Unix(PathBuf::from(l))));
+        }
+        Err(format!(
+            "expected \"\" (off), HOST:PORT with a numeric address like \"127.0.0.1:9898\", \
+             or a unix socket path containing a '/' like \"./metrics.sock\", got {l:?}"
+        ))
+    }
 }
 
 /// How log events are written.
@@ -546,6 +590,10 @@ impl Config {
             if !is_principal(name) {
                 return invalid(key, format!("expected a {what} name or numeric id like \"65534\", got {name:?}"));
             }
+        }
+
+        if let Err(message) = self.metrics.endpoint() {
+            return invalid("metrics.listen", message);
         }
         Ok(())
     }

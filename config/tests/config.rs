@@ -203,6 +203,9 @@ fn every_rule_rejects_naming_the_key() {
         ("[supervisor]\nuser = \"\"".into(), "supervisor.user", "user name or numeric id"),
         ("[supervisor]\nuser = \"no body\"".into(), "supervisor.user", "user name or numeric id"),
         ("[supervisor]\ngroup = \"a:b\"".into(), "supervisor.group", "group name or numeric id"),
+        ("[metrics]\nlisten = \"localhost:9898\"".into(), "metrics.listen", "HOST:PORT with a numeric address"),
+        ("[metrics]\nlisten = \"9898\"".into(), "metrics.listen", "unix socket path containing a '/'"),
+        (format!("[metrics]\nlisten = \"{long_socket}\""), "metrics.listen", "at most 107"),
     ];
     for (text, key, fragment) in &cases {
         let e = rejects(text, key, fragment);
@@ -222,10 +225,24 @@ fn rules_accept_their_boundaries() {
         "[raft]\nelection_ticks = 2\nheartbeat_ticks = 1\nmax_batch = 4096",
         "[supervisor]\nheartbeat_timeout = \"501ms\"\nrestart_backoff_max = \"100ms\"\nmax_failed_starts = 1",
         "[supervisor]\nuser = \"65534\"\ngroup = \"65534\"",
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+        "[metrics]\nlisten = \"[::1]:9898\"",
+        "[metrics]\nlisten = \"./metrics.sock\"",
     ];
     for text in ok {
         Config::from_toml_str(text).unwrap_or_else(|e| panic!("{text:?} rejected: {e}"));
     }
+}
+
+#[test]
+fn metrics_listen_names_tcp_or_unix_or_off() {
+    use config::{MetricsConfig, MetricsListen};
+    let of = |l: &str| MetricsConfig { listen: l.into() }.endpoint();
+    assert_eq!(of(""), Ok(None));
+    assert_eq!(of("127.0.0.1:9898"), Ok(Some(MetricsListen::Tcp("127.0.0.1:9898".parse().unwrap()))));
+    assert_eq!(of("/run/rblk/m.sock"), Ok(Some(MetricsListen::Unix("/run/rblk/m.sock".into()))));
+    assert!(of("nowhere").is_err());
+    assert_eq!(Config::default().metrics.endpoint(), Ok(None), "off by default");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
 //! rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
 //! rblk inspect IMAGE [--root-device PATH] [--json]
+//! rblk status TARGET [--json]
 //! ```
 //! Sizes take K, M, G, T suffixes (binary). `serve` without arguments uses `./rblk.img`
 //! (formatted with the configured size, 1 GiB by default, when missing) and `./rblk.sock`,
@@ -12,6 +13,8 @@
 mod chaos;
 mod format;
 mod inspect;
+mod metrics;
+mod status;
 mod supervisor;
 mod systemd;
 
@@ -26,7 +29,8 @@ const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
   rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
-  rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
+  rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]
+  rblk status TARGET [--json]      (TARGET: [metrics] listen of a running serve)";
 
 /// Why a command failed. Printed as `rblk: ` and the error with its sources, `: `-joined.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,10 @@ enum CliError {
     },
     #[error("systemd")]
     Systemd(#[from] systemd::SystemdError),
+    #[error(transparent)]
+    Status(#[from] status::StatusError),
+    #[error("metrics")]
+    Metrics(#[source] std::io::Error),
     #[error("binding {}", path.display())]
     Bind {
         path: PathBuf,
@@ -162,6 +170,7 @@ fn main() -> ExitCode {
             "serve" => cmd_serve(w),
             "inspect" => cmd_inspect(w),
             "chaos" => cmd_chaos(w),
+            "status" => cmd_status(w),
             "-h" | "--help" | "help" => Err(CliError::Usage(USAGE.to_string())),
             other => Err(CliError::Usage(format!("unknown command {other:?}\n{USAGE}"))),
         },
@@ -251,6 +260,14 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, CliError> {
     }
 }
 
+fn cmd_status(mut w: Words) -> Result<ExitCode, CliError> {
+    let json = w.switch("--json");
+    let pos = w.done(1)?;
+    let target = pos.first().ok_or_else(|| format!("status needs a TARGET\n{USAGE}"))?;
+    print!("{}", status::run(target, json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn open_device(path: &Path) -> Result<Arc<dyn Device>, CliError> {
     Ok(Arc::new(FileDevice::open(path).map_err(|source| CliError::Device { path: path.to_path_buf(), source })?))
 }
@@ -293,6 +310,13 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
             .open(p)
             .map_err(|source| CliError::File { path: p.to_path_buf(), source })
     };
+    let endpoint = cfg.metrics.endpoint().map_err(|e| CliError::Usage(format!("metrics.listen: {e}")))?;
+    let live = std::sync::Arc::new(metrics::Live::new(endpoint.is_some()).map_err(CliError::Metrics)?);
+    // Dropped (a unix socket's file removed) when serving ends.
+    let _metrics = match &endpoint {
+        Some(at) => Some(metrics::serve(at, live.clone(), log.clone()).map_err(CliError::Metrics)?),
+        None => None,
+    };
     let held = supervisor::Held {
         image: open_rw(&image)?,
         image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
@@ -301,6 +325,7 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
             Some(listener) => listener,
             None => bind(&cfg.server.socket)?,
         },
+        live,
     };
     // An inherited socket belongs to the service manager (it removes its file); one we bound
     // is removed when we stop.

@@ -1,8 +1,10 @@
 //! The supervisor behind `rblk serve`: small, long-lived, trusted; no storage logic.
 //!
 //! It holds the image (and root device) and the LISTENING socket, and starts `rblk-driver`
-//! with exactly those descriptors plus the write end of a heartbeat pipe (everything else the
-//! supervisor has open is close-on-exec). Because the listening socket outlives every driver
+//! with exactly those descriptors plus the write end of a heartbeat pipe and, with `[metrics]`
+//! on, the metrics page (a memfd the driver maps; see `metrics.rs`), and nothing else (all
+//! the supervisor has open is close-on-exec). Every unrequested death is counted by cause for
+//! `/metrics`. Because the listening socket outlives every driver
 //! incarnation, a client that connects during a restart waits in the backlog.
 //!
 //! It restarts the driver at once when it exits or is killed after it became ready (that
@@ -45,6 +47,8 @@ pub struct Held {
     pub image_cached: Option<File>,
     pub root: Option<File>,
     pub listener: UnixListener,
+    /// What `/metrics` and `/status` show, and the metrics page each driver gets.
+    pub live: std::sync::Arc<crate::metrics::Live>,
 }
 
 /// Why the supervisor stopped serving.
@@ -95,14 +99,16 @@ pub fn supervise(
         let (mut child, beats) =
             spawn(driver, held, cfg).map_err(|source| SupervisorError::Start { driver: driver.clone(), source })?;
         info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
+        held.live.started(incarnation, child.id());
         notify.notify(&format!("STATUS=incarnation {incarnation}: recovering"));
-        let mut seen = Seen { notify: &mut *notify, announced: &mut announced, incarnation };
+        let mut seen = Seen { notify: &mut *notify, announced: &mut announced, incarnation, live: &held.live };
         let end = watch(&mut child, beats, cfg, stop, &mut seen, log);
-        let Some(Death { cause, ready }) = end else {
+        let Some(Death { cause, label, ready }) = end else {
             info!(log, "stopped"; "incarnation" => incarnation);
             return Ok(());
         };
         notify.notify(&format!("STATUS=incarnation {incarnation} died ({cause}); restarting"));
+        held.live.died(&label, &cause);
         let uptime_ms = started.elapsed().as_millis() as u64;
         warn!(log, "driver died"; "incarnation" => incarnation, "cause" => &cause, "uptime_ms" => uptime_ms, "was_ready" => ready);
         if ready {
@@ -131,6 +137,9 @@ pub fn supervise(
 /// How an incarnation ended, unless it was stopped on request.
 struct Death {
     cause: String,
+    /// The cause's short name, a metrics label: `exit_status_N`, `signal_SIGNAME`,
+    /// `heartbeat_timeout`.
+    label: String,
     /// It had reported `ready`: it recovered and was serving.
     ready: bool,
 }
@@ -141,10 +150,12 @@ struct Seen<'a> {
     /// `READY=1` was sent (once per supervisor, on the first incarnation that serves).
     announced: &'a mut bool,
     incarnation: u64,
+    live: &'a crate::metrics::Live,
 }
 
 impl Seen<'_> {
     fn ready(&mut self, recovery: &str) {
+        self.live.ready(recovery);
         let status = format!("STATUS=serving: incarnation {}, recovery {recovery}", self.incarnation);
         if !*self.announced {
             *self.announced = true;
@@ -184,6 +195,9 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
     }
     if let Some(cached) = &held.image_cached {
         inherit.push(("--cache-fd", cached.as_fd()));
+    }
+    if let Some(page) = held.live.page_fd() {
+        inherit.push(("--metrics-fd", page));
     }
     let mut cmd = Command::new(driver);
     for (flag, fd) in &inherit {
@@ -241,14 +255,14 @@ fn watch(
             progressed = false;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Some(Death { cause: describe(status), ready });
+            return Some(Death { cause: describe(status), label: label(status), ready });
         }
         let allowed = if ready { timeout } else { RECOVERY_ALLOWANCE.max(timeout) };
         if last.elapsed() > allowed {
             let _ = child.kill();
             let _ = child.wait();
             let cause = format!("no heartbeat for {} ms: killed", last.elapsed().as_millis());
-            return Some(Death { cause, ready });
+            return Some(Death { cause, label: "heartbeat_timeout".into(), ready });
         }
         if !open {
             // The driver is exiting: poll often, a restart waits for its reaping.
@@ -314,5 +328,17 @@ fn describe(status: ExitStatus) -> String {
             format!("killed by signal {sig} ({name})")
         }
         _ => status.to_string(),
+    }
+}
+
+/// The metrics label of an exit: `exit_status_N` or `signal_SIGNAME`.
+fn label(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit_status_{code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("signal_{}", s.as_str()),
+            Err(_) => format!("signal_{sig}"),
+        },
+        _ => "unknown".into(),
     }
 }
