@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{status_field, Scratch, Serve, MIB};
+use common::{request, status_field, Raw, Scratch, Serve, MIB};
 
 /// The driver's peak resident set must stay below this (default config, 1 GiB volume).
 const RSS_BOUND_KIB: u64 = 256 * 1024;
@@ -28,73 +28,6 @@ const TRIM: u16 = 4;
 const WRITE_ZEROES: u16 = 6;
 const FLAG_FUA: u16 = 1;
 const FLAG_NO_HOLE: u16 = 2;
-
-/// A raw NBD client: the oldest handshake a client may use (`NBD_OPT_EXPORT_NAME`, no block
-/// sizes negotiated), then requests and replies by hand, so a test can pipeline without
-/// reading replies, or send what a well-behaved client never would.
-struct Raw {
-    stream: UnixStream,
-}
-
-impl Raw {
-    fn connect(socket: &Path) -> Raw {
-        let mut stream = UnixStream::connect(socket).expect("connect");
-        let mut hello = [0u8; 18];
-        stream.read_exact(&mut hello).expect("greeting");
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        stream.write_all(&3u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE | NO_ZEROES
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
-        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        stream.write_all(&opt).expect("export name");
-        let mut answer = [0u8; 10];
-        stream.read_exact(&mut answer).expect("export size and flags");
-        Raw { stream }
-    }
-
-    fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32, data: &[u8]) {
-        self.stream.write_all(&request(command, flags, handle, offset, length)).expect("request");
-        self.stream.write_all(data).expect("payload");
-    }
-
-    /// One simple reply: (error, handle); a successful read's `read_len` bytes into `data`.
-    fn reply(&mut self, read_len: usize, data: &mut Vec<u8>) -> (u32, u64) {
-        self.reply_by(|_| read_len, data)
-    }
-
-    /// Like `reply`, for replies in any order: `read_len` says, by handle, how much data a
-    /// successful reply carries.
-    fn reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> (u32, u64) {
-        self.try_reply_by(read_len, data).expect("reply")
-    }
-
-    fn try_reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> std::io::Result<(u32, u64)> {
-        let mut head = [0u8; 16];
-        self.stream.read_exact(&mut head)?;
-        assert_eq!(u32::from_be_bytes(head[..4].try_into().expect("4")), 0x6744_6698, "reply magic");
-        let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
-        let handle = u64::from_be_bytes(head[8..].try_into().expect("8"));
-        let read_len = read_len(handle);
-        if error == 0 && read_len > 0 {
-            data.resize(read_len, 0);
-            self.stream.read_exact(data)?;
-        }
-        Ok((error, handle))
-    }
-}
-
-/// A request's 28-byte header.
-fn request(command: u16, flags: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut req = Vec::with_capacity(28);
-    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    req.extend_from_slice(&flags.to_be_bytes());
-    req.extend_from_slice(&command.to_be_bytes());
-    req.extend_from_slice(&handle.to_be_bytes());
-    req.extend_from_slice(&offset.to_be_bytes());
-    req.extend_from_slice(&length.to_be_bytes());
-    req
-}
 
 /// Writes all of `bytes` unless `stop` is set while the socket pushes back (the stream has a
 /// write timeout) or the connection fails; says whether it wrote them.

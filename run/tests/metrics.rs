@@ -1,5 +1,5 @@
 //! Metrics and live status of `rblk serve` (`[metrics] listen`): scraped with curl while
-//! qemu-io does I/O, checked by `promtool check metrics`, across a SIGKILL of the driver, read
+//! qemu-io does I/O, checked by `promtool check metrics`, across a SIGKILL and a hang of the driver, read
 //! by `rblk status`, and not held up by a silent client.
 
 use std::io::{Read, Write};
@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{have, Scratch, Serve};
+use common::{have, Raw, Scratch, Serve};
 
 /// `curl` of `url` (with `--unix-socket` when `socket` is given); the body.
 fn curl(url: &str, socket: Option<&std::path::Path>) -> String {
@@ -80,7 +80,9 @@ fn counters_follow_qemu_io_and_survive_a_driver_kill() {
         return;
     }
     let dir = Scratch::new("metrics");
-    let serve = Serve::start(&dir, "[metrics]\nlisten = \"127.0.0.1:0\"\n", &[]);
+    let config =
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\n";
+    let serve = Serve::start(&dir, config, &[]);
     let url = metrics_url(&serve);
     serve.wait_for("driver ready", 1, Duration::from_secs(30));
     let before = curl(&format!("{url}/metrics"), None);
@@ -108,6 +110,28 @@ fn counters_follow_qemu_io_and_survive_a_driver_kill() {
     assert!(value(&after, "rblk_volume_free_blocks") > 0.0);
     assert_eq!(value(&after, "rblk_errors_total{errno=\"EIO\"}"), 0.0);
 
+    // Trims, write-zeroes, and requests refused with an error (sent raw: clients check
+    // ranges before they send).
+    let client = session::Client::connect(&serve.socket, "").expect("client");
+    client.trim(0, 8192).expect("trim");
+    client.write_zeroes(1 << 20, 4096, false).expect("write zeroes");
+    drop(client);
+    let size = 64u64 << 20;
+    let mut raw = Raw::connect(&serve.socket);
+    raw.send(1, 0, 1, size, 4096, &[0u8; 4096]); // a write past the end: ENOSPC
+    assert_eq!(raw.reply(0, &mut Vec::new()), (28, 1));
+    raw.send(0, 0, 2, size, 4096, &[]); // a read past the end: EINVAL
+    assert_eq!(raw.reply(0, &mut Vec::new()), (22, 2));
+    drop(raw);
+    let refused = curl(&format!("{url}/metrics"), None);
+    let delta = |series: &str| value(&refused, series) - value(&after, series);
+    assert_eq!(delta("rblk_requests_total{type=\"trim\"}"), 1.0);
+    assert_eq!(delta("rblk_request_bytes_total{type=\"trim\"}"), 8192.0);
+    assert_eq!(delta("rblk_requests_total{type=\"write_zeroes\"}"), 1.0);
+    assert_eq!(delta("rblk_errors_total{errno=\"ENOSPC\"}"), 1.0, "the write past the end");
+    assert_eq!(delta("rblk_errors_total{errno=\"EINVAL\"}"), 1.0, "the read past the end");
+    let after = refused;
+
     let pid = serve.driver_pid();
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill the driver");
     serve.wait_for("driver ready", 2, Duration::from_secs(30));
@@ -123,19 +147,29 @@ fn counters_follow_qemu_io_and_survive_a_driver_kill() {
     assert!(value(&restarted, "rblk_last_recovery_seconds") >= 0.0);
     value(&restarted, "rblk_last_recovery_replayed_entries");
 
+    // A hung driver: killed for its silence, and counted so.
+    let pid = serve.driver_pid();
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("stop the driver");
+    serve.wait_for("driver ready", 3, Duration::from_secs(30));
+    let hung = curl(&format!("{url}/metrics"), None);
+    assert_eq!(value(&hung, "rblk_driver_restarts_total{cause=\"heartbeat_timeout\"}"), 1.0, "{}", serve.log_tail());
+    assert_eq!(value(&hung, "rblk_driver_restarts_total{cause=\"signal_SIGKILL\"}"), 1.0);
+    assert_eq!(value(&hung, "rblk_driver_incarnation"), 3.0);
+
     let status = Command::new(env!("CARGO_BIN_EXE_rblk")).args(["status", &url, "--json"]).output().expect("status");
     assert!(status.status.success(), "rblk status: {}", String::from_utf8_lossy(&status.stderr));
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("rblk status --json is JSON");
-    assert_eq!(json["incarnation"], 2);
+    assert_eq!(json["incarnation"], 3);
     assert_eq!(json["ready"], true);
-    assert_eq!(json["restarts"]["total"], 1);
+    assert_eq!(json["restarts"]["total"], 2);
+    assert_eq!(json["restarts"]["by_cause"]["heartbeat_timeout"], 1);
     assert_eq!(json["restarts"]["by_cause"]["signal_SIGKILL"], 1);
     assert_eq!(json["requests"]["write"].as_f64(), Some(value(&after, "rblk_requests_total{type=\"write\"}")));
     assert!(json["last_recovery"]["ms"].is_u64(), "{json}");
     let host_port = url.trim_start_matches("http://");
     let human = Command::new(env!("CARGO_BIN_EXE_rblk")).args(["status", host_port]).output().expect("status");
     let text = String::from_utf8_lossy(&human.stdout);
-    assert!(human.status.success() && text.contains("incarnation 2") && text.contains("signal_SIGKILL 1"), "{text}");
+    assert!(human.status.success() && text.contains("incarnation 3") && text.contains("signal_SIGKILL 1"), "{text}");
     serve.stop();
 }
 

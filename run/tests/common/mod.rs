@@ -2,7 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -169,4 +170,71 @@ pub fn status_field(pid: i32, field: &str) -> String {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
         .trim()
         .to_string()
+}
+
+/// A raw NBD client: the oldest handshake a client may use (`NBD_OPT_EXPORT_NAME`, no block
+/// sizes negotiated), then requests and replies by hand, so a test can pipeline without
+/// reading replies, or send what a well-behaved client never would.
+pub struct Raw {
+    pub stream: UnixStream,
+}
+
+impl Raw {
+    pub fn connect(socket: &std::path::Path) -> Raw {
+        let mut stream = UnixStream::connect(socket).expect("connect");
+        let mut hello = [0u8; 18];
+        stream.read_exact(&mut hello).expect("greeting");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        stream.write_all(&3u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE | NO_ZEROES
+        let mut opt = Vec::new();
+        opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        stream.write_all(&opt).expect("export name");
+        let mut answer = [0u8; 10];
+        stream.read_exact(&mut answer).expect("export size and flags");
+        Raw { stream }
+    }
+
+    pub fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32, data: &[u8]) {
+        self.stream.write_all(&request(command, flags, handle, offset, length)).expect("request");
+        self.stream.write_all(data).expect("payload");
+    }
+
+    /// One simple reply: (error, handle); a successful read's `read_len` bytes into `data`.
+    pub fn reply(&mut self, read_len: usize, data: &mut Vec<u8>) -> (u32, u64) {
+        self.reply_by(|_| read_len, data)
+    }
+
+    /// Like `reply`, for replies in any order: `read_len` says, by handle, how much data a
+    /// successful reply carries.
+    pub fn reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> (u32, u64) {
+        self.try_reply_by(read_len, data).expect("reply")
+    }
+
+    pub fn try_reply_by(&mut self, read_len: impl Fn(u64) -> usize, data: &mut Vec<u8>) -> std::io::Result<(u32, u64)> {
+        let mut head = [0u8; 16];
+        self.stream.read_exact(&mut head)?;
+        assert_eq!(u32::from_be_bytes(head[..4].try_into().expect("4")), 0x6744_6698, "reply magic");
+        let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
+        let handle = u64::from_be_bytes(head[8..].try_into().expect("8"));
+        let read_len = read_len(handle);
+        if error == 0 && read_len > 0 {
+            data.resize(read_len, 0);
+            self.stream.read_exact(data)?;
+        }
+        Ok((error, handle))
+    }
+}
+
+/// A request's 28-byte header.
+pub fn request(command: u16, flags: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut req = Vec::with_capacity(28);
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&flags.to_be_bytes());
+    req.extend_from_slice(&command.to_be_bytes());
+    req.extend_from_slice(&handle.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&length.to_be_bytes());
+    req
 }
