@@ -592,8 +592,12 @@ impl Config {
             }
         }
 
-        if let Err(message) = self.metrics.endpoint() {
-            return invalid("metrics.listen", message);
+        match self.metrics.endpoint() {
+            Err(message) => return invalid("metrics.listen", message),
+            Ok(Some(MetricsListen::Unix(path))) if path == self.server.socket => {
+                return invalid("metrics.listen", "must differ from server.socket".into());
+            }
+            Ok(_) => {}
         }
         Ok(())
     }

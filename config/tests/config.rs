@@ -206,6 +206,11 @@ fn every_rule_rejects_naming_the_key() {
         ("[metrics]\nlisten = \"localhost:9898\"".into(), "metrics.listen", "HOST:PORT with a numeric address"),
         ("[metrics]\nlisten = \"9898\"".into(), "metrics.listen", "unix socket path containing a '/'"),
         (format!("[metrics]\nlisten = \"{long_socket}\""), "metrics.listen", "at most 107"),
+        (
+            "[server]\nsocket = \"/run/x.sock\"\n[metrics]\nlisten = \"/run/x.sock\"".into(),
+            "metrics.listen",
+            "must differ from server.socket",
+        ),
     ];
     for (text, key, fragment) in &cases {
         let e = rejects(text, key, fragment);

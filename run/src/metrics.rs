@@ -287,7 +287,8 @@ impl Client for UnixStream {
 }
 
 /// Binds `at` and serves `/metrics` and `/status` from `live` on a thread of its own, for the
-/// life of the process. A unix socket file nobody listens on is replaced, a live one refused.
+/// life of the process. A unix socket file nobody listens on is replaced, a live one refused,
+/// and so is anything at the path that is not a socket.
 pub fn serve(at: &MetricsListen, live: Arc<Live>, log: Logger) -> std::io::Result<Endpoint> {
     let active = Arc::new(AtomicUsize::new(0));
     match at {
@@ -299,7 +300,15 @@ pub fn serve(at: &MetricsListen, live: Arc<Live>, log: Logger) -> std::io::Resul
             Ok(Endpoint { unix_path: None })
         }
         MetricsListen::Unix(path) => {
-            if path.exists() {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                // Only a socket is ever replaced: a mistyped path must not cost a file.
+                if !meta.file_type().is_socket() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        format!("{} exists and is not a socket", path.display()),
+                    ));
+                }
                 if UnixStream::connect(path).is_ok() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::AddrInUse,

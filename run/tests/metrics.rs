@@ -200,6 +200,24 @@ fn a_silent_client_does_not_hold_up_the_next_scrape() {
         conn.read_to_end(&mut buf).expect("closed by the server, not timed out here");
         assert!(buf.is_empty(), "no answer to no request: {}", String::from_utf8_lossy(&buf));
     }
+    // At the connection limit a further client is closed at once, not queued; once the
+    // silent ones time out, scrapes are answered again.
+    let mut held: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&socket).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let over = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://rblk/metrics")
+        .output()
+        .expect("curl");
+    assert!(!over.status.success(), "a ninth client is not served while eight are held");
+    assert!(started.elapsed() < Duration::from_secs(2), "and not kept waiting: {:?}", started.elapsed());
+    for conn in &mut held {
+        conn.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        conn.read_to_end(&mut Vec::new()).expect("closed by the server");
+    }
+    assert!(curl("http://rblk/metrics", Some(&socket)).contains("rblk_requests_total"));
     // Unknown paths and methods are refused.
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
@@ -210,4 +228,26 @@ fn a_silent_client_does_not_hold_up_the_next_scrape() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
     assert!(serve.stop().success());
     assert!(!socket.exists(), "the metrics socket is removed at the end");
+}
+
+#[test]
+fn a_file_in_the_way_of_the_metrics_socket_is_kept() {
+    let dir = Scratch::new("metrics-file");
+    let path = dir.path("metrics.sock");
+    std::fs::write(&path, b"precious").expect("file");
+    let cfg = dir.path("rblk.toml");
+    std::fs::write(&cfg, format!("[metrics]\nlisten = \"{}\"\n", path.display())).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(dir.path("v.img"))
+        .args(["--size", "64M", "--socket"])
+        .arg(dir.path("s.sock"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"))
+        .output()
+        .expect("rblk serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
 }
