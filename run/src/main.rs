@@ -12,6 +12,7 @@
 mod chaos;
 mod format;
 mod inspect;
+mod progress;
 mod supervisor;
 mod systemd;
 
