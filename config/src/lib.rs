@@ -17,6 +17,7 @@
 //!   4096, at least 64K). `size` and `log_size` matter only at format: an existing image
 //!   keeps the geometry it was formatted with.
 //! - `[server]` — the NBD endpoint and what bounds its clients. `socket = "rblk.sock"`,
+//!   `listen` (none; `"HOST:PORT"` or `"HOST"` for port 10809: TCP beside the socket),
 //!   `max_connections = 64` (more clients wait in the backlog), `read_only = false`,
 //!   `max_inflight = "64M"` bytes of requests in flight in all and `max_inflight_per_connection
 //!   = "32M"` per connection (write payloads and read replies; at the limit a connection stops
@@ -76,6 +77,36 @@ use units::{serde_duration, serde_size};
 pub const BLOCK: u64 = 4096;
 /// The smallest Raft log ring (16 blocks; the storage refuses fewer).
 pub const MIN_LOG_SIZE: u64 = 64 << 10;
+/// The port IANA assigned to NBD, used when `server.listen` names only a host.
+pub const NBD_PORT: u16 = 10809;
+
+/// Splits a `server.listen` address into host and port: `HOST:PORT`, `HOST` (port 10809),
+/// `[V6]:PORT` or `[V6]`. The host is not resolved here (the supervisor binds it).
+pub fn parse_listen(s: &str) -> Result<(String, u16), String> {
+    let expected = || format!("expected HOST:PORT, HOST, or [IPV6]:PORT, got {s:?}");
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("the port must be 1 to 65535, got {p:?}")),
+        Ok(n) => Ok(n),
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(expected)?;
+        if host.is_empty() || host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(expected());
+        }
+        return match after {
+            "" => Ok((host.to_owned(), NBD_PORT)),
+            _ => Ok((host.to_owned(), port(after.strip_prefix(':').ok_or_else(expected)?)?)),
+        };
+    }
+    match s.split_once(':') {
+        None if !s.is_empty() && !s.contains(char::is_whitespace) => Ok((s.to_owned(), NBD_PORT)),
+        Some((host, p)) if !host.is_empty() && !p.contains(':') && !host.contains(char::is_whitespace) => {
+            Ok((host.to_owned(), port(p)?))
+        }
+        _ => Err(expected()),
+    }
+}
+
 /// The longest unix socket path `bind` takes on Linux (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 /// NBD proto.md: an export name is at most 4096 bytes.
@@ -128,6 +159,11 @@ pub struct ServerConfig {
     /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
     #[serde(with = "serde_path")]
     pub socket: PathBuf,
+    /// A TCP address to serve NBD on as well, for remote clients: `HOST:PORT`, or `HOST`
+    /// for the NBD port 10809 (IPv6 literals in brackets: `[::1]:10809`). The supervisor
+    /// binds it and holds it like the unix socket. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
     /// The name the volume is exported under (NBD_OPT_LIST, NBD_OPT_INFO); the default
     /// export "" reaches it too, any other name is refused. At most 4096 bytes of UTF-8, not
     /// empty. Default `rblk`.
@@ -163,6 +199,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("rblk.sock"),
+            listen: None,
             export_name: "rblk".to_string(),
             max_connections: 64,
             read_only: false,
@@ -456,6 +493,11 @@ impl Config {
                 "server.socket",
                 format!("is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}"),
             );
+        }
+        if let Some(listen) = &s.listen {
+            if let Err(e) = parse_listen(listen) {
+                return invalid("server.listen", e);
+            }
         }
         // NBD proto.md: names are UTF-8 of at most 4096 bytes; "" is the default export.
         if s.export_name.is_empty() || s.export_name.len() > MAX_EXPORT_NAME {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--heartbeat-fd N] [--config-toml TEXT]
 //! ```
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
 //! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
@@ -12,6 +12,7 @@
 //! Test hook: with `RBLK_DRIVER_OPEN_PROBE=PATH` the driver tries to open PATH once it is
 //! sandboxed and logs whether it could (it must not).
 
+use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ struct Args {
     root_fd: Option<RawFd>,
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
+    tcp_fd: Option<RawFd>,
     heartbeat_fd: Option<RawFd>,
     config: Option<PathBuf>,
     config_toml: Option<String>,
@@ -49,6 +51,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--root-fd" => a.root_fd = Some(fd(value()?)?),
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
+            "--tcp-fd" => a.tcp_fd = Some(fd(value()?)?),
             "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
             "--config" => a.config = Some(value()?.into()),
             "--config-toml" => a.config_toml = Some(value()?),
@@ -61,7 +64,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N) [--tcp-fd N] [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -175,7 +178,7 @@ pub fn main() -> ExitCode {
     let opened = (|| -> Result<_, String> {
         // Nothing but what was handed over stays open (a parent may leak descriptors). First,
         // before the devices open descriptors of their own (their io_uring rings).
-        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.heartbeat_fd];
+        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.tcp_fd, args.heartbeat_fd];
         if args.socket_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
@@ -186,6 +189,7 @@ pub fn main() -> ExitCode {
             (None, Some(fd)) => UnixListener::from(owned(fd)),
             _ => return Err(format!("give the socket as --socket PATH or --socket-fd N\n{USAGE}")),
         };
+        let listeners = driver::Listeners { unix: listener, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))) };
         let heartbeat = match args.heartbeat_fd {
             Some(fd) => {
                 let file = std::fs::File::from(owned(fd));
@@ -200,9 +204,9 @@ pub fn main() -> ExitCode {
             None => None,
         };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
-        Ok((dev, root, listener, heartbeat, identity))
+        Ok((dev, root, listeners, heartbeat, identity))
     })();
-    let (dev, root, listener, heartbeat, identity) = match opened {
+    let (dev, root, listeners, heartbeat, identity) = match opened {
         Ok(o) => o,
         Err(e) => {
             eprintln!("rblk-driver: {e}");
@@ -234,7 +238,7 @@ pub fn main() -> ExitCode {
             Err(e) => slog::info!(log, "open probe: denied"; "path" => ?probe, "error" => %e),
         }
     }
-    match driver::run(dev, root, listener, driver::driver_config(&cfg), stop, heartbeat, log) {
+    match driver::run(dev, root, listeners, driver::driver_config(&cfg), stop, heartbeat, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rblk-driver: {}", driver::error_chain(&e));

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-//! rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+//! rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--config FILE] [--size SIZE]
 //! rblk inspect IMAGE [--root-device PATH] [--json]
 //! ```
 //! Sizes take K, M, G, T suffixes (binary). `serve` without arguments uses `./rblk.img`
@@ -25,7 +25,7 @@ use raft_state::device::{Device, DeviceError, FileDevice};
 
 const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-  rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+  rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
   rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
 
@@ -268,6 +268,9 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     if let Some(socket) = w.take("--socket") {
         cfg.server.socket = socket.into();
     }
+    if let Some(listen) = w.take("--listen") {
+        cfg.server.listen = Some(listen);
+    }
     if let Some(size) = size_flag(&mut w, "--size")? {
         cfg.volume.size = size;
     }
@@ -302,6 +305,7 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
             Some(listener) => listener,
             None => bind(&cfg.server.socket)?,
         },
+        tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
     };
     // An inherited socket belongs to the service manager (it removes its file); one we bound
     // is removed when we stop.
@@ -312,7 +316,15 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
         (cfg.server.socket.clone(), true)
     };
     let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-    println!("nbd+unix:///?socket={}", absolute.display());
+    // The URIs to attach, one per line. Whoever started us may have closed stdout already
+    // (a script that read the first line, a service manager): that must not stop serving.
+    let mut uris = format!("nbd+unix:///?socket={}\n", absolute.display());
+    if let Some(tcp) = &held.tcp {
+        let addr = tcp.local_addr().map_err(|source| CliError::File { path: "the TCP listener".into(), source })?;
+        uris.push_str(&format!("nbd://{addr}/\n"));
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), uris.as_bytes());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
     if ours {
@@ -333,6 +345,21 @@ fn driver_binary() -> Result<PathBuf, CliError> {
         Some(path) => Ok(PathBuf::from(path)),
         None => Ok(std::env::current_exe().map_err(CliError::LocateDriver)?.with_file_name("rblk-driver")),
     }
+}
+
+/// Binds the TCP address `[server] listen` names (validated already): the first of its
+/// resolved addresses that binds.
+fn bind_tcp(listen: &str) -> Result<std::net::TcpListener, CliError> {
+    let bind_err = |source| CliError::Bind { path: listen.into(), source };
+    let (host, port) = config::parse_listen(listen).map_err(CliError::Usage)?;
+    let mut last = None;
+    for addr in std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map_err(bind_err)? {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(bind_err(last.unwrap_or_else(|| std::io::Error::other("the host resolves to no address"))))
 }
 
 /// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one

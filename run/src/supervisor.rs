@@ -21,6 +21,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -45,6 +46,8 @@ pub struct Held {
     pub image_cached: Option<File>,
     pub root: Option<File>,
     pub listener: UnixListener,
+    /// The TCP listener (`[server] listen`), if any.
+    pub tcp: Option<TcpListener>,
 }
 
 /// Why the supervisor stopped serving.
@@ -181,6 +184,9 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
     ];
     if let Some(root) = &held.root {
         inherit.push(("--root-fd", root.as_fd()));
+    }
+    if let Some(tcp) = &held.tcp {
+        inherit.push(("--tcp-fd", tcp.as_fd()));
     }
     if let Some(cached) = &held.image_cached {
         inherit.push(("--cache-fd", cached.as_fd()));
