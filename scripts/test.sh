@@ -19,6 +19,7 @@ need protoc=protobuf-compiler `# raft-proto is generated with prost at build tim
   fio=fio                      `# fio's nbd engine with verify` \
   nbdkit=nbdkit                `# a peer to compare with in benchmarks` \
   mkfs.ext4=e2fsprogs \
+  certtool=gnutls-bin          `# X.509 certificates for the TLS tests` \
   script=bsdutils              `# a terminal for the progress-bar test` \
   systemd-socket-activate=systemd `# socket activation; systemd-analyze verify of the units` \
   fusermount3=fuse3            `# lazyfs (FUSE, no libfuse needed) under the power-cut test`

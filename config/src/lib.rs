@@ -45,6 +45,9 @@
 //!   "100ms"`, doubling up to `restart_backoff_max = "5s"`, and after `max_failed_starts = 5`
 //!   of them in a row it gives up. Started as root, the driver runs as `user = "nobody"`, `group = "nogroup"`
 //!   (names or numeric ids, e.g. `"65534"`).
+//! - `[tls]` — `mode = "off"` (or `"on"`: STARTTLS offered; `"require"`: TLS only),
+//!   `certificates = ""` (a directory with `server-cert.pem`, `server-key.pem` and, for
+//!   `verify_peer = false`, `ca-cert.pem`: QEMU's and nbdkit's layout).
 //! - `[log]` — `level = "info"`: one of trace, debug, info, warning, error, critical. The
 //!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
 //!   `format = "text"` (one line per event, RFC 3339 UTC timestamps) or `"json"` (one JSON
@@ -123,6 +126,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub supervisor: SupervisorConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
 }
 
 /// `[volume]`: the image served and how `rblk serve` formats a missing one.
@@ -333,6 +337,45 @@ impl Default for SupervisorConfig {
             max_failed_starts: 5,
             user: "nobody".to_owned(),
             group: "nogroup".to_owned(),
+        }
+    }
+}
+
+/// `[tls]`: TLS for NBD clients (STARTTLS), as nbdkit and qemu-nbd spell it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `off`: STARTTLS is refused (plaintext only); `on`: offered, plaintext clients are served
+    /// too; `require`: a client must start TLS before anything else. Default `off`.
+    pub mode: TlsMode,
+    /// A directory in QEMU's `tls-creds-x509` layout (also nbdkit's `--tls-certificates`):
+    /// `server-cert.pem` (the chain), `server-key.pem`, and `ca-cert.pem` for `verify_peer`.
+    /// Required unless `mode` is `off`. Default none.
+    #[serde(with = "serde_optional_path")]
+    pub certificates: Option<PathBuf>,
+    /// Require a client certificate signed by `ca-cert.pem`. Default false.
+    pub verify_peer: bool,
+}
+
+/// Whether TLS is refused, offered or required.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+impl FromStr for TlsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "on" => Ok(Self::On),
+            "require" => Ok(Self::Require),
+            _ => Err(format!("expected off, on or require, got {s:?}")),
         }
     }
 }
@@ -552,6 +595,14 @@ impl Config {
         }
         if r.max_batch < BLOCK {
             return invalid("raft.max_batch", format!("must be at least 4K, got {}", size(r.max_batch)));
+        }
+
+        let t = &self.tls;
+        if t.mode != TlsMode::Off && t.certificates.is_none() {
+            return invalid("tls.certificates", "must name a directory when tls.mode is on or require".into());
+        }
+        if t.verify_peer && t.mode == TlsMode::Off {
+            return invalid("tls.verify_peer", "needs tls.mode on or require".into());
         }
 
         let sv = &self.supervisor;

@@ -489,3 +489,17 @@ fn listen_addresses() {
     rejects("[server]\nlisten = \"host:0\"\n", "server.listen", "port must be 1 to 65535");
     rejects("[server]\nlisten = \"::1\"\n", "server.listen", "expected HOST:PORT");
 }
+
+#[test]
+fn tls_settings() {
+    let c = Config::default();
+    assert_eq!((c.tls.mode, c.tls.certificates.clone(), c.tls.verify_peer), (config::TlsMode::Off, None, false));
+    let c = Config::from_toml_str("[tls]\nmode = \"require\"\ncertificates = \"/etc/pki/rblk\"\nverify_peer = true\n")
+        .unwrap();
+    assert_eq!(c.tls.mode, config::TlsMode::Require);
+    assert_eq!(c.tls.certificates, Some(PathBuf::from("/etc/pki/rblk")));
+    rejects("[tls]\nmode = \"on\"\n", "tls.certificates", "must name a directory");
+    rejects("[tls]\nverify_peer = true\n", "tls.verify_peer", "needs tls.mode");
+    let e = Config::from_toml_str("[tls]\nmode = \"maybe\"\n").unwrap_err().to_string();
+    assert!(e.contains("tls.mode") && e.contains("off") && e.contains("require"), "{e}");
+}

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--heartbeat-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--config-toml TEXT]
 //! ```
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
 //! nothing itself. Before serving it enters its sandbox (`driver::sandbox`): started as root
@@ -33,6 +33,7 @@ struct Args {
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
     tcp_fd: Option<RawFd>,
+    tls_fd: Option<RawFd>,
     heartbeat_fd: Option<RawFd>,
     config: Option<PathBuf>,
     config_toml: Option<String>,
@@ -52,6 +53,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
             "--tcp-fd" => a.tcp_fd = Some(fd(value()?)?),
+            "--tls-fd" => a.tls_fd = Some(fd(value()?)?),
             "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
             "--config" => a.config = Some(value()?.into()),
             "--config-toml" => a.config_toml = Some(value()?),
@@ -64,7 +66,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--tcp-fd N] [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N) [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -178,7 +180,8 @@ pub fn main() -> ExitCode {
     let opened = (|| -> Result<_, String> {
         // Nothing but what was handed over stays open (a parent may leak descriptors). First,
         // before the devices open descriptors of their own (their io_uring rings).
-        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.tcp_fd, args.heartbeat_fd];
+        let keep =
+            [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.tcp_fd, args.tls_fd, args.heartbeat_fd];
         if args.socket_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
@@ -203,10 +206,33 @@ pub fn main() -> ExitCode {
             }
             None => None,
         };
+        let tls = match (cfg.tls.mode, args.tls_fd) {
+            (config::TlsMode::Off, _) => None,
+            (mode, Some(fd)) => {
+                // Read from the start whatever an earlier incarnation did with the offset
+                // (the supervisor passes the same sealed memfd to each).
+                let file = std::fs::File::from(owned(fd));
+                let mut bundle = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = std::os::unix::fs::FileExt::read_at(&file, &mut chunk, bundle.len() as u64)
+                        .map_err(|e| format!("TLS credentials: {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    bundle.extend_from_slice(&chunk[..n]);
+                }
+                let required = mode == config::TlsMode::Require;
+                let server = driver::tls::TlsServer::new(&bundle, required, cfg.tls.verify_peer)
+                    .map_err(|e| format!("TLS credentials: {}", driver::error_chain(&e)))?;
+                Some(server)
+            }
+            (_, None) => return Err("tls.mode is on or require, but no --tls-fd gives the credentials".into()),
+        };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
-        Ok((dev, root, listeners, heartbeat, identity))
+        Ok((dev, root, listeners, heartbeat, identity, tls))
     })();
-    let (dev, root, listeners, heartbeat, identity) = match opened {
+    let (dev, root, listeners, heartbeat, identity, tls) = match opened {
         Ok(o) => o,
         Err(e) => {
             eprintln!("rblk-driver: {e}");
@@ -238,7 +264,9 @@ pub fn main() -> ExitCode {
             Err(e) => slog::info!(log, "open probe: denied"; "path" => ?probe, "error" => %e),
         }
     }
-    match driver::run(dev, root, listeners, driver::driver_config(&cfg), stop, heartbeat, log) {
+    let mut driver_cfg = driver::driver_config(&cfg);
+    driver_cfg.tls = tls;
+    match driver::run(dev, root, listeners, driver_cfg, stop, heartbeat, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rblk-driver: {}", driver::error_chain(&e));

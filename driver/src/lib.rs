@@ -29,6 +29,7 @@ mod logging;
 pub mod node;
 pub mod queue;
 pub mod sandbox;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;
@@ -98,6 +99,8 @@ pub struct DriverConfig {
     pub node: NodeConfig,
     pub read_only: bool,
     pub limits: Limits,
+    /// STARTTLS for clients (`[tls]`; the credentials come from the supervisor).
+    pub tls: Option<tls::TlsServer>,
 }
 
 /// What bounds the clients: connections, bytes in flight, and how long the driver waits for
@@ -170,6 +173,7 @@ pub fn run(
         served: AtomicBool::new(false),
         placer,
         buffers: conn::BufferPool::default(),
+        tls: cfg.tls.clone(),
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();
@@ -301,5 +305,6 @@ pub fn driver_config(cfg: &config::Config) -> DriverConfig {
             stall_timeout: cfg.server.stall_timeout,
             idle_timeout: cfg.server.idle_timeout,
         },
+        tls: None,
     }
 }

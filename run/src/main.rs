@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-//! rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--config FILE] [--size SIZE]
+//! rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
 //! rblk inspect IMAGE [--root-device PATH] [--json]
 //! ```
 //! Sizes take K, M, G, T suffixes (binary). `serve` without arguments uses `./rblk.img`
@@ -25,7 +25,7 @@ use raft_state::device::{Device, DeviceError, FileDevice};
 
 const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-  rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--config FILE] [--size SIZE]
+  rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
   rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]";
 
@@ -73,6 +73,12 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS credentials in {}", dir.display())]
+    Tls {
+        dir: PathBuf,
+        #[source]
+        source: driver::tls::TlsError,
+    },
     #[error("systemd")]
     Systemd(#[from] systemd::SystemdError),
     #[error("binding {}", path.display())]
@@ -96,7 +102,7 @@ struct Words {
     flags: Vec<(String, Option<String>)>,
 }
 
-const SWITCHES: &[&str] = &["--force", "--json", "--preallocate"];
+const SWITCHES: &[&str] = &["--force", "--json", "--preallocate", "--tls-verify-peer"];
 
 fn words(args: impl Iterator<Item = String>) -> Result<Words, String> {
     let mut w = Words { positional: Vec::new(), flags: Vec::new() };
@@ -271,6 +277,15 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     if let Some(listen) = w.take("--listen") {
         cfg.server.listen = Some(listen);
     }
+    if let Some(mode) = w.take("--tls") {
+        cfg.tls.mode = mode.parse::<config::TlsMode>().map_err(|e| format!("--tls: {e}"))?;
+    }
+    if let Some(dir) = w.take("--tls-certificates") {
+        cfg.tls.certificates = Some(dir.into());
+    }
+    if w.switch("--tls-verify-peer") {
+        cfg.tls.verify_peer = true;
+    }
     if let Some(size) = size_flag(&mut w, "--size")? {
         cfg.volume.size = size;
     }
@@ -306,6 +321,10 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
             None => bind(&cfg.server.socket)?,
         },
         tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
+        tls: match (&cfg.tls.certificates, cfg.tls.mode) {
+            (Some(dir), mode) if mode != config::TlsMode::Off => Some(tls_credentials(dir, cfg.tls.verify_peer)?),
+            _ => None,
+        },
     };
     // An inherited socket belongs to the service manager (it removes its file); one we bound
     // is removed when we stop.
@@ -321,7 +340,8 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     let mut uris = format!("nbd+unix:///?socket={}\n", absolute.display());
     if let Some(tcp) = &held.tcp {
         let addr = tcp.local_addr().map_err(|source| CliError::File { path: "the TCP listener".into(), source })?;
-        uris.push_str(&format!("nbd://{addr}/\n"));
+        let scheme = if cfg.tls.mode == config::TlsMode::Require { "nbds" } else { "nbd" };
+        uris.push_str(&format!("{scheme}://{addr}/\n"));
     }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), uris.as_bytes());
     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -345,6 +365,32 @@ fn driver_binary() -> Result<PathBuf, CliError> {
         Some(path) => Ok(PathBuf::from(path)),
         None => Ok(std::env::current_exe().map_err(CliError::LocateDriver)?.with_file_name("rblk-driver")),
     }
+}
+
+/// Reads the certificate directory (QEMU's tls-creds-x509 layout) into a sealed memfd for the
+/// drivers, checking it first the way a driver will, so a bad certificate stops `serve` here
+/// with a clear error instead of failing every driver start.
+fn tls_credentials(dir: &Path, verify_peer: bool) -> Result<std::fs::File, CliError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| CliError::File { path, source })
+    };
+    let ca = if verify_peer { read("ca-cert.pem")? } else { Vec::new() };
+    let bundle = driver::tls::encode_credentials(&read("server-cert.pem")?, &read("server-key.pem")?, &ca);
+    driver::tls::TlsServer::new(&bundle, false, verify_peer)
+        .map_err(|source| CliError::Tls { dir: dir.to_path_buf(), source })?;
+    let memfd_err =
+        |source: nix::Error| CliError::File { path: "a memfd for the TLS credentials".into(), source: source.into() };
+    let fd = memfd_create(c"rblk-tls", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
+        .map_err(memfd_err)?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, &bundle)
+        .map_err(|source| CliError::File { path: "a memfd for the TLS credentials".into(), source })?;
+    let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+    fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), FcntlArg::F_ADD_SEALS(seals)).map_err(memfd_err)?;
+    Ok(file)
 }
 
 /// Binds the TCP address `[server] listen` names (validated already): the first of its

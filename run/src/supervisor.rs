@@ -48,6 +48,8 @@ pub struct Held {
     pub listener: UnixListener,
     /// The TCP listener (`[server] listen`), if any.
     pub tcp: Option<TcpListener>,
+    /// The TLS credentials (`[tls]`) in a sealed memfd, if TLS is on.
+    pub tls: Option<File>,
 }
 
 /// Why the supervisor stopped serving.
@@ -187,6 +189,9 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
     }
     if let Some(tcp) = &held.tcp {
         inherit.push(("--tcp-fd", tcp.as_fd()));
+    }
+    if let Some(tls) = &held.tls {
+        inherit.push(("--tls-fd", tls.as_fd()));
     }
     if let Some(cached) = &held.image_cached {
         inherit.push(("--cache-fd", cached.as_fd()));
