@@ -160,7 +160,8 @@ impl Default for VolumeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
+    /// Path of the unix socket NBD clients connect to (at most 107 bytes); `""` serves TCP
+    /// only (with `listen`). Default `rblk.sock`.
     #[serde(with = "serde_path")]
     pub socket: PathBuf,
     /// A TCP address to serve NBD on as well, for remote clients: `HOST:PORT`, or `HOST`
@@ -528,8 +529,8 @@ impl Config {
 
         let s = &self.server;
         let socket_len = s.socket.as_os_str().len();
-        if socket_len == 0 {
-            return invalid("server.socket", "must not be empty".into());
+        if socket_len == 0 && s.listen.is_none() {
+            return invalid("server.socket", "must not be empty unless server.listen is set (TCP only)".into());
         }
         if socket_len > MAX_SOCKET_PATH {
             return invalid(

@@ -66,7 +66,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N | --tcp-fd N) [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -182,17 +182,18 @@ pub fn main() -> ExitCode {
         // before the devices open descriptors of their own (their io_uring rings).
         let keep =
             [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.tcp_fd, args.tls_fd, args.heartbeat_fd];
-        if args.socket_fd.is_some() {
+        if args.socket_fd.is_some() || args.tcp_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
         let dev = image(&args, &cfg)?;
         let root = device(args.root.clone(), args.root_fd, "root device")?.map(|d| Arc::new(d) as Arc<dyn Device>);
-        let listener = match (&args.socket, args.socket_fd) {
-            (Some(p), None) => UnixListener::bind(p).map_err(|e| format!("socket {}: {e}", p.display()))?,
-            (None, Some(fd)) => UnixListener::from(owned(fd)),
-            _ => return Err(format!("give the socket as --socket PATH or --socket-fd N\n{USAGE}")),
+        let unix = match (&args.socket, args.socket_fd) {
+            (Some(p), None) => Some(UnixListener::bind(p).map_err(|e| format!("socket {}: {e}", p.display()))?),
+            (None, Some(fd)) => Some(UnixListener::from(owned(fd))),
+            (None, None) if args.tcp_fd.is_some() => None,
+            _ => return Err(format!("give the socket as --socket PATH or --socket-fd N (or --tcp-fd N)\n{USAGE}")),
         };
-        let listeners = driver::Listeners { unix: listener, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))) };
+        let listeners = driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))) };
         let heartbeat = match args.heartbeat_fd {
             Some(fd) => {
                 let file = std::fs::File::from(owned(fd));

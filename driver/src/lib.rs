@@ -50,22 +50,24 @@ pub use node::NodeConfig;
 /// The listening sockets the driver serves, both held by the supervisor.
 #[derive(Debug)]
 pub struct Listeners {
-    pub unix: UnixListener,
+    pub unix: Option<UnixListener>,
     pub tcp: Option<TcpListener>,
 }
 
 impl Listeners {
     fn poll(&self, timeout: nix::poll::PollTimeout) -> [bool; 2] {
         use nix::poll::{poll, PollFd, PollFlags};
-        let mut fds = vec![PollFd::new(self.unix.as_fd(), PollFlags::POLLIN)];
-        if let Some(tcp) = &self.tcp {
-            fds.push(PollFd::new(tcp.as_fd(), PollFlags::POLLIN));
-        }
+        let unix = self.unix.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        let tcp = self.tcp.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        let mut fds: Vec<PollFd<'_>> = unix.into_iter().chain(tcp).collect();
         if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
             return [false, false];
         }
         let ready = |i: usize| fds.get(i).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
-        [ready(0), ready(1)]
+        match (&self.unix, &self.tcp) {
+            (Some(_), _) => [ready(0), ready(1)],
+            (None, _) => [false, ready(0)],
+        }
     }
 
     /// Whether a client waits in a backlog.
@@ -80,8 +82,8 @@ impl Listeners {
     fn accept(&self) -> std::io::Result<UnixStream> {
         loop {
             let [unix, tcp] = self.poll(nix::poll::PollTimeout::NONE);
-            if unix {
-                return Ok(self.unix.accept()?.0);
+            if let (true, Some(listener)) = (unix, &self.unix) {
+                return Ok(listener.accept()?.0);
             }
             if let (true, Some(listener)) = (tcp, &self.tcp) {
                 let (stream, _) = listener.accept()?;

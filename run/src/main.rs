@@ -317,8 +317,10 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
         image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
         root: root.as_deref().map(open_rw).transpose()?,
         listener: match inherited {
-            Some(listener) => listener,
-            None => bind(&cfg.server.socket)?,
+            Some(listener) => Some(listener),
+            // `socket = ""` with `listen` set: TCP only.
+            None if cfg.server.socket.as_os_str().is_empty() => None,
+            None => Some(bind(&cfg.server.socket)?),
         },
         tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
         tls: match (&cfg.tls.certificates, cfg.tls.mode) {
@@ -328,16 +330,21 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     };
     // An inherited socket belongs to the service manager (it removes its file); one we bound
     // is removed when we stop.
-    let (path, ours) = if socket_activated {
-        let addr = held.listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
-        (addr.as_pathname().map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf), false)
-    } else {
-        (cfg.server.socket.clone(), true)
+    let (path, ours) = match &held.listener {
+        Some(listener) if socket_activated => {
+            let addr = listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
+            (addr.as_pathname().map(Path::to_path_buf), false)
+        }
+        Some(_) => (Some(cfg.server.socket.clone()), true),
+        None => (None, false),
     };
-    let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
     // The URIs to attach, one per line. Whoever started us may have closed stdout already
     // (a script that read the first line, a service manager): that must not stop serving.
-    let mut uris = format!("nbd+unix:///?socket={}\n", absolute.display());
+    let mut uris = String::new();
+    if let Some(path) = &path {
+        let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        uris.push_str(&format!("nbd+unix:///?socket={}\n", absolute.display()));
+    }
     if let Some(tcp) = &held.tcp {
         let addr = tcp.local_addr().map_err(|source| CliError::File { path: "the TCP listener".into(), source })?;
         let scheme = if cfg.tls.mode == config::TlsMode::Require { "nbds" } else { "nbd" };
@@ -347,8 +354,8 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
-    if ours {
-        let _ = std::fs::remove_file(&path);
+    if let (true, Some(path)) = (ours, &path) {
+        let _ = std::fs::remove_file(path);
     }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

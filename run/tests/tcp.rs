@@ -89,3 +89,40 @@ fn a_bad_listen_address_is_refused_before_serving() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("server.listen") && err.contains("port must be 1 to 65535"), "{err}");
 }
+
+/// `socket = ""` with `listen`: TCP only, no unix socket made, one URI printed.
+#[test]
+fn tcp_only_instead_of_the_unix_socket() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = Scratch::new("tcp-only");
+    let port = free_port();
+    std::fs::write(dir.path("rblk.toml"), format!("[server]\nsocket = \"\"\nlisten = \"127.0.0.1:{port}\"\n"))
+        .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(dir.path("v.img"))
+        .args(["--size", "64M", "--config"])
+        .arg(dir.path("rblk.toml"))
+        .current_dir(&dir.0)
+        .env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rblk serve");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut out, &mut line).expect("uri");
+    assert_eq!(line.trim(), format!("nbd://127.0.0.1:{port}/"));
+    let uri = format!("nbd://127.0.0.1:{port}");
+    qemu_io(&uri, &["write -P 0x4f 0 64k", "read -P 0x4f 0 64k"]);
+    let socks: Vec<_> = std::fs::read_dir(&dir.0)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".sock"))
+        .collect();
+    assert!(socks.is_empty(), "a unix socket was made: {socks:?}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert!(child.wait().expect("wait").success());
+}
