@@ -17,6 +17,7 @@
 //!   4096, at least 64K). `size` and `log_size` matter only at format: an existing image
 //!   keeps the geometry it was formatted with.
 //! - `[server]` — the NBD endpoint and what bounds its clients. `socket = "rblk.sock"`,
+//!   `listen` (none; `"HOST:PORT"` or `"HOST"` for port 10809: TCP beside the socket),
 //!   `max_connections = 64` (more clients wait in the backlog), `read_only = false`,
 //!   `max_inflight = "64M"` bytes of requests in flight in all and `max_inflight_per_connection
 //!   = "32M"` per connection (write payloads and read replies; at the limit a connection stops
@@ -44,6 +45,9 @@
 //!   "100ms"`, doubling up to `restart_backoff_max = "5s"`, and after `max_failed_starts = 5`
 //!   of them in a row it gives up. Started as root, the driver runs as `user = "nobody"`, `group = "nogroup"`
 //!   (names or numeric ids, e.g. `"65534"`).
+//! - `[tls]` — `mode = "off"` (or `"on"`: STARTTLS offered; `"require"`: TLS only),
+//!   `certificates = ""` (a directory with `server-cert.pem`, `server-key.pem` and, for
+//!   `verify_peer = false`, `ca-cert.pem`: QEMU's and nbdkit's layout).
 //! - `[log]` — `level = "info"`: one of trace, debug, info, warning, error, critical. The
 //!   `RBLK_LOG` environment variable overrides it (parse it with `LogLevel::from_str`).
 //!   `format = "text"` (one line per event, RFC 3339 UTC timestamps) or `"json"` (one JSON
@@ -80,6 +84,36 @@ use units::{serde_duration, serde_size};
 pub const BLOCK: u64 = 4096;
 /// The smallest Raft log ring (16 blocks; the storage refuses fewer).
 pub const MIN_LOG_SIZE: u64 = 64 << 10;
+/// The port IANA assigned to NBD, used when `server.listen` names only a host.
+pub const NBD_PORT: u16 = 10809;
+
+/// Splits a `server.listen` address into host and port: `HOST:PORT`, `HOST` (port 10809),
+/// `[V6]:PORT` or `[V6]`. The host is not resolved here (the supervisor binds it).
+pub fn parse_listen(s: &str) -> Result<(String, u16), String> {
+    let expected = || format!("expected HOST:PORT, HOST, or [IPV6]:PORT, got {s:?}");
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("the port must be 1 to 65535, got {p:?}")),
+        Ok(n) => Ok(n),
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(expected)?;
+        if host.is_empty() || host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(expected());
+        }
+        return match after {
+            "" => Ok((host.to_owned(), NBD_PORT)),
+            _ => Ok((host.to_owned(), port(after.strip_prefix(':').ok_or_else(expected)?)?)),
+        };
+    }
+    match s.split_once(':') {
+        None if !s.is_empty() && !s.contains(char::is_whitespace) => Ok((s.to_owned(), NBD_PORT)),
+        Some((host, p)) if !host.is_empty() && !p.contains(':') && !host.contains(char::is_whitespace) => {
+            Ok((host.to_owned(), port(p)?))
+        }
+        _ => Err(expected()),
+    }
+}
+
 /// The longest unix socket path `bind` takes on Linux (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 /// NBD proto.md: an export name is at most 4096 bytes.
@@ -96,6 +130,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub supervisor: SupervisorConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -130,9 +165,15 @@ impl Default for VolumeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Path of the unix socket NBD clients connect to (at most 107 bytes). Default `rblk.sock`.
+    /// Path of the unix socket NBD clients connect to (at most 107 bytes); `""` serves TCP
+    /// only (with `listen`). Default `rblk.sock`.
     #[serde(with = "serde_path")]
     pub socket: PathBuf,
+    /// A TCP address to serve NBD on as well, for remote clients: `HOST:PORT`, or `HOST`
+    /// for the NBD port 10809 (IPv6 literals in brackets: `[::1]:10809`). The supervisor
+    /// binds it and holds it like the unix socket. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
     /// The name the volume is exported under (NBD_OPT_LIST, NBD_OPT_INFO); the default
     /// export "" reaches it too, any other name is refused. At most 4096 bytes of UTF-8, not
     /// empty. Default `rblk`.
@@ -168,6 +209,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("rblk.sock"),
+            listen: None,
             export_name: "rblk".to_string(),
             max_connections: 64,
             read_only: false,
@@ -301,6 +343,45 @@ impl Default for SupervisorConfig {
             max_failed_starts: 5,
             user: "nobody".to_owned(),
             group: "nogroup".to_owned(),
+        }
+    }
+}
+
+/// `[tls]`: TLS for NBD clients (STARTTLS), as nbdkit and qemu-nbd spell it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `off`: STARTTLS is refused (plaintext only); `on`: offered, plaintext clients are served
+    /// too; `require`: a client must start TLS before anything else. Default `off`.
+    pub mode: TlsMode,
+    /// A directory in QEMU's `tls-creds-x509` layout (also nbdkit's `--tls-certificates`):
+    /// `server-cert.pem` (the chain), `server-key.pem`, and `ca-cert.pem` for `verify_peer`.
+    /// Required unless `mode` is `off`. Default none.
+    #[serde(with = "serde_optional_path")]
+    pub certificates: Option<PathBuf>,
+    /// Require a client certificate signed by `ca-cert.pem`. Default false.
+    pub verify_peer: bool,
+}
+
+/// Whether TLS is refused, offered or required.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+impl FromStr for TlsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "on" => Ok(Self::On),
+            "require" => Ok(Self::Require),
+            _ => Err(format!("expected off, on or require, got {s:?}")),
         }
     }
 }
@@ -492,14 +573,19 @@ impl Config {
 
         let s = &self.server;
         let socket_len = s.socket.as_os_str().len();
-        if socket_len == 0 {
-            return invalid("server.socket", "must not be empty".into());
+        if socket_len == 0 && s.listen.is_none() {
+            return invalid("server.socket", "must not be empty unless server.listen is set (TCP only)".into());
         }
         if socket_len > MAX_SOCKET_PATH {
             return invalid(
                 "server.socket",
                 format!("is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}"),
             );
+        }
+        if let Some(listen) = &s.listen {
+            if let Err(e) = parse_listen(listen) {
+                return invalid("server.listen", e);
+            }
         }
         // NBD proto.md: names are UTF-8 of at most 4096 bytes; "" is the default export.
         if s.export_name.is_empty() || s.export_name.len() > MAX_EXPORT_NAME {
@@ -554,6 +640,14 @@ impl Config {
         }
         if r.max_batch < BLOCK {
             return invalid("raft.max_batch", format!("must be at least 4K, got {}", size(r.max_batch)));
+        }
+
+        let t = &self.tls;
+        if t.mode != TlsMode::Off && t.certificates.is_none() {
+            return invalid("tls.certificates", "must name a directory when tls.mode is on or require".into());
+        }
+        if t.verify_peer && t.mode == TlsMode::Off {
+            return invalid("tls.verify_peer", "needs tls.mode on or require".into());
         }
 
         let sv = &self.supervisor;

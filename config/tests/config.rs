@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use config::{
-    format_duration, format_size, parse_duration, parse_size, Config, ConfigError, Location, LogLevel, MAX_SOCKET_PATH,
+    format_duration, format_size, parse_duration, parse_listen, parse_size, Config, ConfigError, Location, LogLevel,
+    MAX_SOCKET_PATH,
 };
 
 const RBLK_TOML: &str = include_str!("../examples/rblk.toml");
@@ -488,4 +489,39 @@ fn log_levels_parse_for_the_file_and_rblk_log() {
     assert!("verbose".parse::<LogLevel>().is_err());
     assert!(LogLevel::Trace < LogLevel::Critical, "ordered by severity");
     assert_eq!(Config::from_toml_str("[log]\nlevel = \"warn\"").unwrap().log.level, LogLevel::Warning);
+}
+
+#[test]
+fn listen_addresses() {
+    assert_eq!(Config::default().server.listen, None);
+    for (text, host, port) in [
+        ("127.0.0.1:10900", "127.0.0.1", 10900),
+        ("0.0.0.0", "0.0.0.0", 10809),
+        ("localhost:1", "localhost", 1),
+        ("[::1]:10810", "::1", 10810),
+        ("[::]", "::", 10809),
+    ] {
+        assert_eq!(parse_listen(text), Ok((host.to_string(), port)), "{text}");
+        let c = Config::from_toml_str(&format!("[server]\nlisten = {text:?}\n")).unwrap();
+        assert_eq!(c.server.listen.as_deref(), Some(text));
+    }
+    for bad in ["", ":10809", "host:", "host:0", "host:65536", "::1", "[::1", "[nothost]:1", "[::1]10809", "a b:1"] {
+        assert!(parse_listen(bad).is_err(), "{bad:?} was accepted");
+    }
+    rejects("[server]\nlisten = \"host:0\"\n", "server.listen", "port must be 1 to 65535");
+    rejects("[server]\nlisten = \"::1\"\n", "server.listen", "expected HOST:PORT");
+}
+
+#[test]
+fn tls_settings() {
+    let c = Config::default();
+    assert_eq!((c.tls.mode, c.tls.certificates.clone(), c.tls.verify_peer), (config::TlsMode::Off, None, false));
+    let c = Config::from_toml_str("[tls]\nmode = \"require\"\ncertificates = \"/etc/pki/rblk\"\nverify_peer = true\n")
+        .unwrap();
+    assert_eq!(c.tls.mode, config::TlsMode::Require);
+    assert_eq!(c.tls.certificates, Some(PathBuf::from("/etc/pki/rblk")));
+    rejects("[tls]\nmode = \"on\"\n", "tls.certificates", "must name a directory");
+    rejects("[tls]\nverify_peer = true\n", "tls.verify_peer", "needs tls.mode");
+    let e = Config::from_toml_str("[tls]\nmode = \"maybe\"\n").unwrap_err().to_string();
+    assert!(e.contains("tls.mode") && e.contains("off") && e.contains("require"), "{e}");
 }

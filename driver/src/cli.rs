@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--heartbeat-fd N] [--metrics-fd N] [--config-toml TEXT]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config-toml TEXT]
 //! ```
 //! `--metrics-fd` is the supervisor's metrics page (`driver::metrics`), mapped before the
 //! sandbox is entered; a page that is not one (wrong size or version) is logged and ignored.
@@ -14,6 +14,7 @@
 //! Test hook: with `RBLK_DRIVER_OPEN_PROBE=PATH` the driver tries to open PATH once it is
 //! sandboxed and logs whether it could (it must not).
 
+use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ struct Args {
     root_fd: Option<RawFd>,
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
+    tcp_fd: Option<RawFd>,
+    tls_fd: Option<RawFd>,
     heartbeat_fd: Option<RawFd>,
     metrics_fd: Option<RawFd>,
     config: Option<PathBuf>,
@@ -52,6 +55,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--root-fd" => a.root_fd = Some(fd(value()?)?),
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
+            "--tcp-fd" => a.tcp_fd = Some(fd(value()?)?),
+            "--tls-fd" => a.tls_fd = Some(fd(value()?)?),
             "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
             "--metrics-fd" => a.metrics_fd = Some(fd(value()?)?),
             "--config" => a.config = Some(value()?.into()),
@@ -65,7 +70,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N) [--heartbeat-fd N] [--metrics-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N | --tcp-fd N) [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -179,17 +184,28 @@ pub fn main() -> ExitCode {
     let opened = (|| -> Result<_, String> {
         // Nothing but what was handed over stays open (a parent may leak descriptors). First,
         // before the devices open descriptors of their own (their io_uring rings).
-        let keep = [args.image_fd, args.cache_fd, args.root_fd, args.socket_fd, args.heartbeat_fd, args.metrics_fd];
-        if args.socket_fd.is_some() {
+        let keep = [
+            args.image_fd,
+            args.cache_fd,
+            args.root_fd,
+            args.socket_fd,
+            args.tcp_fd,
+            args.tls_fd,
+            args.heartbeat_fd,
+            args.metrics_fd,
+        ];
+        if args.socket_fd.is_some() || args.tcp_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
         let dev = image(&args, &cfg)?;
         let root = device(args.root.clone(), args.root_fd, "root device")?.map(|d| Arc::new(d) as Arc<dyn Device>);
-        let listener = match (&args.socket, args.socket_fd) {
-            (Some(p), None) => UnixListener::bind(p).map_err(|e| format!("socket {}: {e}", p.display()))?,
-            (None, Some(fd)) => UnixListener::from(owned(fd)),
-            _ => return Err(format!("give the socket as --socket PATH or --socket-fd N\n{USAGE}")),
+        let unix = match (&args.socket, args.socket_fd) {
+            (Some(p), None) => Some(UnixListener::bind(p).map_err(|e| format!("socket {}: {e}", p.display()))?),
+            (None, Some(fd)) => Some(UnixListener::from(owned(fd))),
+            (None, None) if args.tcp_fd.is_some() => None,
+            _ => return Err(format!("give the socket as --socket PATH or --socket-fd N (or --tcp-fd N)\n{USAGE}")),
         };
+        let listeners = driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))) };
         let heartbeat = match args.heartbeat_fd {
             Some(fd) => {
                 let file = std::fs::File::from(owned(fd));
@@ -212,10 +228,33 @@ pub fn main() -> ExitCode {
                 Err(e) => slog::warn!(log, "metrics page refused: counting without it"; "error" => e),
             }
         }
+        let tls = match (cfg.tls.mode, args.tls_fd) {
+            (config::TlsMode::Off, _) => None,
+            (mode, Some(fd)) => {
+                // Read from the start whatever an earlier incarnation did with the offset
+                // (the supervisor passes the same sealed memfd to each).
+                let file = std::fs::File::from(owned(fd));
+                let mut bundle = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = std::os::unix::fs::FileExt::read_at(&file, &mut chunk, bundle.len() as u64)
+                        .map_err(|e| format!("TLS credentials: {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    bundle.extend_from_slice(&chunk[..n]);
+                }
+                let required = mode == config::TlsMode::Require;
+                let server = driver::tls::TlsServer::new(&bundle, required, cfg.tls.verify_peer)
+                    .map_err(|e| format!("TLS credentials: {}", driver::error_chain(&e)))?;
+                Some(server)
+            }
+            (_, None) => return Err("tls.mode is on or require, but no --tls-fd gives the credentials".into()),
+        };
         let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
-        Ok((dev, root, listener, heartbeat, identity))
+        Ok((dev, root, listeners, heartbeat, identity, tls))
     })();
-    let (dev, root, listener, heartbeat, identity) = match opened {
+    let (dev, root, listeners, heartbeat, identity, tls) = match opened {
         Ok(o) => o,
         Err(e) => {
             eprintln!("rblk-driver: {e}");
@@ -247,7 +286,9 @@ pub fn main() -> ExitCode {
             Err(e) => slog::info!(log, "open probe: denied"; "path" => ?probe, "error" => %e),
         }
     }
-    match driver::run(dev, root, listener, driver::driver_config(&cfg), stop, heartbeat, log) {
+    let mut driver_cfg = driver::driver_config(&cfg);
+    driver_cfg.tls = tls;
+    match driver::run(dev, root, listeners, driver_cfg, stop, heartbeat, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rblk-driver: {}", driver::error_chain(&e));

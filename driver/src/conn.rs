@@ -72,6 +72,8 @@ pub struct Shared {
     pub placer: Placer,
     /// Payload buffers of writes to place, kept for reuse.
     pub buffers: BufferPool,
+    /// STARTTLS offered or required (`[tls]`), or none.
+    pub tls: Option<crate::tls::TlsServer>,
     pub log: Logger,
 }
 
@@ -277,13 +279,30 @@ impl Read for Patient {
 
 fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Result<(), session::SessionError> {
     let limits = &shared.limits;
-    let mut hs = Deadline {
-        stream: stream.try_clone().map_err(io("clone the connection"))?,
-        until: Instant::now() + limits.handshake_timeout,
-    };
-    let Some(negotiated) = session::handshake(&mut hs, &shared.export)? else {
-        debug!(log, "client ended the negotiation");
-        return Ok(());
+    let until = Instant::now() + limits.handshake_timeout;
+    let mut hs = Deadline { stream: stream.try_clone().map_err(io("clone the connection"))?, until };
+    let flags = session::greet(&mut hs, &shared.export)?;
+    let offer = shared.tls.as_ref().map_or(session::Tls::Off, |t| t.negotiation());
+    let (stream, negotiated) = match (session::negotiate(&mut hs, &shared.export, flags, offer)?, &shared.tls) {
+        (session::Step::Go(n), _) => (stream, n),
+        (session::Step::StartTls, Some(tls)) => {
+            drop(hs);
+            // The same handshake deadline covers the TLS handshake and what follows it.
+            let plain = tls.upgrade(stream, until).map_err(io("TLS handshake"))?;
+            debug!(log, "TLS started");
+            let mut hs = Deadline { stream: plain.try_clone().map_err(io("clone the connection"))?, until };
+            match session::negotiate(&mut hs, &shared.export, flags, session::Tls::Active)? {
+                session::Step::Go(n) => (plain, n),
+                _ => {
+                    debug!(log, "client ended the negotiation");
+                    return Ok(());
+                }
+            }
+        }
+        _ => {
+            debug!(log, "client ended the negotiation");
+            return Ok(());
+        }
     };
     // From here, a send that waits `stall_timeout` for a client that does not read fails.
     let stall = (!limits.stall_timeout.is_zero()).then_some(limits.stall_timeout);

@@ -2,7 +2,7 @@
 //!
 //! It opens the volume (three roots → current root → copy-on-write tree; Raft log → replay of
 //! committed entries), runs a single-node Raft group on the log store, and serves NBD block
-//! sessions on a listening unix socket it is given:
+//! sessions on the listening sockets it is given (a unix socket, and a TCP one if configured):
 //!
 //! ```text
 //!  accept thread ──► connection threads (handshake, decode, reads; one reply writer each)
@@ -30,9 +30,11 @@ pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod sandbox;
+pub mod tls;
 
+use std::net::TcpListener;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -46,6 +48,53 @@ pub use heartbeat::Heartbeat;
 pub use logging::{logger, raft_logger};
 pub use node::NodeConfig;
 
+/// The listening sockets the driver serves, both held by the supervisor.
+#[derive(Debug)]
+pub struct Listeners {
+    pub unix: Option<UnixListener>,
+    pub tcp: Option<TcpListener>,
+}
+
+impl Listeners {
+    fn poll(&self, timeout: nix::poll::PollTimeout) -> [bool; 2] {
+        use nix::poll::{poll, PollFd, PollFlags};
+        let unix = self.unix.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        let tcp = self.tcp.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        let mut fds: Vec<PollFd<'_>> = unix.into_iter().chain(tcp).collect();
+        if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+            return [false, false];
+        }
+        let ready = |i: usize| fds.get(i).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+        match (&self.unix, &self.tcp) {
+            (Some(_), _) => [ready(0), ready(1)],
+            (None, _) => [false, ready(0)],
+        }
+    }
+
+    /// Whether a client waits in a backlog.
+    fn client_waiting(&self) -> bool {
+        self.poll(nix::poll::PollTimeout::ZERO).contains(&true)
+    }
+
+    /// The next client, from whichever socket has one. A TCP connection gets TCP_NODELAY
+    /// (replies are whole messages: Nagle would only delay them) and is then served through
+    /// the same type as a unix one: the connection code uses only calls that every stream
+    /// socket answers alike (read, write, shutdown, SO_RCVTIMEO, dup).
+    fn accept(&self) -> std::io::Result<UnixStream> {
+        loop {
+            let [unix, tcp] = self.poll(nix::poll::PollTimeout::NONE);
+            if let (true, Some(listener)) = (unix, &self.unix) {
+                return Ok(listener.accept()?.0);
+            }
+            if let (true, Some(listener)) = (tcp, &self.tcp) {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                return Ok(UnixStream::from(std::os::fd::OwnedFd::from(stream)));
+            }
+        }
+    }
+}
+
 /// Everything the driver is told.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -53,6 +102,8 @@ pub struct DriverConfig {
     pub node: NodeConfig,
     pub read_only: bool,
     pub limits: Limits,
+    /// STARTTLS for clients (`[tls]`; the credentials come from the supervisor).
+    pub tls: Option<tls::TlsServer>,
 }
 
 /// What bounds the clients: connections, bytes in flight, and how long the driver waits for
@@ -89,7 +140,7 @@ pub const MAX_BLOCK: u32 = 32 << 20;
 pub fn run(
     dev: Arc<dyn Device>,
     root_dev: Option<Arc<dyn Device>>,
-    listener: UnixListener,
+    listeners: Listeners,
     cfg: DriverConfig,
     stop: Arc<AtomicBool>,
     heartbeat: Option<Heartbeat>,
@@ -126,6 +177,7 @@ pub fn run(
         served: AtomicBool::new(false),
         placer,
         buffers: conn::BufferPool::default(),
+        tls: cfg.tls.clone(),
         log: log.new(slog::o!("component" => "session")),
     });
     let accept_shared = shared.clone();
@@ -139,7 +191,7 @@ pub fn run(
     let start_serving = move || -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("rblk-accept".into())
-            .spawn(move || accept(listener, accept_shared, &accept_done))?;
+            .spawn(move || accept(listeners, accept_shared, &accept_done))?;
         if let Some(h) = heartbeat {
             h.start(started.elapsed().as_millis() as u64, replayed, beat_alive, beat_done)?;
         }
@@ -160,7 +212,7 @@ pub fn run(
 /// Accepts clients while there is a free slot; at `max_connections` it stops accepting, so
 /// further clients wait in the listening backlog (as with qemu-nbd) instead of being closed,
 /// and marks the driver crowded while one waits (idle connections then give up their slot).
-fn accept(listener: UnixListener, shared: Arc<conn::Shared>, node_done: &AtomicBool) {
+fn accept(listeners: Listeners, shared: Arc<conn::Shared>, node_done: &AtomicBool) {
     let max_connections = shared.limits.max_connections;
     let mut next_id = 0u64;
     loop {
@@ -168,7 +220,7 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>, node_done: &AtomicB
         let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut logged = false;
         while shared.connections.load(Ordering::SeqCst) >= max_connections {
-            let waiting = client_waiting(&listener);
+            let waiting = listeners.client_waiting();
             shared.crowded.store(waiting, Ordering::Relaxed);
             if waiting && !logged {
                 logged = true;
@@ -178,14 +230,14 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>, node_done: &AtomicB
         }
         drop(guard);
         shared.crowded.store(false, Ordering::Relaxed);
-        let accepted = listener.accept();
+        let accepted = listeners.accept();
         if node_done.load(Ordering::SeqCst) {
             // Nothing would answer its writes: the client reconnects to the next incarnation.
             info!(shared.log, "the node has stopped: no more connections");
             return;
         }
         let stream = match accepted {
-            Ok((s, _)) => s,
+            Ok(s) => s,
             Err(e) => {
                 warn!(shared.log, "accept failed"; "error" => %e);
                 std::thread::sleep(Duration::from_millis(50));
@@ -204,13 +256,6 @@ fn accept(listener: UnixListener, shared: Arc<conn::Shared>, node_done: &AtomicB
             warn!(shared.log, "cannot start a connection thread"; "error" => %e);
         }
     }
-}
-
-/// Whether a client waits in the listening socket's backlog.
-fn client_waiting(listener: &UnixListener) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Blocks SIGTERM and SIGINT in this thread and every thread started after, and starts a
@@ -264,5 +309,6 @@ pub fn driver_config(cfg: &config::Config) -> DriverConfig {
             stall_timeout: cfg.server.stall_timeout,
             idle_timeout: cfg.server.idle_timeout,
         },
+        tls: None,
     }
 }

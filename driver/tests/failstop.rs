@@ -68,7 +68,9 @@ fn start(
     let dev = disk.clone() as Arc<dyn Device>;
     let log = Logger::root(Discard, o!());
     let stop = Arc::new(AtomicBool::new(false));
-    let thread = std::thread::spawn(move || driver::run(dev, None, listener, cfg, stop, None, log));
+    let thread = std::thread::spawn(move || {
+        driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None }, cfg, stop, None, log)
+    });
     (path, thread)
 }
 

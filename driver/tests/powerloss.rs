@@ -217,7 +217,9 @@ impl Incarnation {
         let (dev, cfg, flag, log) = (disk.clone() as Arc<dyn Device>, cfg.clone(), stop.clone(), log.clone());
         let thread = std::thread::Builder::new()
             .name("driver-run".into())
-            .spawn(move || driver::run(dev, None, listener, cfg, flag, None, log))
+            .spawn(move || {
+                driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None }, cfg, flag, None, log)
+            })
             .map_err(|e| format!("spawn the driver: {e}"))?;
         Ok(Incarnation { path, stop, thread: Some(thread) })
     }

@@ -470,7 +470,10 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
         let started = Instant::now();
         let mut hung = scenario.hang_at.is_none();
         let mut next_kill = scenario.kill_every.map(|(lo, hi)| Instant::now() + pick(&mut rng, lo, hi));
+        let bar = crate::progress::millis(scenario.duration.as_millis() as u64, &scenario.name);
         while !workers.iter().all(|w| w.is_finished()) {
+            bar.set_position(started.elapsed().as_millis() as u64);
+            bar.set_message(format!("{}: {kills} kills", scenario.name));
             if !hung && scenario.hang_at.is_some_and(|at| started.elapsed() >= at) {
                 if let Some(pid) = server.driver_pid() {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
@@ -489,6 +492,7 @@ pub fn run(scenario: &Scenario, dir: &Path, driver: &Path, seed: u64) -> Result<
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        bar.finish_and_clear();
         done.store(true, Ordering::SeqCst);
         workers.into_iter().map(|w| w.join().map_err(|_| ChaosError::WriterPanicked)?).collect()
     });

@@ -142,12 +142,15 @@ pub fn format(image: &Path, root: Option<&Path>, spec: &Spec) -> Result<String, 
 fn zero_fill(dev: &FileDevice, from: u64, to: u64) -> Result<(), DeviceError> {
     const CHUNK: u64 = 1024; // blocks: 4 MiB
     let zeros = AlignedBuf::blocks(CHUNK as usize);
+    let bar = crate::progress::bytes((to - from) * BLOCK, "zeroing");
     let mut at = from;
     while at < to {
         let n = (to - at).min(CHUNK);
         dev.write_at(at * BLOCK, &zeros[..(n * BLOCK) as usize])?;
         at += n;
+        bar.inc(n * BLOCK);
     }
+    bar.finish_and_clear();
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-//! rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+//! rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
 //! rblk inspect IMAGE [--root-device PATH] [--json]
 //! rblk status TARGET [--json]
 //! ```
@@ -14,6 +14,7 @@ mod chaos;
 mod format;
 mod inspect;
 mod metrics;
+mod progress;
 mod status;
 mod supervisor;
 mod systemd;
@@ -27,7 +28,7 @@ use raft_state::device::{Device, DeviceError, FileDevice};
 
 const USAGE: &str = "usage:
   rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-  rblk serve [IMAGE] [--socket PATH] [--config FILE] [--size SIZE]
+  rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
   rblk inspect IMAGE [--root-device PATH] [--json]
   rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]
   rblk status TARGET [--json]      (TARGET: [metrics] listen of a running serve)";
@@ -76,6 +77,12 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS credentials in {}", dir.display())]
+    Tls {
+        dir: PathBuf,
+        #[source]
+        source: driver::tls::TlsError,
+    },
     #[error("systemd")]
     Systemd(#[from] systemd::SystemdError),
     #[error(transparent)]
@@ -103,7 +110,7 @@ struct Words {
     flags: Vec<(String, Option<String>)>,
 }
 
-const SWITCHES: &[&str] = &["--force", "--json", "--preallocate"];
+const SWITCHES: &[&str] = &["--force", "--json", "--preallocate", "--tls-verify-peer"];
 
 fn words(args: impl Iterator<Item = String>) -> Result<Words, String> {
     let mut w = Words { positional: Vec::new(), flags: Vec::new() };
@@ -284,6 +291,18 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
     if let Some(socket) = w.take("--socket") {
         cfg.server.socket = socket.into();
     }
+    if let Some(listen) = w.take("--listen") {
+        cfg.server.listen = Some(listen);
+    }
+    if let Some(mode) = w.take("--tls") {
+        cfg.tls.mode = mode.parse::<config::TlsMode>().map_err(|e| format!("--tls: {e}"))?;
+    }
+    if let Some(dir) = w.take("--tls-certificates") {
+        cfg.tls.certificates = Some(dir.into());
+    }
+    if w.switch("--tls-verify-peer") {
+        cfg.tls.verify_peer = true;
+    }
     if let Some(size) = size_flag(&mut w, "--size")? {
         cfg.volume.size = size;
     }
@@ -322,25 +341,46 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
         image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
         root: root.as_deref().map(open_rw).transpose()?,
         listener: match inherited {
-            Some(listener) => listener,
-            None => bind(&cfg.server.socket)?,
+            Some(listener) => Some(listener),
+            // `socket = ""` with `listen` set: TCP only.
+            None if cfg.server.socket.as_os_str().is_empty() => None,
+            None => Some(bind(&cfg.server.socket)?),
+        },
+        tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
+        tls: match (&cfg.tls.certificates, cfg.tls.mode) {
+            (Some(dir), mode) if mode != config::TlsMode::Off => Some(tls_credentials(dir, cfg.tls.verify_peer)?),
+            _ => None,
         },
         live,
     };
     // An inherited socket belongs to the service manager (it removes its file); one we bound
     // is removed when we stop.
-    let (path, ours) = if socket_activated {
-        let addr = held.listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
-        (addr.as_pathname().map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf), false)
-    } else {
-        (cfg.server.socket.clone(), true)
+    let (path, ours) = match &held.listener {
+        Some(listener) if socket_activated => {
+            let addr = listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
+            (addr.as_pathname().map(Path::to_path_buf), false)
+        }
+        Some(_) => (Some(cfg.server.socket.clone()), true),
+        None => (None, false),
     };
-    let absolute = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-    println!("nbd+unix:///?socket={}", absolute.display());
+    // The URIs to attach, one per line. Whoever started us may have closed stdout already
+    // (a script that read the first line, a service manager): that must not stop serving.
+    let mut uris = String::new();
+    if let Some(path) = &path {
+        let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        uris.push_str(&format!("nbd+unix:///?socket={}\n", absolute.display()));
+    }
+    if let Some(tcp) = &held.tcp {
+        let addr = tcp.local_addr().map_err(|source| CliError::File { path: "the TCP listener".into(), source })?;
+        let scheme = if cfg.tls.mode == config::TlsMode::Require { "nbds" } else { "nbd" };
+        uris.push_str(&format!("{scheme}://{addr}/\n"));
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), uris.as_bytes());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
-    if ours {
-        let _ = std::fs::remove_file(&path);
+    if let (true, Some(path)) = (ours, &path) {
+        let _ = std::fs::remove_file(path);
     }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -357,6 +397,47 @@ fn driver_binary() -> Result<PathBuf, CliError> {
         Some(path) => Ok(PathBuf::from(path)),
         None => Ok(std::env::current_exe().map_err(CliError::LocateDriver)?.with_file_name("rblk-driver")),
     }
+}
+
+/// Reads the certificate directory (QEMU's tls-creds-x509 layout) into a sealed memfd for the
+/// drivers, checking it first the way a driver will, so a bad certificate stops `serve` here
+/// with a clear error instead of failing every driver start.
+fn tls_credentials(dir: &Path, verify_peer: bool) -> Result<std::fs::File, CliError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| CliError::File { path, source })
+    };
+    let ca = if verify_peer { read("ca-cert.pem")? } else { Vec::new() };
+    let bundle = driver::tls::encode_credentials(&read("server-cert.pem")?, &read("server-key.pem")?, &ca);
+    driver::tls::TlsServer::new(&bundle, false, verify_peer)
+        .map_err(|source| CliError::Tls { dir: dir.to_path_buf(), source })?;
+    let memfd_err =
+        |source: nix::Error| CliError::File { path: "a memfd for the TLS credentials".into(), source: source.into() };
+    let fd = memfd_create(c"rblk-tls", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
+        .map_err(memfd_err)?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, &bundle)
+        .map_err(|source| CliError::File { path: "a memfd for the TLS credentials".into(), source })?;
+    let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+    fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), FcntlArg::F_ADD_SEALS(seals)).map_err(memfd_err)?;
+    Ok(file)
+}
+
+/// Binds the TCP address `[server] listen` names (validated already): the first of its
+/// resolved addresses that binds.
+fn bind_tcp(listen: &str) -> Result<std::net::TcpListener, CliError> {
+    let bind_err = |source| CliError::Bind { path: listen.into(), source };
+    let (host, port) = config::parse_listen(listen).map_err(CliError::Usage)?;
+    let mut last = None;
+    for addr in std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map_err(bind_err)? {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(bind_err(last.unwrap_or_else(|| std::io::Error::other("the host resolves to no address"))))
 }
 
 /// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one

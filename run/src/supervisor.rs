@@ -23,6 +23,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -46,7 +47,12 @@ pub struct Held {
     /// The image again, opened buffered, for the page cache (`--cache-fd`).
     pub image_cached: Option<File>,
     pub root: Option<File>,
-    pub listener: UnixListener,
+    /// The unix socket (none when only TCP is served).
+    pub listener: Option<UnixListener>,
+    /// The TCP listener (`[server] listen`), if any.
+    pub tcp: Option<TcpListener>,
+    /// The TLS credentials (`[tls]`) in a sealed memfd, if TLS is on.
+    pub tls: Option<File>,
     /// What `/metrics` and `/status` show, and the metrics page each driver gets.
     pub live: std::sync::Arc<crate::metrics::Live>,
 }
@@ -185,13 +191,19 @@ fn sleep_unless(stop: &AtomicBool, d: Duration, notify: &mut Notifier) -> bool {
 /// Starts the driver with the held descriptors, under their own numbers, and a heartbeat pipe.
 fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result<(Child, File)> {
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let mut inherit: Vec<(&'static str, std::os::fd::BorrowedFd<'_>)> = vec![
-        ("--image-fd", held.image.as_fd()),
-        ("--socket-fd", held.listener.as_fd()),
-        ("--heartbeat-fd", write_end.as_fd()),
-    ];
+    let mut inherit: Vec<(&'static str, std::os::fd::BorrowedFd<'_>)> =
+        vec![("--image-fd", held.image.as_fd()), ("--heartbeat-fd", write_end.as_fd())];
+    if let Some(listener) = &held.listener {
+        inherit.push(("--socket-fd", listener.as_fd()));
+    }
     if let Some(root) = &held.root {
         inherit.push(("--root-fd", root.as_fd()));
+    }
+    if let Some(tcp) = &held.tcp {
+        inherit.push(("--tcp-fd", tcp.as_fd()));
+    }
+    if let Some(tls) = &held.tls {
+        inherit.push(("--tls-fd", tls.as_fd()));
     }
     if let Some(cached) = &held.image_cached {
         inherit.push(("--cache-fd", cached.as_fd()));

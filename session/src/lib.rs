@@ -39,8 +39,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
 pub use server::{
-    check_request, check_request_for, handshake, read_appended, read_payload, read_request, read_request_header,
-    request_buffered, write_reply, Export, Negotiated, Request, RequestKind,
+    check_request, check_request_for, greet, handshake, negotiate, read_appended, read_payload, read_request,
+    read_request_header, request_buffered, write_reply, ClientFlags, Export, Negotiated, Request, RequestKind, Step,
+    Tls,
 };
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.

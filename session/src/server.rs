@@ -123,16 +123,53 @@ pub struct Negotiated {
 }
 
 /// Server side of the fixed newstyle handshake (proto.md "Fixed newstyle negotiation", "Option
-/// types"), with no TLS.
-///
-/// Answers `NBD_OPT_GO` and `NBD_OPT_INFO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` and
-/// `NBD_INFO_DESCRIPTION` when the export has one), `NBD_OPT_EXPORT_NAME` (honouring
-/// `NBD_FLAG_C_NO_ZEROES`), `NBD_OPT_LIST` (one export, named "") and `NBD_OPT_ABORT`; any other
-/// option gets `NBD_REP_ERR_UNSUP` and haggling goes on.
+/// types") without TLS: [`greet`], then [`negotiate`] with [`Tls::Off`].
 ///
 /// Returns `Ok(Some(_))` when transmission starts, `Ok(None)` when the client aborted. An error
 /// means the connection must be dropped.
 pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Option<Negotiated>, SessionError> {
+    let flags = greet(stream, export)?;
+    match negotiate(stream, export, flags, Tls::Off)? {
+        Step::Go(n) => Ok(Some(n)),
+        Step::Aborted => Ok(None),
+        Step::StartTls => Err(SessionError::Protocol { what: "STARTTLS", why: "offered without TLS".into() }),
+    }
+}
+
+/// What the client said in its flags (after [`greet`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFlags {
+    no_zeroes: bool,
+}
+
+/// Where TLS stands in a negotiation (proto.md "TLS support").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// No TLS here ("NOTLS mode"): STARTTLS gets `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// STARTTLS is offered; plaintext clients are served too.
+    Offered,
+    /// "FORCEDTLS mode": every option but STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`
+    /// (`NBD_OPT_EXPORT_NAME`, which cannot be refused, drops the connection).
+    Required,
+    /// The connection is encrypted: a second STARTTLS is `NBD_REP_ERR_INVALID`.
+    Active,
+}
+
+/// How a negotiation ended.
+#[derive(Debug)]
+pub enum Step {
+    /// Transmission starts.
+    Go(Negotiated),
+    /// The client aborted.
+    Aborted,
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake on the stream and then
+    /// negotiates again over it with [`Tls::Active`] (what was negotiated before is forgotten).
+    StartTls,
+}
+
+/// Sends the greeting and reads the client's flags.
+pub fn greet<S: Read + Write>(stream: &mut S, export: &Export) -> Result<ClientFlags, SessionError> {
     export.validate()?;
     let hello = RawHello {
         nbd_magic: NBD_MAGIC.into(),
@@ -149,8 +186,21 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
     if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
         return Err(SessionError::Protocol { what: "client flags", why: format!("unknown bits in {client_flags:#x}") });
     }
-    let client_no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    Ok(ClientFlags { no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0 })
+}
 
+/// The option haggling after [`greet`]: answers `NBD_OPT_GO` and `NBD_OPT_INFO` (with
+/// `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` and `NBD_INFO_DESCRIPTION` when the export has
+/// one), `NBD_OPT_EXPORT_NAME` (honouring `NBD_FLAG_C_NO_ZEROES`), `NBD_OPT_LIST`,
+/// `NBD_OPT_STARTTLS` as `tls` says, and `NBD_OPT_ABORT`; any other option gets
+/// `NBD_REP_ERR_UNSUP` and haggling goes on.
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    export: &Export,
+    flags: ClientFlags,
+    tls: Tls,
+) -> Result<Step, SessionError> {
+    let client_no_zeroes = flags.no_zeroes;
     loop {
         let header: RawOption = read_raw(stream, "option header")?;
         if header.magic.get() != NBD_OPTS_MAGIC {
@@ -170,6 +220,33 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
         let mut data = vec![0; length as usize];
         read_full(stream, &mut data, "option data", false)?;
 
+        match (option, tls) {
+            (NBD_OPT_STARTTLS, Tls::Off) => {
+                send_reply(stream, option, NBD_REP_ERR_UNSUP, b"TLS is not configured")?;
+                continue;
+            }
+            (NBD_OPT_STARTTLS, Tls::Active) => {
+                send_reply(stream, option, NBD_REP_ERR_INVALID, b"TLS is already active")?;
+                continue;
+            }
+            (NBD_OPT_STARTTLS, _) if !data.is_empty() => {
+                send_reply(stream, option, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                continue;
+            }
+            (NBD_OPT_STARTTLS, _) => {
+                send_reply(stream, option, NBD_REP_ACK, &[])?;
+                return Ok(Step::StartTls);
+            }
+            (NBD_OPT_EXPORT_NAME, Tls::Required) => {
+                return Err(SessionError::Protocol { what: "NBD_OPT_EXPORT_NAME", why: "TLS is required".into() });
+            }
+            (NBD_OPT_ABORT, _) | (_, Tls::Off | Tls::Offered | Tls::Active) => {}
+            (_, Tls::Required) => {
+                send_reply(stream, option, NBD_REP_ERR_TLS_REQD, b"TLS is required: start it first")?;
+                continue;
+            }
+        }
+
         match option {
             NBD_OPT_EXPORT_NAME => {
                 let reply = RawExportNameReply { size: export.size.into(), flags: export.transmission_flags().into() };
@@ -178,7 +255,7 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
                     write_all(stream, &[0; EXPORT_NAME_ZEROES], "NBD_OPT_EXPORT_NAME reply")?;
                 }
                 flush(stream, "NBD_OPT_EXPORT_NAME reply")?;
-                return Ok(Some(Negotiated {
+                return Ok(Step::Go(Negotiated {
                     export_name: String::from_utf8_lossy(&data).into_owned(),
                     flags: export.transmission_flags(),
                     client_no_zeroes,
@@ -189,7 +266,7 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
                 // The client may close without waiting for the ACK (proto.md NBD_OPT_ABORT), so a
                 // failed send is no error.
                 send_reply(stream, option, NBD_REP_ACK, &[]).ok();
-                return Ok(None);
+                return Ok(Step::Aborted);
             }
             NBD_OPT_LIST if !data.is_empty() => {
                 send_reply(stream, option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
@@ -207,7 +284,7 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
                     send_export_info(stream, option, export)?;
                     send_reply(stream, option, NBD_REP_ACK, &[])?;
                     if option == NBD_OPT_GO {
-                        return Ok(Some(Negotiated {
+                        return Ok(Step::Go(Negotiated {
                             export_name: String::from_utf8_lossy(name).into_owned(),
                             flags: export.transmission_flags(),
                             client_no_zeroes,
@@ -216,8 +293,7 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &Export) -> Result<Opt
                     }
                 }
             },
-            // Includes NBD_OPT_STARTTLS (no TLS here: proto.md "NOTLS mode" allows ERR_UNSUP) and
-            // NBD_OPT_STRUCTURED_REPLY (simple replies only).
+            // Includes NBD_OPT_STRUCTURED_REPLY (simple replies only).
             _ => send_reply(stream, option, NBD_REP_ERR_UNSUP, b"option not supported")?,
         }
     }
@@ -502,6 +578,8 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixStream;
+
     use super::*;
 
     fn export() -> Export {
@@ -718,6 +796,74 @@ mod tests {
         let mut out = Vec::new();
         write_reply(&mut out, 1, NBD_EIO, b"ignored").expect("write");
         assert_eq!(out, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+
+    /// Runs `negotiate` with `tls` on one end of a pair; returns the other end and the
+    /// thread's outcome.
+    fn negotiating(tls: Tls) -> (UnixStream, std::thread::JoinHandle<Result<Step, SessionError>>) {
+        let (mut server, client) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || negotiate(&mut server, &export(), ClientFlags { no_zeroes: true }, tls));
+        (client, t)
+    }
+
+    fn send_option(c: &mut UnixStream, option: u32, data: &[u8]) {
+        let mut m = NBD_OPTS_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        c.write_all(&m).unwrap();
+    }
+
+    /// The reply type of the next option reply (its data skipped).
+    fn reply_type(c: &mut UnixStream) -> u32 {
+        let mut r = [0u8; 20];
+        c.read_exact(&mut r).unwrap();
+        let mut data = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
+        c.read_exact(&mut data).unwrap();
+        u32::from_be_bytes(r[12..16].try_into().unwrap())
+    }
+
+    #[test]
+    fn starttls_follows_the_tls_mode() {
+        let go = [0u8; 6]; // name "" and no information requests
+                           // NOTLS: STARTTLS unsupported, the rest served.
+        let (mut c, t) = negotiating(Tls::Off);
+        send_option(&mut c, NBD_OPT_STARTTLS, &[]);
+        assert_eq!(reply_type(&mut c), NBD_REP_ERR_UNSUP);
+        send_option(&mut c, NBD_OPT_ABORT, &[]);
+        assert_eq!(reply_type(&mut c), NBD_REP_ACK);
+        assert!(matches!(t.join().unwrap(), Ok(Step::Aborted)));
+        // FORCEDTLS: everything but STARTTLS and ABORT is TLS_REQD; STARTTLS with data is
+        // invalid; a plain STARTTLS is acknowledged and ends this negotiation.
+        let (mut c, t) = negotiating(Tls::Required);
+        for option in [NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY, 999] {
+            send_option(&mut c, option, if option == NBD_OPT_LIST { &[] } else { &go });
+            assert_eq!(reply_type(&mut c), NBD_REP_ERR_TLS_REQD, "option {option}");
+        }
+        send_option(&mut c, NBD_OPT_STARTTLS, b"x");
+        assert_eq!(reply_type(&mut c), NBD_REP_ERR_INVALID);
+        send_option(&mut c, NBD_OPT_STARTTLS, &[]);
+        assert_eq!(reply_type(&mut c), NBD_REP_ACK);
+        assert!(matches!(t.join().unwrap(), Ok(Step::StartTls)));
+        // FORCEDTLS: NBD_OPT_EXPORT_NAME cannot be refused, so the connection drops.
+        let (mut c, t) = negotiating(Tls::Required);
+        send_option(&mut c, NBD_OPT_EXPORT_NAME, b"");
+        assert!(t.join().unwrap().is_err());
+        // Offered: plaintext options are served. Active: a second STARTTLS is invalid.
+        for tls in [Tls::Offered, Tls::Active] {
+            let (mut c, t) = negotiating(tls);
+            if tls == Tls::Active {
+                send_option(&mut c, NBD_OPT_STARTTLS, &[]);
+                assert_eq!(reply_type(&mut c), NBD_REP_ERR_INVALID);
+            }
+            send_option(&mut c, NBD_OPT_GO, &go);
+            let mut last = NBD_REP_ACK ^ 1;
+            while last != NBD_REP_ACK {
+                last = reply_type(&mut c);
+                assert!(last & NBD_REP_FLAG_ERROR == 0, "{tls:?}: error reply {last:#x}");
+            }
+            assert!(matches!(t.join().unwrap(), Ok(Step::Go(_))));
+        }
     }
 
     #[test]

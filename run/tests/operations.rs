@@ -1,11 +1,13 @@
-//! The log as operators and collectors read it: `[log] format = "json"` gives one JSON object
-//! per line with an RFC 3339 timestamp, text lines start with one too, and raft-rs's routine
-//! start-up events are at debug, not info.
+//! What operators see: the log as operators and collectors read it (`[log] format = "json"`
+//! gives one JSON object per line with an RFC 3339 timestamp, text lines start with one too,
+//! raft-rs's routine start-up events are at debug, not info), and progress bars drawn on a
+//! terminal only.
 
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{Scratch, Serve};
+use common::{have, Scratch, Serve};
 
 fn is_rfc3339_utc(ts: &str) -> bool {
     // 2026-12-02T13:04:05.123Z
@@ -63,4 +65,30 @@ fn text_lines_start_with_an_rfc3339_timestamp_and_raft_routine_is_debug() {
     }
     let debug = serve_log("log-debug", "", &[("RBLK_LOG", "debug")]);
     assert!(debug.contains("DEBG became leader"), "raft-rs's events are kept at debug:\n{debug}");
+}
+
+/// `format --preallocate` draws a progress bar on a terminal (a pty from `script`) and
+/// writes nothing on stderr when it is a file.
+#[test]
+fn progress_only_on_a_terminal() {
+    let dir = Scratch::new("progress");
+    let image = dir.path("plain.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("format")
+        .arg(&image)
+        .args(["--size", "256M", "--preallocate"])
+        .output()
+        .expect("rblk format");
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "stderr is not a terminal, yet: {:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("formatted "), "{out:?}");
+    if !have("script") {
+        return;
+    }
+    let tty = dir.path("tty.img");
+    let command = format!("'{}' format '{}' --size 256M --preallocate", env!("CARGO_BIN_EXE_rblk"), tty.display());
+    let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("zeroing [") && text.contains("formatted "), "no progress bar on a terminal: {text:?}");
 }

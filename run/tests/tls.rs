@@ -1,0 +1,237 @@
+//! NBD over TLS (STARTTLS) with real clients: certificates made in the test with certtool,
+//! qemu-io with `tls-creds-x509` and nbdinfo with `nbds://`; `--tls require` refuses a
+//! plaintext client with NBD_REP_ERR_TLS_REQD and nothing else; client certificates with
+//! `--tls-verify-peer`; TLS through a driver restart.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod common;
+use common::{have, Scratch, Serve};
+
+fn certtool(args: &[&str], out: &Path) {
+    let run = Command::new("certtool").args(args).arg("--outfile").arg(out).output().expect("certtool");
+    assert!(run.status.success(), "certtool {args:?}: {}", String::from_utf8_lossy(&run.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, in QEMU's
+/// tls-creds-x509 layout (the client looks for client-cert.pem / client-key.pem there).
+fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let p = |name: &str| dir.join(name);
+    let s = |path: &Path| path.to_str().expect("utf-8").to_string();
+    std::fs::write(p("ca.info"), "cn = rblk test CA\nca\ncert_signing_key\nexpiration_days = 2\n").expect("ca.info");
+    std::fs::write(
+        p("server.info"),
+        "organization = rblk\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n\
+         encryption_key\nsigning_key\nexpiration_days = 2\n",
+    )
+    .expect("server.info");
+    std::fs::write(
+        p("client.info"),
+        "organization = rblk\ncn = rblk test client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
+    )
+    .expect("client.info");
+    for key in ["ca-key.pem", "server-key.pem", "client-key.pem"] {
+        certtool(&["--generate-privkey"], &p(key));
+    }
+    certtool(
+        &["--generate-self-signed", "--load-privkey", &s(&p("ca-key.pem")), "--template", &s(&p("ca.info"))],
+        &p("ca-cert.pem"),
+    );
+    for who in ["server", "client"] {
+        certtool(
+            &[
+                "--generate-certificate",
+                "--load-ca-certificate",
+                &s(&p("ca-cert.pem")),
+                "--load-ca-privkey",
+                &s(&p("ca-key.pem")),
+                "--load-privkey",
+                &s(&p(&format!("{who}-key.pem"))),
+                "--template",
+                &s(&p(&format!("{who}.info"))),
+            ],
+            &p(&format!("{who}-cert.pem")),
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+fn tools() -> bool {
+    have("certtool") && have("qemu-io") && have("nbdinfo")
+}
+
+/// qemu-io over TLS (`creds` names the directory, or plaintext without), its output and success.
+fn qemu_io(port: u16, creds: Option<&Path>, commands: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    match creds {
+        Some(dir) => {
+            cmd.arg("--object").arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display()));
+            cmd.args([
+                "--image-opts",
+                &format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"),
+            ]);
+        }
+        None => {
+            cmd.args(["-f", "raw", &format!("nbd://127.0.0.1:{port}")]);
+        }
+    }
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.output().expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("fail") && !text.contains("rror"), text)
+}
+
+fn nbdinfo(uri: &str) -> (bool, String) {
+    let out = Command::new("nbdinfo").arg(uri).output().expect("nbdinfo");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn serve_tls(dir: &Scratch, port: u16, mode: &str, pki: &Path, extra: &str) -> Serve {
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[tls]\nmode = \"{mode}\"\ncertificates = \"{}\"\n{extra}\
+         [supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"1s\"\n",
+        pki.display()
+    );
+    let serve = Serve::start(dir, &cfg, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    serve
+}
+
+#[test]
+fn required_tls_serves_tls_clients_and_refuses_plaintext_ones() {
+    if !tools() {
+        return;
+    }
+    let dir = Scratch::new("tls-require");
+    let pki = dir.path("pki");
+    make_pki(&pki);
+    let port = free_port();
+    let serve = serve_tls(&dir, port, "require", &pki, "");
+
+    let (ok, text) = qemu_io(port, Some(&pki), &["write -P 0x71 0 1M", "read -P 0x71 0 1M", "write -P 0x72 32M 4k"]);
+    assert!(ok, "qemu-io over TLS:\n{text}\n{}", serve.log_tail());
+    let (ok, text) = nbdinfo(&format!("nbds://127.0.0.1:{port}/?tls-certificates={}", pki.display()));
+    assert!(ok && text.contains("with TLS") && text.contains("67108864"), "nbdinfo nbds://:\n{text}");
+
+    // Plaintext clients get nothing but the refusal.
+    let (ok, text) = nbdinfo(&format!("nbd://127.0.0.1:{port}/"));
+    assert!(!ok, "a plaintext nbdinfo was served:\n{text}");
+    let (ok, text) = qemu_io(port, None, &["read 0 4k"]);
+    assert!(!ok && text.contains("TLS"), "a plaintext qemu-io was served:\n{text}");
+    plaintext_options_get_tls_reqd(port);
+
+    // The driver restarts with the same credentials; the data is there.
+    kill(Pid::from_raw(serve.driver_pid()), Signal::SIGKILL).expect("SIGKILL");
+    let (ok, text) = qemu_io(port, Some(&pki), &["read -P 0x71 0 1M", "read -P 0x72 32M 4k"]);
+    assert!(ok, "qemu-io over TLS after a restart:\n{text}\n{}", serve.log_tail());
+    serve.wait_for("driver ready", 2, Duration::from_secs(30));
+    assert!(serve.stop().success());
+}
+
+/// A raw plaintext client: every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD,
+/// with no export information; NBD_OPT_EXPORT_NAME (which cannot be refused) is hung up on.
+fn plaintext_options_get_tls_reqd(port: u16) {
+    const OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
+    const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    const ERR_TLS_REQD: u32 = (1 << 31) | 5;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("greeting");
+    s.write_all(&3u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE | NO_ZEROES
+    let option = |s: &mut std::net::TcpStream, opt: u32, data: &[u8]| {
+        let mut m = OPTS_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).expect("option");
+    };
+    // NBD_OPT_GO for "", no info requests; NBD_OPT_INFO; NBD_OPT_LIST; STRUCTURED_REPLY.
+    let go = [0u8, 0, 0, 0, 0, 0];
+    for (opt, data) in [(7u32, &go[..]), (6, &go[..]), (3, &[][..]), (8, &[][..])] {
+        option(&mut s, opt, data);
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).expect("reply");
+        assert_eq!(u64::from_be_bytes(reply[..8].try_into().expect("8")), REP_MAGIC);
+        assert_eq!(u32::from_be_bytes(reply[8..12].try_into().expect("4")), opt);
+        assert_eq!(u32::from_be_bytes(reply[12..16].try_into().expect("4")), ERR_TLS_REQD, "option {opt}");
+        let len = u32::from_be_bytes(reply[16..20].try_into().expect("4")) as usize;
+        let mut message = vec![0u8; len];
+        s.read_exact(&mut message).expect("message");
+    }
+    option(&mut s, 1, b""); // NBD_OPT_EXPORT_NAME
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "NBD_OPT_EXPORT_NAME without TLS got {} bytes", rest.len());
+}
+
+#[test]
+fn offered_tls_serves_both_and_client_certificates_are_checked() {
+    if !tools() {
+        return;
+    }
+    let dir = Scratch::new("tls-on");
+    let pki = dir.path("pki");
+    make_pki(&pki);
+    let port = free_port();
+    let serve = serve_tls(&dir, port, "on", &pki, "");
+    let (ok, text) = qemu_io(port, Some(&pki), &["write -P 0x61 0 64k"]);
+    assert!(ok, "{text}");
+    let (ok, text) = qemu_io(port, None, &["read -P 0x61 0 64k"]);
+    assert!(ok, "a plaintext client with tls on:\n{text}");
+    assert!(serve.stop().success());
+
+    // verify_peer: a client with a certificate from the CA is served, one without is not.
+    let dir = Scratch::new("tls-peer");
+    let bare = dir.path("bare");
+    std::fs::create_dir_all(&bare).expect("dir");
+    std::fs::copy(pki.join("ca-cert.pem"), bare.join("ca-cert.pem")).expect("copy");
+    let port = free_port();
+    let serve = serve_tls(&dir, port, "require", &pki, "verify_peer = true\n");
+    let (ok, text) = qemu_io(port, Some(&pki), &["write -P 0x62 0 64k", "read -P 0x62 0 64k"]);
+    assert!(ok, "a client with a certificate:\n{text}\n{}", serve.log_tail());
+    let (ok, text) = qemu_io(port, Some(&bare), &["read 0 4k"]);
+    assert!(!ok, "a client without a certificate was served:\n{text}");
+    assert!(serve.stop().success());
+}
+
+#[test]
+fn a_bad_certificate_directory_stops_serve_with_a_clear_error() {
+    let dir = Scratch::new("tls-bad");
+    std::fs::create_dir_all(dir.path("pki")).expect("dir");
+    std::fs::write(dir.path("pki/server-cert.pem"), "not a certificate").expect("write");
+    std::fs::write(dir.path("pki/server-key.pem"), "not a key").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(dir.path("v.img"))
+        .arg("--socket")
+        .arg(dir.path("s.sock"))
+        .args(["--size", "64M", "--tls", "require", "--tls-certificates"])
+        .arg(dir.path("pki"))
+        .output()
+        .expect("rblk serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("TLS credentials in") && err.contains("server-cert.pem"), "{err}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(dir.path("v.img"))
+        .args(["--tls", "on"])
+        .output()
+        .expect("rblk serve");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("tls.certificates"), "{err}");
+}
