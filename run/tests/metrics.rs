@@ -251,3 +251,15 @@ fn a_file_in_the_way_of_the_metrics_socket_is_kept() {
     assert!(!out.status.success() && stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
 }
+
+#[test]
+fn status_of_nothing_fails_and_says_why() {
+    let dir = Scratch::new("metrics-none");
+    let out = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .arg("status")
+        .arg(dir.path("none.sock"))
+        .output()
+        .expect("rblk status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("connecting to"), "{stderr}");
+}
