@@ -14,7 +14,8 @@
 //! - The server advertises only what is true: the transmission flags come from [`Export`]
 //!   alone ([`Export::transmission_flags`]), and [`check_request`] follows the same flags (FUA
 //!   passes only where it is advertised; writes fail with `NBD_EPERM` where READ_ONLY is).
-//! - Only simple replies are used; structured replies are never negotiated.
+//! - Structured replies are used only where negotiated, and then only for what needs them
+//!   (reads, block status); every other reply is a simple reply, as the spec allows.
 //! - A framing error (bad magic, a message cut short, a write payload over the limit) is an
 //!   error that ends the connection, because the byte stream cannot be resynchronised after it.
 //!   A request the protocol can refuse is answered with an error value and the session goes on.
@@ -39,8 +40,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
 pub use server::{
-    check_request, check_request_for, handshake, read_appended, read_payload, read_request, read_request_header,
-    request_buffered, write_reply, Export, Negotiated, Request, RequestKind,
+    check_request, check_request_for, encode_block_status, encode_error_chunk, encode_read_chunk, handshake,
+    read_appended, read_payload, read_request, read_request_header, request_buffered, write_reply, Export, Negotiated,
+    Request, RequestKind, BASE_ALLOCATION_ID, READ_CHUNK_HEADER,
 };
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.
@@ -72,6 +74,10 @@ pub enum SessionError {
     /// A write payload over the limit: it cannot be skipped safely, so the connection must drop.
     #[error("write request {handle:#x} carries {length} bytes; at most {max} are accepted")]
     PayloadTooLong { handle: u64, length: u32, max: u32 },
+    /// The client asked `NBD_OPT_EXPORT_NAME` for a name the server does not serve; that
+    /// option has no error reply, so the session ends (proto.md "Newstyle negotiation").
+    #[error("the client asked for export {0:?}, which is not served")]
+    UnknownExport(String),
     /// The [`Export`] handed to the server breaks a rule of the spec.
     #[error("export is misconfigured: {0}")]
     BadExport(String),
