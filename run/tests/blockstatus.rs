@@ -265,3 +265,174 @@ fn export_names_are_checked() {
     assert_eq!(serve.driver_pid(), driver, "the driver was not restarted:\n{}", serve.log_tail());
     assert!(serve.stop().success());
 }
+
+/// A client written byte by byte (proto.md), to see the replies themselves: structured
+/// replies on, `base:allocation` selected, the default export.
+struct Raw {
+    s: std::os::unix::net::UnixStream,
+    context: u32,
+}
+
+/// A reply: simple `(error, None)`, or a structured chunk `(flags, Some((type, payload)))`.
+type Reply = (u64, u32, Option<(u16, Vec<u8>)>);
+
+impl Raw {
+    fn connect(serve: &Serve) -> Raw {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&serve.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        s.write_all(&3u32.to_be_bytes()).expect("client flags");
+        let mut raw = Raw { s, context: 0 };
+        assert_eq!(raw.option(8, &[]), vec![(1, vec![])], "NBD_OPT_STRUCTURED_REPLY");
+        let mut meta = 0u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        let replies = raw.option(10, &meta);
+        assert_eq!(replies.len(), 2, "one context and the ACK: {replies:?}");
+        assert_eq!((replies[0].0, &replies[0].1[4..]), (4, &b"base:allocation"[..]));
+        raw.context = u32::from_be_bytes(replies[0].1[..4].try_into().expect("id"));
+        let replies = raw.option(7, &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(replies.last().map(|r| r.0), Some(1), "NBD_OPT_GO: {replies:?}");
+        raw
+    }
+
+    /// Sends an option and reads its replies up to the final one: (type, data) each.
+    fn option(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        use std::io::{Read, Write};
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).expect("option");
+        let mut out = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h).expect("option reply");
+            let reply_type = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+            let mut data = vec![0u8; u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize];
+            self.s.read_exact(&mut data).expect("option reply data");
+            out.push((reply_type, data));
+            // NBD_REP_META_CONTEXT (4) and NBD_REP_INFO (3) are followed by more.
+            if reply_type != 3 && reply_type != 4 {
+                return out;
+            }
+        }
+    }
+
+    fn send(&mut self, flags: u16, command: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
+        use std::io::Write;
+        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&command.to_be_bytes());
+        m.extend_from_slice(&handle.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&length.to_be_bytes());
+        m.extend_from_slice(payload);
+        self.s.write_all(&m).expect("request");
+    }
+
+    /// Reads one reply (without data for a simple one: only reads carry data, and they are
+    /// structured here).
+    fn reply(&mut self) -> Reply {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        self.s.read_exact(&mut magic).expect("reply magic");
+        match u32::from_be_bytes(magic) {
+            0x6744_6698 => {
+                let mut rest = [0u8; 12];
+                self.s.read_exact(&mut rest).expect("simple reply");
+                let handle = u64::from_be_bytes(rest[4..].try_into().expect("8"));
+                (handle, u32::from_be_bytes(rest[..4].try_into().expect("4")), None)
+            }
+            0x668e_33ef => {
+                let mut rest = [0u8; 16];
+                self.s.read_exact(&mut rest).expect("chunk header");
+                let flags = u16::from_be_bytes([rest[0], rest[1]]);
+                let kind = u16::from_be_bytes([rest[2], rest[3]]);
+                let handle = u64::from_be_bytes(rest[4..12].try_into().expect("8"));
+                let mut payload = vec![0u8; u32::from_be_bytes(rest[12..].try_into().expect("4")) as usize];
+                self.s.read_exact(&mut payload).expect("chunk payload");
+                (handle, u32::from(flags), Some((kind, payload)))
+            }
+            other => panic!("bad reply magic {other:#x}"),
+        }
+    }
+
+    /// Block status of a range: the context id and the (length, flags) descriptors.
+    fn status(&mut self, handle: u64, flags: u16, offset: u64, length: u32) -> Vec<(u32, u32)> {
+        self.send(flags, 7, handle, offset, length, &[]);
+        let (h, chunk_flags, chunk) = self.reply();
+        let (kind, payload) = chunk.expect("a structured reply");
+        assert_eq!((h, chunk_flags, kind), (handle, 1, 5), "one final BLOCK_STATUS chunk");
+        assert_eq!(u32::from_be_bytes(payload[..4].try_into().expect("4")), self.context);
+        payload[4..]
+            .chunks_exact(8)
+            .map(|d| {
+                (u32::from_be_bytes(d[..4].try_into().expect("4")), u32::from_be_bytes(d[4..].try_into().expect("4")))
+            })
+            .collect()
+    }
+}
+
+/// The replies themselves: block status bounded (2048 descriptors for a range with more, one
+/// with REQ_ONE, never beyond the request), following a write as soon as it is acknowledged;
+/// a read with DF is one OFFSET_DATA chunk; a refused read an ERROR chunk; CACHE succeeds.
+#[test]
+fn replies_are_structured_bounded_and_follow_every_write() {
+    let dir = Scratch::new("blockstatus-raw");
+    let serve = Serve::start_sized(&dir, "64M", "", &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(60));
+    let mut raw = Raw::connect(&serve);
+    // Every other block of the first 6000 written: 6000 extents.
+    let block = vec![0x6bu8; K as usize];
+    for round in 0..12u64 {
+        for i in 0..250u64 {
+            let n = round * 250 + i;
+            raw.send(0, 1, n, 2 * n * K, K as u32, &block);
+        }
+        for _ in 0..250 {
+            let (_, error, chunk) = raw.reply();
+            assert_eq!((error, chunk), (0, None), "write");
+        }
+    }
+    let size = 64 * MIB as u32;
+    let all = raw.status(1, 0, 0, size);
+    assert_eq!(all.len(), 2048, "bounded");
+    for (i, d) in all.iter().enumerate() {
+        assert_eq!(*d, (K as u32, if i % 2 == 0 { 0 } else { 3 }), "descriptor {i}");
+    }
+    assert_eq!(raw.status(2, 8, 0, size), vec![(K as u32, 0)], "REQ_ONE");
+    assert_eq!(raw.status(3, 8, K, size - K as u32), vec![(K as u32, 3)], "REQ_ONE on a hole");
+    // Cut to the request, at 512-byte offsets too.
+    assert_eq!(raw.status(4, 0, 512, 1024), vec![(1024, 0)]);
+    assert_eq!(raw.status(5, 0, 12_000 * K, size - 12_000 * K as u32), vec![(size - 12_000 * K as u32, 3)]);
+
+    // A write is in the map as soon as it is acknowledged.
+    raw.send(0, 1, 6, K, K as u32, &block);
+    assert_eq!(raw.reply(), (6, 0, None));
+    assert_eq!(raw.status(7, 8, K, K as u32), vec![(K as u32, 0)]);
+
+    // A read with DF: one final OFFSET_DATA chunk with the offset and all the data.
+    raw.send(4, 0, 8, 2 * K, 2 * K as u32, &[]);
+    let (handle, flags, chunk) = raw.reply();
+    let (kind, payload) = chunk.expect("structured");
+    assert_eq!((handle, flags, kind), (8, 1, 1));
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().expect("8")), 2 * K);
+    assert!(payload[8..8 + K as usize].iter().all(|b| *b == 0x6b) && payload[8 + K as usize..].iter().all(|b| *b == 0));
+    assert_eq!(payload.len(), 8 + 2 * K as usize);
+    // A read past the end: an ERROR chunk with EINVAL.
+    raw.send(0, 0, 9, u64::from(size), 4096, &[]);
+    let (handle, flags, chunk) = raw.reply();
+    let (kind, payload) = chunk.expect("structured");
+    assert_eq!((handle, flags, kind), (9, 1, 0x8001));
+    assert_eq!(u32::from_be_bytes(payload[..4].try_into().expect("4")), 22);
+    // CACHE: checked like a read, answered at once.
+    raw.send(0, 5, 10, 0, 8 << 20, &[]);
+    assert_eq!(raw.reply(), (10, 0, None));
+    raw.send(0, 5, 11, u64::from(size), 4096, &[]);
+    assert_eq!(raw.reply(), (11, 22, None));
+    assert!(serve.stop().success());
+}
