@@ -1,14 +1,14 @@
 use slog::warn;
 
 use super::{Volume, VolumeError, MAX_RUN_BLOCKS};
-
-/// Block-map nodes `allocation` visits at most (each may be a read of 4 KiB while the
-/// volume is locked for reading): up to 256 MiB of fully mapped range per answer, any size
-/// of unmapped one.
-const STATUS_MAX_NODES: usize = 1024;
 use crate::device::{AlignedBuf, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::tree::{Ptr, TreeError};
+
+/// Block-map nodes `allocation` visits at most (each may be a read of 4 KiB while the
+/// volume is locked for reading, which holds writes back): up to 64 MiB of fully mapped range
+/// per answer, any size of unmapped one.
+const STATUS_MAX_NODES: usize = 256;
 
 impl Volume {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). A block that fails its
