@@ -2,7 +2,9 @@
 //!
 //! - [`wire`]: the constants of the protocol and the raw byte layouts of its messages;
 //! - [`server`]: the server's side as separate pieces the driver composes: [`handshake`]
-//!   (fixed newstyle option haggling), [`read_request`], [`check_request`], [`write_reply`];
+//!   (fixed newstyle option haggling), [`read_request`], [`check_request_for`], [`write_reply`]
+//!   and the structured chunks ([`encode_read_chunk`], [`encode_error_chunk`],
+//!   [`encode_block_status`]);
 //! - [`client`]: a [`Client`] over a unix socket that keeps many requests in flight from many
 //!   threads and, if asked ([`client::Reconnect`]), rides out restarts of the server.
 //!
@@ -12,8 +14,11 @@
 //!
 //! Invariants:
 //! - The server advertises only what is true: the transmission flags come from [`Export`]
-//!   alone ([`Export::transmission_flags`]), and [`check_request`] follows the same flags (FUA
-//!   passes only where it is advertised; writes fail with `NBD_EPERM` where READ_ONLY is).
+//!   and whether structured replies were negotiated ([`Export::transmission_flags_for`]), and
+//!   [`check_request_for`] follows the flags sent (FUA passes only where it is advertised, DF
+//!   only with structured replies, BLOCK_STATUS only with `base:allocation` selected; writes
+//!   fail with `NBD_EPERM` where READ_ONLY is).
+//! - One export, reached by its name and by ""; any other name is refused.
 //! - Structured replies are used only where negotiated, and then only for what needs them
 //!   (reads, block status); every other reply is a simple reply, as the spec allows.
 //! - A framing error (bad magic, a message cut short, a write payload over the limit) is an
