@@ -4,8 +4,10 @@
 //! status, and a reply writer for the write completions the applier could not send itself.
 //! Replies go out in whatever order they complete.
 //!
-//! With structured replies negotiated, a read is answered with one `OFFSET_DATA` chunk (so
-//! `NBD_CMD_FLAG_DF` always holds) or an `ERROR` chunk; every other reply stays simple.
+//! With structured replies negotiated, a read is answered with one `OFFSET_DATA` chunk, or
+//! (64 KiB or more, without `NBD_CMD_FLAG_DF`, with unmapped blocks) with data chunks and
+//! `OFFSET_HOLE` chunks for its holes, or with one `ERROR` chunk; every other reply stays
+//! simple.
 //! Block status (`base:allocation`) comes from the block map that reads use, so it shows
 //! every acknowledged write; unmapped blocks (never written, trimmed, write-zeroed) are
 //! holes that read as zeros.
@@ -491,16 +493,21 @@ impl Answer {
     /// write confirmed the driver is not failing (`confirm_error`).
     fn read(&self, req: &Request, out: &mut Vec<u8>, nowait: bool) -> bool {
         let start = out.len();
-        if self.structured {
-            // One chunk with all the data: NBD_CMD_FLAG_DF is met whether set or not.
-            session::encode_read_chunk(out, req.handle, req.offset, req.length);
-        } else {
-            encode(out, req.handle, 0);
-        }
-        let data_at = out.len();
-        out.resize(data_at + req.length as usize, 0);
         let volume = read_volume(&self.shared.volume);
-        let read = read_bytes(&volume, req.offset, &mut out[data_at..], nowait);
+        let read = match self.read_runs(&volume, req) {
+            Some(runs) => read_chunks(&volume, req, &runs, out, nowait),
+            None => {
+                if self.structured {
+                    // One chunk with all the data.
+                    session::encode_read_chunk(out, req.handle, req.offset, req.length);
+                } else {
+                    encode(out, req.handle, 0);
+                }
+                let data_at = out.len();
+                out.resize(data_at + req.length as usize, 0);
+                read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
+            }
+        };
         drop(volume);
         match read {
             Ok(true) => true,
@@ -515,6 +522,31 @@ impl Answer {
                 true
             }
         }
+    }
+
+    /// How a structured read without `NBD_CMD_FLAG_DF` is cut into chunks: `(length,
+    /// mapped)` runs covering it, unmapped ones sent as `OFFSET_HOLE` chunks (12 bytes instead
+    /// of their zeros). `None` (one data chunk, or a simple reply) for a read with DF, a small
+    /// one, one without holes, or when the block map cannot say (the read reports the error).
+    /// Asked under the same lock the read then takes, so the two agree.
+    fn read_runs(&self, volume: &Volume, req: &Request) -> Option<Vec<(u64, bool)>> {
+        if !self.structured || req.flags & session::NBD_CMD_FLAG_DF != 0 || req.length < HOLE_READ_MIN {
+            return None;
+        }
+        let length = u64::from(req.length);
+        let mut runs = volume.allocation(req.offset, length, MAX_READ_CHUNKS).ok()?;
+        if runs.iter().all(|r| r.1) {
+            return None;
+        }
+        // What the bounded answer left out is read as data.
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        if covered < length {
+            match runs.last_mut() {
+                Some(last) if last.1 => last.0 += length - covered,
+                _ => runs.push((length - covered, true)),
+            }
+        }
+        Some(runs)
     }
 
     /// Appends the reply to a block status request to `out`: `base:allocation` of the range
@@ -595,6 +627,43 @@ fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Res
     }
     Ok(done)
 }
+
+/// Appends a structured reply to `req` made of `runs` (covering it in order): data chunks
+/// read from the volume, hole chunks for unmapped runs, the last chunk marked done. The
+/// result is `read_bytes`'s (on `Ok(false)` or an error the caller drops what was appended).
+fn read_chunks(
+    volume: &Volume,
+    req: &Request,
+    runs: &[(u64, bool)],
+    out: &mut Vec<u8>,
+    nowait: bool,
+) -> Result<bool, ()> {
+    let mut at = req.offset;
+    for (i, &(length, mapped)) in runs.iter().enumerate() {
+        let done = i + 1 == runs.len();
+        // Each run lies within the request, so its length fits its u32 length.
+        let len32 = length as u32;
+        if mapped {
+            session::encode_data_chunk(out, req.handle, at, len32, done);
+            let data_at = out.len();
+            out.resize(data_at + length as usize, 0);
+            if !read_bytes(volume, at, &mut out[data_at..], nowait)? {
+                return Ok(false);
+            }
+        } else {
+            session::encode_hole_chunk(out, req.handle, at, len32, done);
+        }
+        at += length;
+    }
+    Ok(true)
+}
+
+/// Structured reads at least this long send their holes as hole chunks; shorter ones are
+/// one data chunk (looking the holes up would cost more than the zeros it saves).
+const HOLE_READ_MIN: u32 = 64 << 10;
+
+/// Chunks one read is cut into at most (the rest goes as data).
+const MAX_READ_CHUNKS: usize = 64;
 
 /// The largest read the connection's thread answers itself when its data is cached.
 const HOT_READ_MAX: u32 = 128 << 10;

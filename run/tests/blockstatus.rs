@@ -370,6 +370,42 @@ impl Raw {
         }
     }
 
+    /// A structured read: its chunks put together (checked to cover the request exactly once,
+    /// the last one alone marked done), and the number of (data, hole) chunks.
+    fn read(&mut self, handle: u64, flags: u16, offset: u64, length: u32) -> (Vec<u8>, usize, usize) {
+        self.send(flags, 0, handle, offset, length, &[]);
+        let mut data = vec![0xeeu8; length as usize];
+        let mut covered = vec![false; length as usize];
+        let (mut datas, mut holes) = (0, 0);
+        loop {
+            let (h, chunk_flags, chunk) = self.reply();
+            let (kind, payload) = chunk.expect("a read is answered with chunks");
+            assert_eq!(h, handle);
+            let at = (u64::from_be_bytes(payload[..8].try_into().expect("8")) - offset) as usize;
+            let len = match kind {
+                1 => {
+                    datas += 1;
+                    let len = payload.len() - 8;
+                    data[at..at + len].copy_from_slice(&payload[8..]);
+                    len
+                }
+                2 => {
+                    holes += 1;
+                    let len = u32::from_be_bytes(payload[8..12].try_into().expect("4")) as usize;
+                    data[at..at + len].fill(0);
+                    len
+                }
+                other => panic!("chunk type {other:#x} in a read"),
+            };
+            assert!(len > 0 && covered[at..at + len].iter().all(|c| !c), "chunks overlap at {at}");
+            covered[at..at + len].fill(true);
+            if chunk_flags & 1 != 0 {
+                assert!(covered.iter().all(|c| *c), "the final chunk came before the read was covered");
+                return (data, datas, holes);
+            }
+        }
+    }
+
     /// Block status of a range: the context id and the (length, flags) descriptors.
     fn status(&mut self, handle: u64, flags: u16, offset: u64, length: u32) -> Vec<(u32, u32)> {
         self.send(flags, 7, handle, offset, length, &[]);
@@ -432,6 +468,27 @@ fn replies_are_structured_bounded_and_follow_every_write() {
     assert_eq!(u64::from_be_bytes(payload[..8].try_into().expect("8")), 2 * K);
     assert!(payload[8..8 + K as usize].iter().all(|b| *b == 0x6b) && payload[8 + K as usize..].iter().all(|b| *b == 0));
     assert_eq!(payload.len(), 8 + 2 * K as usize);
+    // Without DF, a read's holes come as OFFSET_HOLE chunks; with DF it is one data chunk.
+    raw.send(0, 1, 12, 32 * MIB + 64 * K, 16 * K as u32, &vec![0x7au8; 16 * K as usize]);
+    assert_eq!(raw.reply(), (12, 0, None));
+    let mut want = vec![0u8; 256 * K as usize];
+    want[64 * K as usize..80 * K as usize].fill(0x7a);
+    let (got, datas, holes) = raw.read(13, 0, 32 * MIB, 256 * K as u32);
+    assert!(got == want, "a read with holes differs");
+    assert_eq!((datas, holes), (1, 2), "hole, data, hole");
+    let (got, datas, holes) = raw.read(14, 4, 32 * MIB, 256 * K as u32);
+    assert!(got == want, "a read with DF differs");
+    assert_eq!((datas, holes), (1, 0), "DF: one chunk");
+    // Blocks 0, 1, 2 and every even one after are written (510 runs in 512 blocks): the
+    // first 64 runs looked up are chunks, the rest goes as one data chunk.
+    let mut want = vec![0u8; 512 * K as usize];
+    for b in (0..512).filter(|b| b % 2 == 0 || *b < 3) {
+        want[b * K as usize..(b + 1) * K as usize].fill(0x6b);
+    }
+    let (got, datas, holes) = raw.read(15, 0, 0, 512 * K as u32);
+    let first = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert!(first.is_none(), "a read cut into chunks differs from byte {first:?}");
+    assert_eq!((datas, holes), (33, 32), "64 runs looked up, then the rest");
     // A read past the end: an ERROR chunk with EINVAL.
     raw.send(0, 0, 9, u64::from(size), 4096, &[]);
     let (handle, flags, chunk) = raw.reply();

@@ -45,9 +45,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
 pub use server::{
-    check_request, check_request_for, encode_block_status, encode_error_chunk, encode_read_chunk, handshake,
-    read_appended, read_payload, read_request, read_request_header, request_buffered, write_reply, Export, Negotiated,
-    Request, RequestKind, BASE_ALLOCATION_ID, READ_CHUNK_HEADER,
+    check_request, check_request_for, encode_block_status, encode_data_chunk, encode_error_chunk, encode_hole_chunk,
+    encode_read_chunk, handshake, read_appended, read_payload, read_request, read_request_header, request_buffered,
+    write_reply, Export, Negotiated, Request, RequestKind, BASE_ALLOCATION_ID, READ_CHUNK_HEADER,
 };
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.

@@ -697,11 +697,29 @@ pub const READ_CHUNK_HEADER: usize = size_of::<RawChunk>() + 8;
 
 /// Appends the reply to a successful READ of `length` bytes at `offset` under structured
 /// replies, up to its data: one `NBD_REPLY_TYPE_OFFSET_DATA` chunk with `NBD_REPLY_FLAG_DONE`
-/// (so `NBD_CMD_FLAG_DF` is always met). The caller appends exactly `length` bytes of data
-/// (`READ_CHUNK_HEADER` bytes come before them).
+/// (all of the read in one chunk, as `NBD_CMD_FLAG_DF` asks). The caller appends exactly
+/// `length` bytes of data (`READ_CHUNK_HEADER` bytes come before them).
 pub fn encode_read_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32) {
-    chunk_header(out, handle, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, length.saturating_add(8));
+    encode_data_chunk(out, handle, offset, length, true);
+}
+
+/// Appends an `NBD_REPLY_TYPE_OFFSET_DATA` chunk header for `length` bytes at `offset`, the
+/// last of its reply if `done`; the caller appends exactly `length` bytes of data (at least
+/// one). Several such chunks and [`encode_hole_chunk`]s may answer one READ without
+/// `NBD_CMD_FLAG_DF`, covering it without overlap.
+pub fn encode_data_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32, done: bool) {
+    let flags = if done { NBD_REPLY_FLAG_DONE } else { 0 };
+    chunk_header(out, handle, flags, NBD_REPLY_TYPE_OFFSET_DATA, length.saturating_add(8));
     out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `length` bytes (nonzero) at `offset` read as
+/// zeros; the last chunk of its reply if `done`.
+pub fn encode_hole_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32, done: bool) {
+    let flags = if done { NBD_REPLY_FLAG_DONE } else { 0 };
+    chunk_header(out, handle, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
 }
 
 /// Appends a final `NBD_REPLY_TYPE_ERROR` chunk: the whole request failed with `error`
@@ -832,6 +850,12 @@ mod tests {
         encode_read_chunk(&mut out, 0x0102_0304_0506_0708, 4096, 4);
         assert_eq!(out.len(), READ_CHUNK_HEADER);
         assert_eq!(out, [head(1, 1, 12), 4096u64.to_be_bytes().to_vec()].concat());
+
+        let mut out = Vec::new();
+        encode_data_chunk(&mut out, 0x0102_0304_0506_0708, 512, 4, false);
+        encode_hole_chunk(&mut out, 0x0102_0304_0506_0708, 516, 8192, true);
+        let hole = [&516u64.to_be_bytes()[..], &8192u32.to_be_bytes()].concat();
+        assert_eq!(out, [head(0, 1, 12), 512u64.to_be_bytes().to_vec(), head(1, 2, 12), hole].concat());
 
         let mut out = Vec::new();
         encode_error_chunk(&mut out, 0x0102_0304_0506_0708, NBD_EIO, "bad");
