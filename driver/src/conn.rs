@@ -493,22 +493,31 @@ impl Answer {
     /// write confirmed the driver is not failing (`confirm_error`).
     fn read(&self, req: &Request, out: &mut Vec<u8>, nowait: bool) -> bool {
         let start = out.len();
-        let volume = read_volume(&self.shared.volume);
-        let read = match self.read_runs(&volume, req) {
-            Some(runs) => read_chunks(&volume, req, &runs, out, nowait),
-            None => {
-                if self.structured {
-                    // One chunk with all the data.
+        let read = if self.may_have_holes(req) {
+            // The block map and the data under one lock, so that the two agree.
+            let volume = read_volume(&self.shared.volume);
+            match self.read_runs(&volume, req) {
+                Some(runs) => read_chunks(&volume, req, &runs, out, nowait),
+                None => {
                     session::encode_read_chunk(out, req.handle, req.offset, req.length);
-                } else {
-                    encode(out, req.handle, 0);
+                    let data_at = out.len();
+                    out.resize(data_at + req.length as usize, 0);
+                    read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
                 }
-                let data_at = out.len();
-                out.resize(data_at + req.length as usize, 0);
-                read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
             }
+        } else {
+            if self.structured {
+                // One chunk with all the data.
+                session::encode_read_chunk(out, req.handle, req.offset, req.length);
+            } else {
+                encode(out, req.handle, 0);
+            }
+            let data_at = out.len();
+            // The buffer is grown before the lock is taken, not while writers wait for it.
+            out.resize(data_at + req.length as usize, 0);
+            let volume = read_volume(&self.shared.volume);
+            read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
         };
-        drop(volume);
         match read {
             Ok(true) => true,
             Ok(false) => {
@@ -524,13 +533,19 @@ impl Answer {
         }
     }
 
+    /// Whether a read may be answered with hole chunks: structured replies on, no
+    /// `NBD_CMD_FLAG_DF`, and long enough for the lookup to pay.
+    fn may_have_holes(&self, req: &Request) -> bool {
+        self.structured && req.flags & session::NBD_CMD_FLAG_DF == 0 && req.length >= HOLE_READ_MIN
+    }
+
     /// How a structured read without `NBD_CMD_FLAG_DF` is cut into chunks: `(length,
     /// mapped)` runs covering it, unmapped ones sent as `OFFSET_HOLE` chunks (12 bytes instead
     /// of their zeros). `None` (one data chunk, or a simple reply) for a read with DF, a small
     /// one, one without holes, or when the block map cannot say (the read reports the error).
     /// Asked under the same lock the read then takes, so the two agree.
     fn read_runs(&self, volume: &Volume, req: &Request) -> Option<Vec<(u64, bool)>> {
-        if !self.structured || req.flags & session::NBD_CMD_FLAG_DF != 0 || req.length < HOLE_READ_MIN {
+        if !self.may_have_holes(req) {
             return None;
         }
         let length = u64::from(req.length);
