@@ -1,8 +1,16 @@
 //! One NBD connection: the handshake, then a thread that decodes requests and answers what
-//! it can at once (cached reads, flushes, errors: replies batched into one send before it
-//! would wait for the client), four readers for the other reads, and a reply writer for the
-//! write completions the applier could not send itself. Replies go out in whatever order
-//! they complete.
+//! it can at once (cached reads, flushes, caches, errors: replies batched into one send
+//! before it would wait for the client), four readers for the other reads and for block
+//! status, and a reply writer for the write completions the applier could not send itself.
+//! Replies go out in whatever order they complete.
+//!
+//! With structured replies negotiated, a read is answered with one `OFFSET_DATA` chunk, or
+//! (64 KiB or more, without `NBD_CMD_FLAG_DF`, with unmapped blocks) with data chunks and
+//! `OFFSET_HOLE` chunks for its holes, or with one `ERROR` chunk; every other reply stays
+//! simple.
+//! Block status (`base:allocation`) comes from the block map that reads use, so it shows
+//! every acknowledged write; unmapped blocks (never written, trimmed, write-zeroed) are
+//! holes that read as zeros.
 //!
 //! Reads see every acknowledged write: a write is acknowledged only after it was applied.
 //! Writes, trims and write-zeroes become proposals to the Raft node and are answered when
@@ -77,9 +85,12 @@ pub struct Shared {
     pub log: Logger,
 }
 
+/// A reply without data: a write's completion, or an error (`chunk`: as a structured error
+/// chunk, which a read's error must be once structured replies are on).
 struct Reply {
     handle: u64,
     error: u32,
+    chunk: bool,
 }
 
 /// Aligned payload buffers kept for reuse, at most `KEEP_BYTES` in all (buffers in use are
@@ -160,9 +171,19 @@ impl Replies {
     }
 }
 
-/// Appends a reply to `out` (writing to a Vec cannot fail).
-fn encode(out: &mut Vec<u8>, handle: u64, error: u32, data: &[u8]) {
-    let _ = session::write_reply(out, handle, error, data);
+/// Appends a simple reply without data to `out` (writing to a Vec cannot fail).
+fn encode(out: &mut Vec<u8>, handle: u64, error: u32) {
+    let _ = session::write_reply(out, handle, error, &[]);
+}
+
+/// Appends a reply without data: simple, or (`chunk`, for a failed read under structured
+/// replies, which may not be answered simply) a final error chunk.
+fn encode_reply(out: &mut Vec<u8>, reply: &Reply) {
+    if reply.chunk && reply.error != 0 {
+        session::encode_error_chunk(out, reply.handle, reply.error, session::errno_name(reply.error));
+    } else {
+        encode(out, reply.handle, reply.error);
+    }
 }
 
 /// Serves one connection until the client disconnects, misbehaves, or the driver stops.
@@ -323,9 +344,9 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             let mut out = Vec::new();
             while let Ok(first) = rx.recv() {
                 out.clear();
-                encode(&mut out, first.handle, first.error, &[]);
+                encode_reply(&mut out, &first);
                 while let Ok(r) = rx.try_recv() {
-                    encode(&mut out, r.handle, r.error, &[]);
+                    encode_reply(&mut out, &r);
                 }
                 if completions.send(&out).is_err() {
                     break;
@@ -333,7 +354,14 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             }
         })
         .map_err(io("start the reply writer"))?;
-    let answer = Answer { shared: shared.clone(), conn: id, replies: replies.clone(), tx: tx.clone() };
+    let answer = Answer {
+        shared: shared.clone(),
+        conn: id,
+        replies: replies.clone(),
+        tx: tx.clone(),
+        structured: negotiated.structured_replies,
+        base_allocation: negotiated.base_allocation,
+    };
     let (reads, read_rx) = mpsc::channel::<Work>();
     let read_rx = Arc::new(Mutex::new(read_rx));
     let mut readers = Vec::new();
@@ -405,8 +433,9 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             },
             _ => Vec::new(),
         };
-        if let Some(errno) = session::check_request_for(&req, &shared.export, negotiated.block_size_requested) {
-            encode(&mut out, req.handle, errno, &[]);
+        if let Some(errno) = session::check_request_for(&req, &shared.export, &negotiated) {
+            let chunk = answer.structured && req.kind == session::RequestKind::Read;
+            encode_reply(&mut out, &Reply { handle: req.handle, error: errno, chunk });
             metrics::page().error(errno);
             metrics::page().answered(kind, arrived.elapsed());
             continue;
@@ -439,12 +468,24 @@ fn run(stream: UnixStream, shared: &Arc<Shared>, id: u64, log: &Logger) -> Resul
             }
             // Every acknowledged write is already durable (committed to the log).
             session::RequestKind::Flush => {
-                encode(&mut out, req.handle, 0, &[]);
+                encode(&mut out, req.handle, 0);
                 metrics::page().answered(kind, arrived.elapsed());
+            }
+            // Nothing to prefetch into: reads go through the kernel's page cache of the
+            // image, and a read verifies every block anyway.
+            session::RequestKind::Cache => {
+                encode(&mut out, req.handle, 0);
+                metrics::page().answered(kind, arrived.elapsed());
+            }
+            // A walk of the block map (it may read nodes): on a reader, like a read.
+            session::RequestKind::BlockStatus => {
+                if reads.send(Work::Status(req, grant, arrived)).is_err() {
+                    break Ok(());
+                }
             }
             session::RequestKind::Disc => break Ok(()),
             session::RequestKind::Other(_) => {
-                encode(&mut out, req.handle, session::NBD_EINVAL, &[]);
+                encode(&mut out, req.handle, session::NBD_EINVAL);
                 metrics::page().error(session::NBD_EINVAL);
                 metrics::page().answered(kind, arrived.elapsed());
             }
@@ -480,6 +521,10 @@ struct Answer {
     conn: u64,
     replies: Arc<Replies>,
     tx: Sender<Reply>,
+    /// Structured replies were negotiated: reads are answered with chunks.
+    structured: bool,
+    /// The id of `base:allocation`, when the client selected it.
+    base_allocation: Option<u32>,
 }
 
 impl Answer {
@@ -488,12 +533,31 @@ impl Answer {
     /// write confirmed the driver is not failing (`confirm_error`).
     fn read(&self, req: &Request, out: &mut Vec<u8>, nowait: bool) -> bool {
         let start = out.len();
-        encode(out, req.handle, 0, &[]);
-        let data_at = out.len();
-        out.resize(data_at + req.length as usize, 0);
-        let volume = read_volume(&self.shared.volume);
-        let read = read_bytes(&volume, req.offset, &mut out[data_at..], nowait);
-        drop(volume);
+        let read = if self.may_have_holes(req) {
+            // The block map and the data under one lock, so that the two agree.
+            let volume = read_volume(&self.shared.volume);
+            match self.read_runs(&volume, req) {
+                Some(runs) => read_chunks(&volume, req, &runs, out, nowait),
+                None => {
+                    session::encode_read_chunk(out, req.handle, req.offset, req.length);
+                    let data_at = out.len();
+                    out.resize(data_at + req.length as usize, 0);
+                    read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
+                }
+            }
+        } else {
+            if self.structured {
+                // One chunk with all the data.
+                session::encode_read_chunk(out, req.handle, req.offset, req.length);
+            } else {
+                encode(out, req.handle, 0);
+            }
+            let data_at = out.len();
+            // The buffer is grown before the lock is taken, not while writers wait for it.
+            out.resize(data_at + req.length as usize, 0);
+            let volume = read_volume(&self.shared.volume);
+            read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
+        };
         match read {
             Ok(true) => true,
             Ok(false) => {
@@ -503,8 +567,75 @@ impl Answer {
             Err(_) => {
                 // Logged by the volume.
                 out.truncate(start);
-                self.confirm_error(req.handle, session::NBD_EIO);
+                self.confirm_error(req.handle, session::NBD_EIO, self.structured);
                 true
+            }
+        }
+    }
+
+    /// Whether a read may be answered with hole chunks: structured replies on, no
+    /// `NBD_CMD_FLAG_DF`, and long enough for the lookup to pay.
+    fn may_have_holes(&self, req: &Request) -> bool {
+        self.structured && req.flags & session::NBD_CMD_FLAG_DF == 0 && req.length >= HOLE_READ_MIN
+    }
+
+    /// How a structured read without `NBD_CMD_FLAG_DF` is cut into chunks: `(length,
+    /// mapped)` runs covering it, unmapped ones sent as `OFFSET_HOLE` chunks (12 bytes instead
+    /// of their zeros). `None` (one data chunk, or a simple reply) for a read with DF, a small
+    /// one, one without holes, or when the block map cannot say (the read reports the error).
+    /// Asked under the same lock the read then takes, so the two agree.
+    fn read_runs(&self, volume: &Volume, req: &Request) -> Option<Vec<(u64, bool)>> {
+        if !self.may_have_holes(req) {
+            return None;
+        }
+        let length = u64::from(req.length);
+        let mut runs = volume.allocation(req.offset, length, MAX_READ_CHUNKS).ok()?;
+        if runs.iter().all(|r| r.1) {
+            return None;
+        }
+        // What the bounded answer left out is read as data.
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        if covered < length {
+            match runs.last_mut() {
+                Some(last) if last.1 => last.0 += length - covered,
+                _ => runs.push((length - covered, true)),
+            }
+        }
+        Some(runs)
+    }
+
+    /// Appends the reply to a block status request to `out`: `base:allocation` of the range
+    /// from the block map, as reads see it (so every acknowledged write is in it). Unmapped
+    /// ranges are holes that read as zeros; mapped ones are data. At most one extent with
+    /// `NBD_CMD_FLAG_REQ_ONE`, else at most `MAX_STATUS_EXTENTS`: the reply may cover less
+    /// than asked, never more.
+    fn block_status(&self, req: &Request, out: &mut Vec<u8>) {
+        let Some(context) = self.base_allocation else {
+            // check_request refuses block status without a context; kept as a refusal.
+            encode(out, req.handle, session::NBD_EINVAL);
+            return;
+        };
+        let max = if req.flags & session::NBD_CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
+        let volume = read_volume(&self.shared.volume);
+        let runs = volume.allocation(req.offset, u64::from(req.length), max);
+        drop(volume);
+        match runs {
+            Ok(runs) if !runs.is_empty() => {
+                let extents: Vec<(u32, u32)> = runs
+                    .into_iter()
+                    // Within the request's u32 length, so each run fits.
+                    .map(|(len, mapped)| {
+                        let flags = if mapped { 0 } else { session::NBD_STATE_HOLE | session::NBD_STATE_ZERO };
+                        (len as u32, flags)
+                    })
+                    .collect();
+                session::encode_block_status(out, req.handle, context, &extents);
+            }
+            // Not for a valid request (check_request bounds it); answered, not dropped.
+            Ok(_) => encode(out, req.handle, session::NBD_EINVAL),
+            Err(e) => {
+                warn!(self.replies.log, "block status failed"; "offset" => req.offset, "error" => error_chain(&e));
+                self.confirm_error(req.handle, session::NBD_EIO, false);
             }
         }
     }
@@ -513,11 +644,12 @@ impl Answer {
     /// fails dies on that write (fail-stop) and never sends the error, so the client resends
     /// to the next incarnation instead of passing EIO up; a driver that merely met a bad
     /// block answers within one append.
-    fn confirm_error(&self, handle: u64, error: u32) {
+    /// `chunk`: send it as a structured error chunk (a read's error under structured replies).
+    fn confirm_error(&self, handle: u64, error: u32, chunk: bool) {
         let (replies, tx) = (self.replies.clone(), self.tx.clone());
         let done = Box::new(move |outcome: Outcome| {
             if let Outcome::Applied(_) = outcome {
-                reply_now_or_later(&replies, &tx, handle, error);
+                reply_now_or_later(&replies, &tx, Reply { handle, error, chunk });
             }
         });
         self.shared.proposals.push(self.conn, Proposal { data: Vec::new(), done });
@@ -551,12 +683,54 @@ fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Res
     Ok(done)
 }
 
+/// Appends a structured reply to `req` made of `runs` (covering it in order): data chunks
+/// read from the volume, hole chunks for unmapped runs, the last chunk marked done. The
+/// result is `read_bytes`'s (on `Ok(false)` or an error the caller drops what was appended).
+fn read_chunks(
+    volume: &Volume,
+    req: &Request,
+    runs: &[(u64, bool)],
+    out: &mut Vec<u8>,
+    nowait: bool,
+) -> Result<bool, ()> {
+    let mut at = req.offset;
+    for (i, &(length, mapped)) in runs.iter().enumerate() {
+        let done = i + 1 == runs.len();
+        // Each run lies within the request, so its length fits its u32 length.
+        let len32 = length as u32;
+        if mapped {
+            session::encode_data_chunk(out, req.handle, at, len32, done);
+            let data_at = out.len();
+            out.resize(data_at + length as usize, 0);
+            if !read_bytes(volume, at, &mut out[data_at..], nowait)? {
+                return Ok(false);
+            }
+        } else {
+            session::encode_hole_chunk(out, req.handle, at, len32, done);
+        }
+        at += length;
+    }
+    Ok(true)
+}
+
+/// Structured reads at least this long send their holes as hole chunks; shorter ones are
+/// one data chunk (looking the holes up would cost more than the zeros it saves).
+const HOLE_READ_MIN: u32 = 64 << 10;
+
+/// Chunks one read is cut into at most (the rest goes as data).
+const MAX_READ_CHUNKS: usize = 64;
+
 /// The largest read the connection's thread answers itself when its data is cached.
 const HOT_READ_MAX: u32 = 128 << 10;
 
 /// How long a write to place waits for blocks while space is short (checkpoints release
 /// what earlier writes freed) before it goes inline.
 const PLACE_SPACE_WAIT: Duration = Duration::from_secs(2);
+
+/// Extents one block status reply holds at most (8 bytes each): a client cannot make the
+/// driver build a large reply, whatever range it asks about; it asks again from where the
+/// reply ended.
+const MAX_STATUS_EXTENTS: usize = 2048;
 
 /// Reads (and writes to place) served at once per connection.
 const READERS_PER_CONNECTION: usize = 4;
@@ -572,6 +746,8 @@ enum Work {
     Read(Request, Grant, Instant),
     /// A write to place, its payload read: hash it, write it to lent blocks, propose it.
     Place(Request, AlignedBuf, Grant, Instant),
+    /// A block status request: walk the block map.
+    Status(Request, Grant, Instant),
 }
 
 /// One worker: takes reads and writes to place off the connection's queue until it closes.
@@ -596,6 +772,15 @@ fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer) {
                 if out.capacity() > KEEP_READ_BUFFER {
                     out = Vec::new();
                 }
+            }
+            Ok(Work::Status(req, grant, arrived)) => {
+                out.clear();
+                answer.block_status(&req, &mut out);
+                metrics::page().answered(Kind::BlockStatus, arrived.elapsed());
+                if !out.is_empty() {
+                    let _ = answer.replies.send(&out);
+                }
+                drop(grant);
             }
             Ok(Work::Place(req, buf, grant, arrived)) => {
                 let shared = &answer.shared;
@@ -652,11 +837,11 @@ pub fn batch_replies(complete: impl FnOnce()) {
 
 /// Sends a write's reply straight to the client when that cannot wait; else the reply writer.
 /// During `batch_replies`, collects it instead.
-fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, handle: u64, error: u32) {
-    metrics::page().error(error);
+fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, reply: Reply) {
+    metrics::page().error(reply.error);
     let collected = COLLECTING.with(|c| {
         let mut c = c.borrow_mut();
-        let Some(list) = c.as_mut() else { return false };
+        let Some(list) = c.as_mut() else { return Some(reply) };
         let at = match list.iter().position(|e| Arc::ptr_eq(&e.replies, replies)) {
             Some(at) => at,
             None => {
@@ -664,17 +849,15 @@ fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, handle: u64, e
                 list.len() - 1
             }
         };
-        encode(&mut list[at].out, handle, error, &[]);
-        list[at].owed.push(Reply { handle, error });
-        true
+        encode_reply(&mut list[at].out, &reply);
+        list[at].owed.push(reply);
+        None
     });
-    if collected {
-        return;
-    }
+    let Some(reply) = collected else { return };
     let mut out = Vec::with_capacity(16);
-    encode(&mut out, handle, error, &[]);
+    encode_reply(&mut out, &reply);
     if !replies.try_send_now(&out) {
-        let _ = tx.send(Reply { handle, error });
+        let _ = tx.send(reply);
     }
 }
 
@@ -708,9 +891,9 @@ fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant, arri
             if s.error == session::NBD_EIO {
                 // Damage met while applying: said only once the log proves the driver is
                 // not failing as a whole.
-                answer.confirm_error(handle, s.error);
+                answer.confirm_error(handle, s.error, false);
             } else {
-                reply_now_or_later(&answer.replies, &answer.tx, handle, s.error);
+                reply_now_or_later(&answer.replies, &answer.tx, Reply { handle, error: s.error, chunk: false });
             }
         });
         answer.shared.proposals.push(answer.conn, Proposal { data, done });

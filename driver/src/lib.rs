@@ -101,6 +101,8 @@ pub struct DriverConfig {
     pub volume: VolumeOptions,
     pub node: NodeConfig,
     pub read_only: bool,
+    /// The name the volume is exported under (`[server] export_name`); "" reaches it too.
+    pub export_name: String,
     pub limits: Limits,
     /// STARTTLS for clients (`[tls]`; the credentials come from the supervisor).
     pub tls: Option<tls::TlsServer>,
@@ -161,6 +163,7 @@ pub fn run(
         max_block: MAX_BLOCK,
         multi_conn: true,
         description: Some("rblk volume".into()),
+        name: Some(cfg.export_name.clone()),
     };
     let placer = raft_state::place::Placer::new(volume.device(), cfg.node.write_once_min);
     let volume = Arc::new(RwLock::new(volume));
@@ -301,6 +304,7 @@ pub fn driver_config(cfg: &config::Config) -> DriverConfig {
         },
         node: node_config(cfg),
         read_only: cfg.server.read_only,
+        export_name: cfg.server.export_name.clone(),
         limits: Limits {
             max_connections: cfg.server.max_connections,
             inflight_per_connection: cfg.server.max_inflight_per_connection,
@@ -310,5 +314,20 @@ pub fn driver_config(cfg: &config::Config) -> DriverConfig {
             idle_timeout: cfg.server.idle_timeout,
         },
         tls: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The driver serves the volume under the name the configuration it receives gives
+    /// (the supervisor passes its whole configuration, `[server] export_name` included).
+    #[test]
+    fn the_export_name_comes_from_the_configuration() {
+        let text = "[server]\nexport_name = \"disk-7\"\n";
+        let cfg = config::Config::from_toml_str(text).expect("config");
+        assert_eq!(super::driver_config(&cfg).export_name, "disk-7");
+        let passed = config::Config::from_toml_str(&cfg.to_toml_string()).expect("round trip");
+        assert_eq!(super::driver_config(&passed).export_name, "disk-7");
+        assert_eq!(super::driver_config(&config::Config::default()).export_name, "rblk");
     }
 }

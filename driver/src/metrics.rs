@@ -54,9 +54,8 @@ impl Kind {
             session::RequestKind::Flush => Kind::Flush,
             session::RequestKind::Trim => Kind::Trim,
             session::RequestKind::WriteZeroes => Kind::WriteZeroes,
-            // NBD_CMD_CACHE and NBD_CMD_BLOCK_STATUS (proto.md).
-            session::RequestKind::Other(5) => Kind::Cache,
-            session::RequestKind::Other(7) => Kind::BlockStatus,
+            session::RequestKind::Cache => Kind::Cache,
+            session::RequestKind::BlockStatus => Kind::BlockStatus,
             session::RequestKind::Disc | session::RequestKind::Other(_) => Kind::Other,
         }
     }

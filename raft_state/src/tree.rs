@@ -486,6 +486,36 @@ impl BlockTree {
         Ok(out)
     }
 
+    /// The indexes of `range` as runs of mapped and unmapped ones, in order: `(length,
+    /// mapped)`, neighbours of the same kind merged. Empty subtrees cost nothing, whatever
+    /// their size. The walk stops early, covering only a prefix of `range` (at least one
+    /// run), once `max_runs` runs are found or `max_nodes` clean nodes were visited, so its
+    /// cost and its answer stay bounded whatever the range. Nodes read are verified as by
+    /// `get`.
+    pub fn runs(
+        &self,
+        dev: &dyn Device,
+        range: std::ops::Range<u64>,
+        max_runs: usize,
+        max_nodes: usize,
+    ) -> Result<Vec<(u64, bool)>, TreeError> {
+        let end = range.end.min(self.capacity());
+        let mut walk = Runs {
+            tree: self,
+            dev,
+            start: range.start,
+            end,
+            max_runs: max_runs.max(1),
+            nodes_left: max_nodes,
+            out: Vec::new(),
+            done: false,
+        };
+        if range.start < end {
+            walk.slot(&self.root, self.height - 1, 0)?;
+        }
+        Ok(walk.out)
+    }
+
     fn diff(
         kind: TreeKind,
         volume_id: [u8; 16],
@@ -578,6 +608,77 @@ impl BlockTree {
             })
             .collect();
         Ok(Node { slots })
+    }
+}
+
+/// The state of `BlockTree::runs`.
+struct Runs<'a> {
+    tree: &'a BlockTree,
+    dev: &'a dyn Device,
+    start: u64,
+    end: u64,
+    max_runs: usize,
+    nodes_left: usize,
+    out: Vec<(u64, bool)>,
+    /// Set when a limit stopped the walk: nothing more is added.
+    done: bool,
+}
+
+impl Runs<'_> {
+    /// Adds `[from, to)` (clipped to the range) as mapped or not.
+    fn push(&mut self, from: u64, to: u64, mapped: bool) {
+        let (from, to) = (from.max(self.start), to.min(self.end));
+        if self.done || from >= to {
+            return;
+        }
+        let runs = self.out.len();
+        match self.out.last_mut() {
+            Some(last) if last.1 == mapped => last.0 += to - from,
+            _ if runs == self.max_runs => self.done = true,
+            _ => self.out.push((to - from, mapped)),
+        }
+    }
+
+    /// The subtree at `slot`, a node of `level` whose first index is `base`.
+    fn slot(&mut self, slot: &Slot, level: u32, base: u64) -> Result<(), TreeError> {
+        let span = FANOUT.pow(level + 1);
+        if self.done || base >= self.end || base + span <= self.start {
+            return Ok(());
+        }
+        match slot {
+            Slot::Empty => {
+                self.push(base, base + span, false);
+                Ok(())
+            }
+            Slot::Clean(ptr) => {
+                // The first node is always read: the answer holds at least one run.
+                if self.nodes_left == 0 && !self.out.is_empty() {
+                    self.done = true;
+                    return Ok(());
+                }
+                self.nodes_left = self.nodes_left.saturating_sub(1);
+                let node =
+                    BlockTree::cached(&self.tree.cache, self.tree.kind, self.tree.volume_id, self.dev, *ptr, level)?;
+                self.children(&node, level, base)
+            }
+            Slot::Dirty(node) => self.children(node, level, base),
+        }
+    }
+
+    fn children(&mut self, node: &Node, level: u32, base: u64) -> Result<(), TreeError> {
+        let child_span = FANOUT.pow(level);
+        for (i, child) in node.slots.iter().enumerate() {
+            let from = base + i as u64 * child_span;
+            if self.done || from >= self.end {
+                break;
+            }
+            if level == 0 {
+                self.push(from, from + 1, matches!(child, Slot::Clean(_)));
+            } else {
+                self.slot(child, level - 1, from)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1066,6 +1167,72 @@ mod tests {
             let reopened = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
             for i in 0..span {
                 assert_eq!(reopened.get(&disk, i).expect("get"), model.get(&i).copied(), "seed {seed} index {i}");
+            }
+        }
+    }
+
+    /// The runs of a range from a model: `(length, mapped)`, neighbours merged.
+    fn model_runs(model: &BTreeMap<u64, Ptr>, range: std::ops::Range<u64>) -> Vec<(u64, bool)> {
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for i in range {
+            let mapped = model.contains_key(&i);
+            match out.last_mut() {
+                Some(last) if last.1 == mapped => last.0 += 1,
+                _ => out.push((1, mapped)),
+            }
+        }
+        out
+    }
+
+    /// `runs` matches a model over random ranges, in dirty trees and in written ones read
+    /// back through a tiny cache; with limits it answers a prefix of the full answer (at
+    /// least one run, never more than asked), and an empty tree of any size is one run.
+    #[test]
+    fn runs_match_a_model_and_respect_their_limits() {
+        let empty = BlockTree::new(TreeKind::BlockMap, VOL, 5).expect("tree");
+        let disk = SimDisk::new(1000 * BLOCK, 0);
+        assert_eq!(empty.runs(&disk, 0..1 << 28, 10, 0).expect("runs"), vec![(1 << 28, false)]);
+        assert_eq!(empty.runs(&disk, 5..5, 10, 10).expect("runs"), vec![]);
+        for seed in 0..20u64 {
+            let disk = SimDisk::new(20_000 * BLOCK, seed);
+            let mut rng = Rng::new(seed);
+            let height = 1 + (seed % 3) as u32;
+            let mut tree = BlockTree::new(TreeKind::BlockMap, VOL, height).expect("tree");
+            let span = tree.capacity().min(20_000);
+            let mut model: BTreeMap<u64, Ptr> = BTreeMap::new();
+            let mut next = 10;
+            for round in 0..6u64 {
+                for step in 0..150u64 {
+                    // Clusters, so that runs longer than one index occur.
+                    let at = rng.below(span);
+                    for i in at..(at + rng.below(40)).min(span) {
+                        let target = if rng.chance(1, 5) { None } else { Some(ptr(round * 10_000 + step)) };
+                        tree.set(&disk, i, target).expect("set");
+                        match target {
+                            Some(p) => model.insert(i, p),
+                            None => model.remove(&i),
+                        };
+                    }
+                }
+                for _ in 0..30 {
+                    let start = rng.below(span);
+                    let end = (start + 1 + rng.below(span)).min(span);
+                    let want = model_runs(&model, start..end);
+                    let got = tree.runs(&disk, start..end, usize::MAX, usize::MAX).expect("runs");
+                    assert_eq!(got, want, "seed {seed} round {round} {start}..{end}");
+                    let (max_runs, max_nodes) = (1 + rng.below(4) as usize, rng.below(3) as usize);
+                    let part = tree.runs(&disk, start..end, max_runs, max_nodes).expect("runs");
+                    assert!(!part.is_empty() && part.len() <= max_runs, "seed {seed}: {part:?}");
+                    let (last, whole) = part.split_last().expect("one run");
+                    assert_eq!(whole, &want[..whole.len()], "seed {seed}: a prefix");
+                    let w = want[whole.len()];
+                    assert!(last.1 == w.1 && last.0 <= w.0, "seed {seed}: {last:?} within {w:?}");
+                }
+                if rng.chance(1, 2) {
+                    let at = tree.flush(&disk, &mut bump(&mut next)).expect("flush");
+                    tree = BlockTree::open(TreeKind::BlockMap, VOL, at).expect("reopen");
+                    tree.set_cache_capacity(2);
+                }
             }
         }
     }

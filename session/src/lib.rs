@@ -2,7 +2,9 @@
 //!
 //! - [`wire`]: the constants of the protocol and the raw byte layouts of its messages;
 //! - [`server`]: the server's side as separate pieces the driver composes: [`handshake`]
-//!   (fixed newstyle option haggling), [`read_request`], [`check_request`], [`write_reply`];
+//!   (fixed newstyle option haggling), [`read_request`], [`check_request_for`], [`write_reply`]
+//!   and the structured chunks ([`encode_read_chunk`], [`encode_error_chunk`],
+//!   [`encode_block_status`]);
 //! - [`client`]: a [`Client`] over a unix socket that keeps many requests in flight from many
 //!   threads and, if asked ([`client::Reconnect`]), rides out restarts of the server.
 //!
@@ -12,9 +14,13 @@
 //!
 //! Invariants:
 //! - The server advertises only what is true: the transmission flags come from [`Export`]
-//!   alone ([`Export::transmission_flags`]), and [`check_request`] follows the same flags (FUA
-//!   passes only where it is advertised; writes fail with `NBD_EPERM` where READ_ONLY is).
-//! - Only simple replies are used; structured replies are never negotiated.
+//!   and whether structured replies were negotiated ([`Export::transmission_flags_for`]), and
+//!   [`check_request_for`] follows the flags sent (FUA passes only where it is advertised, DF
+//!   only with structured replies, BLOCK_STATUS only with `base:allocation` selected; writes
+//!   fail with `NBD_EPERM` where READ_ONLY is).
+//! - One export, reached by its name and by ""; any other name is refused.
+//! - Structured replies are used only where negotiated, and then only for what needs them
+//!   (reads, block status); every other reply is a simple reply, as the spec allows.
 //! - A framing error (bad magic, a message cut short, a write payload over the limit) is an
 //!   error that ends the connection, because the byte stream cannot be resynchronised after it.
 //!   A request the protocol can refuse is answered with an error value and the session goes on.
@@ -39,9 +45,10 @@ use zerocopy::{FromBytes, IntoBytes};
 
 pub use client::{Client, Options, Reconnect};
 pub use server::{
-    check_request, check_request_for, greet, handshake, negotiate, read_appended, read_payload, read_request,
-    read_request_header, request_buffered, write_reply, ClientFlags, Export, Negotiated, Request, RequestKind, Step,
-    Tls,
+    check_request, check_request_for, encode_block_status, encode_data_chunk, encode_error_chunk, encode_hole_chunk,
+    encode_read_chunk, greet, handshake, negotiate, read_appended, read_payload, read_request, read_request_header,
+    request_buffered, write_reply, ClientFlags, Export, Negotiated, Request, RequestKind, Step, Tls,
+    BASE_ALLOCATION_ID, READ_CHUNK_HEADER,
 };
 // The protocol's constants (error values, command flags, ...) are used by name throughout the
 // driver, as `session::NBD_EIO`.
@@ -73,6 +80,10 @@ pub enum SessionError {
     /// A write payload over the limit: it cannot be skipped safely, so the connection must drop.
     #[error("write request {handle:#x} carries {length} bytes; at most {max} are accepted")]
     PayloadTooLong { handle: u64, length: u32, max: u32 },
+    /// The client asked `NBD_OPT_EXPORT_NAME` for a name the server does not serve; that
+    /// option has no error reply, so the session ends (proto.md "Newstyle negotiation").
+    #[error("the client asked for export {0:?}, which is not served")]
+    UnknownExport(String),
     /// The [`Export`] handed to the server breaks a rule of the spec.
     #[error("export is misconfigured: {0}")]
     BadExport(String),

@@ -1,9 +1,16 @@
 //! The server's side of NBD, as pieces the driver composes: the fixed newstyle handshake, then
 //! per request [`read_request`] → [`check_request`] → (the driver serves it) → [`write_reply`].
 //!
-//! There is one export; whatever name a client asks for reaches it. The transmission flags are
-//! a function of the [`Export`] alone, and [`check_request`] follows the same flags, so what is
-//! advertised is exactly what is accepted.
+//! There is one export, reached by its name ([`Export::name`]) and by the default name "";
+//! other names are refused. The transmission flags are a function of the [`Export`] and of
+//! whether structured replies were negotiated, and [`check_request_for`] follows the flags
+//! sent, so what is advertised is exactly what is accepted.
+//!
+//! Structured replies (`NBD_OPT_STRUCTURED_REPLY`) and the `base:allocation` metadata context
+//! (`NBD_OPT_SET_META_CONTEXT`) are negotiated here; the driver then answers reads with
+//! [`encode_read_chunk`] (one chunk: `NBD_CMD_FLAG_DF` is always honoured) and
+//! `NBD_CMD_BLOCK_STATUS` with [`encode_block_status`]. Replies without data stay simple
+//! replies, which the spec allows for every command but a read.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -36,6 +43,9 @@ pub struct Export {
     pub multi_conn: bool,
     /// Shown to humans by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: Option<String>,
+    /// The name the export is served under; the default export "" reaches it too and any
+    /// other name is unknown. `None`: every name reaches it.
+    pub name: Option<String>,
 }
 
 impl Export {
@@ -50,14 +60,31 @@ impl Export {
             max_block: PAYLOAD_DOS_LIMIT,
             multi_conn: false,
             description: None,
+            name: None,
         }
     }
 
-    /// The transmission flags advertised for this export. A read-only export does not offer
-    /// TRIM, WRITE_ZEROES or FUA: it cannot do them, and the spec forbids advertising what the
-    /// server does not support (proto.md "Transmission flags").
+    /// Whether a client asking for `name` reaches this export.
+    pub fn answers_to(&self, name: &[u8]) -> bool {
+        name.is_empty() || self.name.as_ref().is_none_or(|n| n.as_bytes() == name)
+    }
+
+    /// The transmission flags advertised for this export to a client that did not negotiate
+    /// structured replies. A read-only export does not offer TRIM, WRITE_ZEROES or FUA: it
+    /// cannot do them, and the spec forbids advertising what the server does not support
+    /// (proto.md "Transmission flags").
     pub fn transmission_flags(&self) -> u16 {
-        let mut flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
+        self.transmission_flags_for(false)
+    }
+
+    /// The transmission flags for a client that did (`structured`) or did not negotiate
+    /// structured replies: `NBD_FLAG_SEND_DF` only with them (proto.md: the server MUST NOT
+    /// set it otherwise).
+    pub fn transmission_flags_for(&self, structured: bool) -> u16 {
+        let mut flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE;
+        if structured {
+            flags |= NBD_FLAG_SEND_DF;
+        }
         if self.read_only {
             flags |= NBD_FLAG_READ_ONLY;
         } else {
@@ -102,6 +129,11 @@ impl Export {
                 return bad(format!("description is longer than {MAX_STRING} bytes or contains NUL"));
             }
         }
+        if let Some(n) = &self.name {
+            if n.is_empty() || n.len() > MAX_STRING || n.contains('\0') {
+                return bad(format!("name is empty, longer than {MAX_STRING} bytes or contains NUL"));
+            }
+        }
         Ok(())
     }
 }
@@ -109,7 +141,7 @@ impl Export {
 /// What the handshake settled when transmission starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
-    /// The name the client asked for (any name reaches the one export); lossy UTF-8.
+    /// The name the client asked for (the export's name or ""); lossy UTF-8.
     pub export_name: String,
     /// The transmission flags sent to the client.
     pub flags: u16,
@@ -120,7 +152,31 @@ pub struct Negotiated {
     /// (e.g. `NBD_OPT_EXPORT_NAME`) it may not know them; [`check_request`] refuses what breaks
     /// them either way.
     pub block_size_requested: bool,
+    /// Structured replies were negotiated (`NBD_OPT_STRUCTURED_REPLY`): reads are answered
+    /// with structured chunks.
+    pub structured_replies: bool,
+    /// The id under which `base:allocation` was selected (`NBD_OPT_SET_META_CONTEXT`), if it
+    /// was: only then is `NBD_CMD_BLOCK_STATUS` served.
+    pub base_allocation: Option<u32>,
 }
+
+impl Negotiated {
+    /// What a client that negotiated nothing but the export and learnt the block sizes has:
+    /// simple replies, no metadata context.
+    pub fn plain(export: &Export) -> Negotiated {
+        Negotiated {
+            export_name: String::new(),
+            flags: export.transmission_flags(),
+            client_no_zeroes: true,
+            block_size_requested: true,
+            structured_replies: false,
+            base_allocation: None,
+        }
+    }
+}
+
+/// The metadata context id `base:allocation` is selected under (the only context).
+pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Server side of the fixed newstyle handshake (proto.md "Fixed newstyle negotiation", "Option
 /// types") without TLS: [`greet`], then [`negotiate`] with [`Tls::Off`].
@@ -189,11 +245,20 @@ pub fn greet<S: Read + Write>(stream: &mut S, export: &Export) -> Result<ClientF
     Ok(ClientFlags { no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0 })
 }
 
-/// The option haggling after [`greet`]: answers `NBD_OPT_GO` and `NBD_OPT_INFO` (with
-/// `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` and `NBD_INFO_DESCRIPTION` when the export has
-/// one), `NBD_OPT_EXPORT_NAME` (honouring `NBD_FLAG_C_NO_ZEROES`), `NBD_OPT_LIST`,
-/// `NBD_OPT_STARTTLS` as `tls` says, and `NBD_OPT_ABORT`; any other option gets
-/// `NBD_REP_ERR_UNSUP` and haggling goes on.
+/// The option haggling after [`greet`]. Answers:
+/// - `NBD_OPT_GO` and `NBD_OPT_INFO` for the export's name or "" (`NBD_INFO_EXPORT`,
+///   `NBD_INFO_BLOCK_SIZE`, `NBD_INFO_DESCRIPTION` when the export has one, `NBD_INFO_NAME`
+///   when asked); another name gets `NBD_REP_ERR_UNKNOWN`;
+/// - `NBD_OPT_EXPORT_NAME` (honouring `NBD_FLAG_C_NO_ZEROES`); an unknown name ends the
+///   session ([`SessionError::UnknownExport`]), the only refusal that option has;
+/// - `NBD_OPT_LIST` (the export, by its name) and `NBD_OPT_ABORT`;
+/// - `NBD_OPT_STRUCTURED_REPLY`, then `NBD_OPT_LIST_META_CONTEXT` and
+///   `NBD_OPT_SET_META_CONTEXT` with `base:allocation` (queries in other namespaces select
+///   nothing; `base:` lists it);
+/// - `NBD_OPT_STARTTLS` as `tls` says (everything negotiated before it is forgotten: the
+///   caller negotiates afresh over TLS);
+///
+/// any other option gets `NBD_REP_ERR_UNSUP` and haggling goes on.
 pub fn negotiate<S: Read + Write>(
     stream: &mut S,
     export: &Export,
@@ -201,6 +266,8 @@ pub fn negotiate<S: Read + Write>(
     tls: Tls,
 ) -> Result<Step, SessionError> {
     let client_no_zeroes = flags.no_zeroes;
+    let mut structured = false;
+    let mut base_allocation = None;
     loop {
         let header: RawOption = read_raw(stream, "option header")?;
         if header.magic.get() != NBD_OPTS_MAGIC {
@@ -219,6 +286,14 @@ pub fn negotiate<S: Read + Write>(
         }
         let mut data = vec![0; length as usize];
         read_full(stream, &mut data, "option data", false)?;
+        let negotiated = |name: &[u8], block_size_requested| Negotiated {
+            export_name: String::from_utf8_lossy(name).into_owned(),
+            flags: export.transmission_flags_for(structured),
+            client_no_zeroes,
+            block_size_requested,
+            structured_replies: structured,
+            base_allocation,
+        };
 
         match (option, tls) {
             (NBD_OPT_STARTTLS, Tls::Off) => {
@@ -249,18 +324,19 @@ pub fn negotiate<S: Read + Write>(
 
         match option {
             NBD_OPT_EXPORT_NAME => {
-                let reply = RawExportNameReply { size: export.size.into(), flags: export.transmission_flags().into() };
+                // This option has no error reply: a server unwilling to serve the name MUST
+                // end the session (proto.md "Newstyle negotiation").
+                if !export.answers_to(&data) {
+                    return Err(SessionError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
+                }
+                let flags = export.transmission_flags_for(structured);
+                let reply = RawExportNameReply { size: export.size.into(), flags: flags.into() };
                 write_all(stream, reply.as_bytes(), "NBD_OPT_EXPORT_NAME reply")?;
                 if !client_no_zeroes {
                     write_all(stream, &[0; EXPORT_NAME_ZEROES], "NBD_OPT_EXPORT_NAME reply")?;
                 }
                 flush(stream, "NBD_OPT_EXPORT_NAME reply")?;
-                return Ok(Step::Go(Negotiated {
-                    export_name: String::from_utf8_lossy(&data).into_owned(),
-                    flags: export.transmission_flags(),
-                    client_no_zeroes,
-                    block_size_requested: false,
-                }));
+                return Ok(Step::Go(negotiated(&data, false)));
             }
             NBD_OPT_ABORT => {
                 // The client may close without waiting for the ACK (proto.md NBD_OPT_ABORT), so a
@@ -272,31 +348,111 @@ pub fn negotiate<S: Read + Write>(
                 send_reply(stream, option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
             }
             NBD_OPT_LIST => {
-                // NBD_REP_SERVER: name length, name (""), then the description for humans.
-                let mut server = 0u32.to_be_bytes().to_vec();
+                // NBD_REP_SERVER: name length, name, then the description for humans.
+                let name = export.name.as_deref().unwrap_or("");
+                let mut server = (name.len() as u32).to_be_bytes().to_vec();
+                server.extend_from_slice(name.as_bytes());
                 server.extend_from_slice(export.description.as_deref().unwrap_or("").as_bytes());
                 send_reply(stream, option, NBD_REP_SERVER, &server)?;
                 send_reply(stream, option, NBD_REP_ACK, &[])?;
             }
             NBD_OPT_INFO | NBD_OPT_GO => match parse_info_request(&data) {
                 Err(why) => send_reply(stream, option, NBD_REP_ERR_INVALID, why.as_bytes())?,
+                Ok((name, _)) if !export.answers_to(name) => {
+                    send_reply(stream, option, NBD_REP_ERR_UNKNOWN, b"no export of that name")?;
+                }
                 Ok((name, requests)) => {
-                    send_export_info(stream, option, export)?;
+                    send_export_info(stream, option, export, structured, &requests)?;
                     send_reply(stream, option, NBD_REP_ACK, &[])?;
                     if option == NBD_OPT_GO {
-                        return Ok(Step::Go(Negotiated {
-                            export_name: String::from_utf8_lossy(name).into_owned(),
-                            flags: export.transmission_flags(),
-                            client_no_zeroes,
-                            block_size_requested: requests.contains(&NBD_INFO_BLOCK_SIZE),
-                        }));
+                        return Ok(Step::Go(negotiated(name, requests.contains(&NBD_INFO_BLOCK_SIZE))));
                     }
                 }
             },
-            // Includes NBD_OPT_STRUCTURED_REPLY (simple replies only).
+            NBD_OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                send_reply(stream, option, NBD_REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+            }
+            NBD_OPT_STRUCTURED_REPLY => {
+                structured = true;
+                send_reply(stream, option, NBD_REP_ACK, &[])?;
+            }
+            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
+                let set = option == NBD_OPT_SET_META_CONTEXT;
+                if set {
+                    // Each SET replaces what an earlier one selected, also when it fails.
+                    base_allocation = None;
+                }
+                // The client SHOULD negotiate structured replies first; the server SHOULD
+                // answer NBD_REP_ERR_INVALID otherwise (proto.md NBD_OPT_LIST_META_CONTEXT).
+                if !structured {
+                    send_reply(stream, option, NBD_REP_ERR_INVALID, b"negotiate structured replies first")?;
+                    continue;
+                }
+                match parse_meta_request(&data) {
+                    Err(why) => send_reply(stream, option, NBD_REP_ERR_INVALID, why.as_bytes())?,
+                    Ok((name, _)) if !export.answers_to(name) => {
+                        send_reply(stream, option, NBD_REP_ERR_UNKNOWN, b"no export of that name")?;
+                    }
+                    Ok((_, queries)) => {
+                        if meta_contexts_selected(&queries, set) {
+                            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                            let mut context = id.to_be_bytes().to_vec();
+                            context.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                            send_reply(stream, option, NBD_REP_META_CONTEXT, &context)?;
+                            if set {
+                                base_allocation = Some(BASE_ALLOCATION_ID);
+                            }
+                        }
+                        send_reply(stream, option, NBD_REP_ACK, &[])?;
+                    }
+                }
+            }
+            // Includes NBD_OPT_EXTENDED_HEADERS.
             _ => send_reply(stream, option, NBD_REP_ERR_UNSUP, b"option not supported")?,
         }
     }
+}
+
+/// Whether `queries` select `base:allocation`, the only context: by its name, or (listing
+/// only) by its namespace `base:` or by asking for no query at all (proto.md "Metadata
+/// querying"). Queries in other namespaces, and unknown names in `base:`, select nothing.
+fn meta_contexts_selected(queries: &[&[u8]], set: bool) -> bool {
+    if queries.is_empty() {
+        return !set;
+    }
+    queries.iter().any(|q| *q == BASE_ALLOCATION.as_bytes() || (!set && *q == BASE_NAMESPACE.as_bytes()))
+}
+
+/// Splits `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT` data: 32-bit export name
+/// length, name, 32-bit number of queries, then each query as a 32-bit length and the string,
+/// and nothing after.
+fn parse_meta_request(data: &[u8]) -> Result<(&[u8], Vec<&[u8]>), &'static str> {
+    let too_short = "option data shorter than its fields";
+    fn string(data: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
+        let (len, rest) = data.split_first_chunk::<4>().ok_or("option data shorter than its fields")?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > rest.len() || len > MAX_STRING {
+            return Err("a string is longer than the option data or the limit");
+        }
+        Ok(rest.split_at(len))
+    }
+    let (name, rest) = string(data)?;
+    let (count, mut rest) = rest.split_first_chunk::<4>().ok_or(too_short)?;
+    let count = u32::from_be_bytes(*count) as usize;
+    // Each query takes at least its 4-byte length: a count beyond that is a lie.
+    if count > rest.len() / 4 {
+        return Err("query count does not match the option length");
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (query, after) = string(rest)?;
+        queries.push(query);
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err("option data goes on after the last query");
+    }
+    Ok((name, queries))
 }
 
 /// Splits `NBD_OPT_INFO`/`NBD_OPT_GO` data: 32-bit name length, name, 16-bit count, that many
@@ -320,12 +476,19 @@ fn parse_info_request(data: &[u8]) -> Result<(&[u8], Vec<u16>), &'static str> {
 
 /// The `NBD_REP_INFO` replies for the one export. `NBD_INFO_BLOCK_SIZE` goes out whether or not
 /// it was requested: the spec lets a server send unrequested information (proto.md `NBD_OPT_INFO`)
-/// and our constraints are not the defaults, so a client that reads it can follow them.
-fn send_export_info<S: Write>(stream: &mut S, option: u32, export: &Export) -> Result<(), SessionError> {
+/// and our constraints are not the defaults, so a client that reads it can follow them. The
+/// description goes out whenever there is one, the export's name when `requests` ask for it.
+fn send_export_info<S: Write>(
+    stream: &mut S,
+    option: u32,
+    export: &Export,
+    structured: bool,
+    requests: &[u16],
+) -> Result<(), SessionError> {
     let info = RawInfoExport {
         info_type: NBD_INFO_EXPORT.into(),
         size: export.size.into(),
-        flags: export.transmission_flags().into(),
+        flags: export.transmission_flags_for(structured).into(),
     };
     send_reply(stream, option, NBD_REP_INFO, info.as_bytes())?;
     let sizes = RawInfoBlockSize {
@@ -338,6 +501,11 @@ fn send_export_info<S: Write>(stream: &mut S, option: u32, export: &Export) -> R
     if let Some(description) = &export.description {
         let mut info = NBD_INFO_DESCRIPTION.to_be_bytes().to_vec();
         info.extend_from_slice(description.as_bytes());
+        send_reply(stream, option, NBD_REP_INFO, &info)?;
+    }
+    if let (Some(name), true) = (&export.name, requests.contains(&NBD_INFO_NAME)) {
+        let mut info = NBD_INFO_NAME.to_be_bytes().to_vec();
+        info.extend_from_slice(name.as_bytes());
         send_reply(stream, option, NBD_REP_INFO, &info)?;
     }
     Ok(())
@@ -368,8 +536,9 @@ pub enum RequestKind {
     Flush,
     Trim,
     WriteZeroes,
-    /// Any other type, including ones this server does not offer (`NBD_CMD_CACHE`,
-    /// `NBD_CMD_BLOCK_STATUS`); it carries no payload and is answered `NBD_EINVAL`.
+    Cache,
+    BlockStatus,
+    /// Any other type; it carries no payload and is answered `NBD_EINVAL`.
     Other(u16),
 }
 
@@ -382,6 +551,8 @@ impl RequestKind {
             NBD_CMD_FLUSH => RequestKind::Flush,
             NBD_CMD_TRIM => RequestKind::Trim,
             NBD_CMD_WRITE_ZEROES => RequestKind::WriteZeroes,
+            NBD_CMD_CACHE => RequestKind::Cache,
+            NBD_CMD_BLOCK_STATUS => RequestKind::BlockStatus,
             other => RequestKind::Other(other),
         }
     }
@@ -394,6 +565,8 @@ impl RequestKind {
             RequestKind::Flush => NBD_CMD_FLUSH,
             RequestKind::Trim => NBD_CMD_TRIM,
             RequestKind::WriteZeroes => NBD_CMD_WRITE_ZEROES,
+            RequestKind::Cache => NBD_CMD_CACHE,
+            RequestKind::BlockStatus => NBD_CMD_BLOCK_STATUS,
             RequestKind::Other(other) => other,
         }
     }
@@ -512,39 +685,47 @@ pub fn write_reply<W: Write>(w: &mut W, handle: u64, error: u32, data: &[u8]) ->
 }
 
 /// The checks every request needs before it reaches the volume, in the spec's terms (proto.md
-/// "Error values", "Size constraints", "Command flags", "Request types"). Returns the error value
-/// to answer with, or `None` when the request may be served.
+/// "Error values", "Size constraints", "Command flags", "Request types"), for a client that
+/// learnt the block sizes and negotiated nothing else ([`Negotiated::plain`]). Returns the
+/// error value to answer with, or `None` when the request may be served. See
+/// [`check_request_for`].
+pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
+    check_request_for(req, export, &Negotiated::plain(export))
+}
+
+/// [`check_request`] for what the handshake settled: the transmission flags sent, whether the
+/// client learnt the size constraints, and the metadata context it selected.
 ///
 /// In order:
 /// - an unknown command → `NBD_EINVAL`;
 /// - `NBD_CMD_DISC` → `None` (it is never answered);
-/// - a flag not valid for the command under the advertised transmission flags → `NBD_EINVAL`
-///   (FUA on any command when FUA is advertised, NO_HOLE on WRITE_ZEROES, nothing else);
+/// - `NBD_CMD_BLOCK_STATUS` without a selected metadata context → `NBD_EINVAL`;
+/// - a flag not valid for the command under the transmission flags sent → `NBD_EINVAL` (FUA
+///   on any command when FUA is advertised, NO_HOLE on WRITE_ZEROES, DF on READ when DF is
+///   advertised, REQ_ONE on BLOCK_STATUS, nothing else);
 /// - WRITE, TRIM or WRITE_ZEROES on a read-only export → `NBD_EPERM`;
 /// - FLUSH with a nonzero offset or length → `NBD_EINVAL`; otherwise FLUSH is fine;
 /// - length 0 → `NBD_EINVAL` (the spec leaves it unspecified; refusing keeps degenerate
 ///   requests from the volume without disconnecting);
-/// - offset or length not a multiple of the minimum block → `NBD_EINVAL`;
-/// - READ or WRITE longer than the maximum payload → `NBD_EINVAL` (TRIM and WRITE_ZEROES may
-///   exceed it: the client MAY ask, the server SHOULD NOT refuse only for that);
-/// - past the end of the export → `NBD_ENOSPC` for WRITE and WRITE_ZEROES, `NBD_EINVAL` for READ
-///   and TRIM.
-pub fn check_request(req: &Request, export: &Export) -> Option<u32> {
-    check_request_for(req, export, true)
-}
-
-/// [`check_request`] for a client that did (`block_sizes_known`) or did not learn the export's
-/// size constraints during the handshake. A client that never asked for `NBD_INFO_BLOCK_SIZE`
-/// may not know the minimum block, and the server SHOULD then accept requests of any
-/// alignment, down to one byte (proto.md "Size constraints"); only the other rules apply.
-pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool) -> Option<u32> {
-    let advertised = export.transmission_flags();
+/// - offset or length not a multiple of the minimum block → `NBD_EINVAL`, unless the client
+///   never asked for the block sizes: it may not know them, and the server SHOULD then accept
+///   requests of any alignment, down to one byte (proto.md "Size constraints");
+/// - READ or WRITE longer than the maximum payload → `NBD_EINVAL` (TRIM, WRITE_ZEROES, CACHE
+///   and BLOCK_STATUS may exceed it: they carry no payload);
+/// - past the end of the export → `NBD_ENOSPC` for WRITE and WRITE_ZEROES, `NBD_EINVAL` for
+///   the others.
+pub fn check_request_for(req: &Request, export: &Export, negotiated: &Negotiated) -> Option<u32> {
+    let advertised = negotiated.flags;
     let fua = if advertised & NBD_FLAG_SEND_FUA != 0 { NBD_CMD_FLAG_FUA } else { 0 };
+    let df = if advertised & NBD_FLAG_SEND_DF != 0 { NBD_CMD_FLAG_DF } else { 0 };
     let allowed_flags = match req.kind {
         RequestKind::Other(_) => return Some(NBD_EINVAL),
         RequestKind::Disc => return None,
+        RequestKind::BlockStatus if negotiated.base_allocation.is_none() => return Some(NBD_EINVAL),
+        RequestKind::BlockStatus => fua | NBD_CMD_FLAG_REQ_ONE,
         RequestKind::WriteZeroes => fua | NBD_CMD_FLAG_NO_HOLE,
-        RequestKind::Read | RequestKind::Write | RequestKind::Flush | RequestKind::Trim => fua,
+        RequestKind::Read => fua | df,
+        RequestKind::Write | RequestKind::Flush | RequestKind::Trim | RequestKind::Cache => fua,
     };
     if req.flags & !allowed_flags != 0 {
         return Some(NBD_EINVAL);
@@ -560,7 +741,7 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
     if req.length == 0 {
         return Some(NBD_EINVAL);
     }
-    let min = if block_sizes_known { u64::from(export.min_block) } else { 1 };
+    let min = if negotiated.block_size_requested { u64::from(export.min_block) } else { 1 };
     if !req.offset.is_multiple_of(min) || !u64::from(req.length).is_multiple_of(min) {
         return Some(NBD_EINVAL);
     }
@@ -574,6 +755,75 @@ pub fn check_request_for(req: &Request, export: &Export, block_sizes_known: bool
         return Some(past_end);
     }
     None
+}
+
+/// Appends the header of a structured reply chunk to `out`; `length` bytes of payload follow.
+fn chunk_header(out: &mut Vec<u8>, handle: u64, flags: u16, chunk_type: u16, length: u32) {
+    let raw = RawChunk {
+        magic: NBD_STRUCTURED_REPLY_MAGIC.into(),
+        flags: flags.into(),
+        chunk_type: chunk_type.into(),
+        handle: handle.into(),
+        length: length.into(),
+    };
+    out.extend_from_slice(raw.as_bytes());
+}
+
+/// The bytes [`encode_read_chunk`] puts before the data.
+pub const READ_CHUNK_HEADER: usize = size_of::<RawChunk>() + 8;
+
+/// Appends the reply to a successful READ of `length` bytes at `offset` under structured
+/// replies, up to its data: one `NBD_REPLY_TYPE_OFFSET_DATA` chunk with `NBD_REPLY_FLAG_DONE`
+/// (all of the read in one chunk, as `NBD_CMD_FLAG_DF` asks). The caller appends exactly
+/// `length` bytes of data (`READ_CHUNK_HEADER` bytes come before them).
+pub fn encode_read_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32) {
+    encode_data_chunk(out, handle, offset, length, true);
+}
+
+/// Appends an `NBD_REPLY_TYPE_OFFSET_DATA` chunk header for `length` bytes at `offset`, the
+/// last of its reply if `done`; the caller appends exactly `length` bytes of data (at least
+/// one). Several such chunks and [`encode_hole_chunk`]s may answer one READ without
+/// `NBD_CMD_FLAG_DF`, covering it without overlap.
+pub fn encode_data_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32, done: bool) {
+    let flags = if done { NBD_REPLY_FLAG_DONE } else { 0 };
+    chunk_header(out, handle, flags, NBD_REPLY_TYPE_OFFSET_DATA, length.saturating_add(8));
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `length` bytes (nonzero) at `offset` read as
+/// zeros; the last chunk of its reply if `done`.
+pub fn encode_hole_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, length: u32, done: bool) {
+    let flags = if done { NBD_REPLY_FLAG_DONE } else { 0 };
+    chunk_header(out, handle, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+}
+
+/// Appends a final `NBD_REPLY_TYPE_ERROR` chunk: the whole request failed with `error`
+/// (nonzero), with `message` for humans (cut to the spec's string limit).
+pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
+    let mut cut = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
+    chunk_header(out, handle, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + message.len() as u32);
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message);
+}
+
+/// Appends the reply to `NBD_CMD_BLOCK_STATUS`: one final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk
+/// for metadata context `context`, with `extents` as `(length, flags)` descriptors (at least
+/// one, none of length 0; the caller keeps their sum within the request).
+pub fn encode_block_status(out: &mut Vec<u8>, handle: u64, context: u32, extents: &[(u32, u32)]) {
+    let length = 4 + 8 * extents.len();
+    chunk_header(out, handle, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, length as u32);
+    out.extend_from_slice(&context.to_be_bytes());
+    for (len, flags) in extents {
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -608,12 +858,95 @@ mod tests {
     fn clients_without_block_sizes_may_use_any_alignment() {
         use RequestKind::*;
         let rw = export();
+        let unknown = Negotiated { block_size_requested: false, ..Negotiated::plain(&rw) };
+        let known = Negotiated::plain(&rw);
         for r in [req(Read, 0, 1, 1), req(Write, 0, 4097, 3), req(Trim, 0, 100, 1), req(WriteZeroes, 0, 7, 9)] {
-            assert_eq!(check_request_for(&r, &rw, false), None, "{r:?}");
-            assert_eq!(check_request_for(&r, &rw, true), Some(NBD_EINVAL), "{r:?}");
+            assert_eq!(check_request_for(&r, &rw, &unknown), None, "{r:?}");
+            assert_eq!(check_request_for(&r, &rw, &known), Some(NBD_EINVAL), "{r:?}");
         }
-        assert_eq!(check_request_for(&req(Read, 0, rw.size - 1, 2), &rw, false), Some(NBD_EINVAL), "past the end");
-        assert_eq!(check_request_for(&req(Read, 0, 3, 0), &rw, false), Some(NBD_EINVAL), "zero length");
+        let past_end = req(Read, 0, rw.size - 1, 2);
+        assert_eq!(check_request_for(&past_end, &rw, &unknown), Some(NBD_EINVAL), "past the end");
+        assert_eq!(check_request_for(&req(Read, 0, 3, 0), &rw, &unknown), Some(NBD_EINVAL), "zero length");
+    }
+
+    // proto.md NBD_CMD_BLOCK_STATUS: only with a selected metadata context (else EINVAL),
+    // REQ_ONE is its flag, its length is not bound by the maximum payload, and its range must
+    // lie in the export. NBD_CMD_FLAG_DF only on READ and only where NBD_FLAG_SEND_DF was sent
+    // (with structured replies). NBD_CMD_CACHE is checked like a read but may exceed the
+    // maximum payload.
+    #[test]
+    fn block_status_df_and_cache_follow_the_negotiation() {
+        use RequestKind::*;
+        let rw = export();
+        let plain = Negotiated::plain(&rw);
+        let structured =
+            Negotiated { structured_replies: true, flags: rw.transmission_flags_for(true), ..Negotiated::plain(&rw) };
+        let status = Negotiated { base_allocation: Some(BASE_ALLOCATION_ID), ..structured.clone() };
+        let size = rw.size;
+        let cases: &[(&str, &Negotiated, Request, Option<u32>)] = &[
+            ("block status, no context", &plain, req(BlockStatus, 0, 0, 4096), Some(NBD_EINVAL)),
+            ("block status, structured but no context", &structured, req(BlockStatus, 0, 0, 4096), Some(NBD_EINVAL)),
+            ("block status", &status, req(BlockStatus, 0, 0, 4096), None),
+            ("block status, REQ_ONE", &status, req(BlockStatus, NBD_CMD_FLAG_REQ_ONE, 0, 4096), None),
+            ("block status of the whole export", &status, req(BlockStatus, 0, 0, size as u32), None),
+            ("block status, DF", &status, req(BlockStatus, NBD_CMD_FLAG_DF, 0, 4096), Some(NBD_EINVAL)),
+            ("block status past the end", &status, req(BlockStatus, 0, size - 512, 1024), Some(NBD_EINVAL)),
+            ("block status, zero length", &status, req(BlockStatus, 0, 0, 0), Some(NBD_EINVAL)),
+            ("block status, unaligned", &status, req(BlockStatus, 0, 100, 512), Some(NBD_EINVAL)),
+            ("read, DF, simple replies", &plain, req(Read, NBD_CMD_FLAG_DF, 0, 4096), Some(NBD_EINVAL)),
+            ("read, DF, structured", &structured, req(Read, NBD_CMD_FLAG_DF, 0, 4096), None),
+            ("write, DF", &structured, req(Write, NBD_CMD_FLAG_DF, 0, 4096), Some(NBD_EINVAL)),
+            ("read, REQ_ONE", &status, req(Read, NBD_CMD_FLAG_REQ_ONE, 0, 4096), Some(NBD_EINVAL)),
+            ("cache", &plain, req(Cache, 0, 0, 4096), None),
+            ("cache above max payload", &plain, req(Cache, 0, 0, 1 << 20), None),
+            ("cache past the end", &plain, req(Cache, 0, size, 512), Some(NBD_EINVAL)),
+            ("cache, unaligned", &plain, req(Cache, 0, 7, 512), Some(NBD_EINVAL)),
+            ("cache, NO_HOLE", &plain, req(Cache, NBD_CMD_FLAG_NO_HOLE, 0, 512), Some(NBD_EINVAL)),
+        ];
+        for (what, negotiated, r, want) in cases {
+            assert_eq!(check_request_for(r, &rw, negotiated), *want, "{what}");
+        }
+        // CACHE on a read-only export is a read: allowed.
+        let ro = Export { read_only: true, ..export() };
+        assert_eq!(check_request(&req(Cache, 0, 0, 4096), &ro), None);
+    }
+
+    // proto.md "Structured reply chunk message": magic, flags, type, cookie, length, payload;
+    // OFFSET_DATA carries the offset then the data, ERROR the error, the message length and
+    // the message, BLOCK_STATUS the context id then (length, flags) descriptors. Each is the
+    // final chunk here (NBD_REPLY_FLAG_DONE).
+    #[test]
+    fn structured_chunks_are_laid_out_as_the_spec_says() {
+        let head = |flags: u16, ty: u16, len: u32| {
+            let mut h = vec![0x66, 0x8e, 0x33, 0xef];
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&ty.to_be_bytes());
+            h.extend_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+            h.extend_from_slice(&len.to_be_bytes());
+            h
+        };
+        let mut out = Vec::new();
+        encode_read_chunk(&mut out, 0x0102_0304_0506_0708, 4096, 4);
+        assert_eq!(out.len(), READ_CHUNK_HEADER);
+        assert_eq!(out, [head(1, 1, 12), 4096u64.to_be_bytes().to_vec()].concat());
+
+        let mut out = Vec::new();
+        encode_data_chunk(&mut out, 0x0102_0304_0506_0708, 512, 4, false);
+        encode_hole_chunk(&mut out, 0x0102_0304_0506_0708, 516, 8192, true);
+        let hole = [&516u64.to_be_bytes()[..], &8192u32.to_be_bytes()].concat();
+        assert_eq!(out, [head(0, 1, 12), 512u64.to_be_bytes().to_vec(), head(1, 2, 12), hole].concat());
+
+        let mut out = Vec::new();
+        encode_error_chunk(&mut out, 0x0102_0304_0506_0708, NBD_EIO, "bad");
+        assert_eq!(out, [head(1, 0x8001, 9), vec![0, 0, 0, 5, 0, 3], b"bad".to_vec()].concat());
+        let mut out = Vec::new();
+        encode_error_chunk(&mut out, 0x0102_0304_0506_0708, NBD_EIO, &"é".repeat(3000));
+        assert_eq!(out.len(), 20 + 6 + 4096, "the message is cut to the string limit");
+
+        let mut out = Vec::new();
+        encode_block_status(&mut out, 0x0102_0304_0506_0708, 1, &[(4096, 0), (8192, NBD_STATE_HOLE | NBD_STATE_ZERO)]);
+        let descriptors = [0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0, 3];
+        assert_eq!(out, [head(1, 5, 20), descriptors.to_vec()].concat());
     }
 
     // proto.md "Error values": reads and trims past the end are EINVAL, writes (and write
@@ -686,14 +1019,21 @@ mod tests {
             flags,
             NBD_FLAG_HAS_FLAGS
                 | NBD_FLAG_SEND_FLUSH
+                | NBD_FLAG_SEND_CACHE
                 | NBD_FLAG_SEND_FUA
                 | NBD_FLAG_SEND_TRIM
                 | NBD_FLAG_SEND_WRITE_ZEROES
         );
+        // DF only with structured replies, which alone can honour it.
+        assert_eq!(rw.transmission_flags_for(true), flags | NBD_FLAG_SEND_DF);
         let ro = Export { read_only: true, multi_conn: true, ..Export::new(1 << 20) };
         assert_eq!(
             ro.transmission_flags(),
-            NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN
+            NBD_FLAG_HAS_FLAGS
+                | NBD_FLAG_SEND_FLUSH
+                | NBD_FLAG_SEND_CACHE
+                | NBD_FLAG_READ_ONLY
+                | NBD_FLAG_CAN_MULTI_CONN
         );
     }
 

@@ -23,7 +23,7 @@ pub const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Starts every simple reply.
 pub const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-/// Starts a structured reply chunk; never negotiated here, so a client seeing it disconnects.
+/// Starts a structured reply chunk (only after `NBD_OPT_STRUCTURED_REPLY`).
 pub const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // ---- Handshake flags, server → client (16 bits) ----
@@ -67,6 +67,7 @@ pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
 pub const NBD_REP_ACK: u32 = 1;
 pub const NBD_REP_SERVER: u32 = 2;
 pub const NBD_REP_INFO: u32 = 3;
+pub const NBD_REP_META_CONTEXT: u32 = 4;
 pub const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
 pub const NBD_REP_ERR_UNSUP: u32 = NBD_REP_FLAG_ERROR | 1;
 pub const NBD_REP_ERR_POLICY: u32 = NBD_REP_FLAG_ERROR | 2;
@@ -84,6 +85,28 @@ pub const NBD_INFO_EXPORT: u16 = 0;
 pub const NBD_INFO_NAME: u16 = 1;
 pub const NBD_INFO_DESCRIPTION: u16 = 2;
 pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
+
+// ---- Metadata contexts (proto.md "Metadata querying") ----
+
+/// The one context served: which ranges are allocated, and which read as zeros.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// The namespace of the contexts the spec defines.
+pub const BASE_NAMESPACE: &str = "base:";
+/// `base:allocation`: the range is not allocated (a hole).
+pub const NBD_STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation`: the range reads as zeros.
+pub const NBD_STATE_ZERO: u32 = 1 << 1;
+
+// ---- Structured replies (proto.md "Structured reply chunk message") ----
+
+/// The chunk is the last of its reply.
+pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const NBD_REPLY_TYPE_NONE: u16 = 0;
+pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
 // ---- Request types ----
 
@@ -269,3 +292,23 @@ pub(crate) struct RawSimpleReply {
     pub(crate) handle: U64,
 }
 const _: () = assert!(size_of::<RawSimpleReply>() == 16);
+
+/// The header of a structured reply chunk; `length` bytes of payload follow.
+///
+/// | offset | size | field |
+/// |---:|---:|---|
+/// | 0 | 4 | `NBD_STRUCTURED_REPLY_MAGIC` |
+/// | 4 | 2 | flags (`NBD_REPLY_FLAG_DONE`) |
+/// | 6 | 2 | type (`NBD_REPLY_TYPE_*`) |
+/// | 8 | 8 | cookie of the request answered |
+/// | 16 | 4 | length of the payload |
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug)]
+#[repr(C)]
+pub(crate) struct RawChunk {
+    pub(crate) magic: U32,
+    pub(crate) flags: U16,
+    pub(crate) chunk_type: U16,
+    pub(crate) handle: U64,
+    pub(crate) length: U32,
+}
+const _: () = assert!(size_of::<RawChunk>() == 20);

@@ -9,7 +9,9 @@ use std::thread::{self, JoinHandle};
 
 use common::*;
 use session::wire::*;
-use session::{handshake, read_request, write_reply, Export, Negotiated, RequestKind, SessionError};
+use session::{
+    handshake, read_request, write_reply, Export, Negotiated, RequestKind, SessionError, BASE_ALLOCATION_ID,
+};
 
 type Outcome = (Result<Option<Negotiated>, SessionError>, UnixStream);
 
@@ -86,6 +88,8 @@ fn go_answers_info_then_starts_transmission() {
             flags: export().transmission_flags(),
             client_no_zeroes: false,
             block_size_requested: true,
+            structured_replies: false,
+            base_allocation: None,
         }
     );
     assert_nothing_pending(&client);
@@ -203,17 +207,11 @@ fn abort_from_a_client_that_hangs_up_at_once() {
 
 // proto.md "Baseline": servers MUST reply NBD_REP_ERR_UNSUP to options they do not implement
 // and MUST NOT fail to parse the next one. Includes NBD_OPT_STARTTLS ("NOTLS mode") and
-// NBD_OPT_STRUCTURED_REPLY (clients SHOULD handle ERR_UNSUP).
+// NBD_OPT_EXTENDED_HEADERS (11).
 #[test]
 fn unknown_options_are_unsupported_and_haggling_continues() {
     let (mut client, thread) = start(export(), FIXED);
-    for (option, data) in [
-        (99, &b"some data"[..]),
-        (NBD_OPT_STARTTLS, &[][..]),
-        (NBD_OPT_STRUCTURED_REPLY, &[][..]),
-        (NBD_OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0][..]),
-        (4, &[][..]),
-    ] {
+    for (option, data) in [(99, &b"some data"[..]), (NBD_OPT_STARTTLS, &[][..]), (11, &[][..]), (4, &[][..])] {
         send_option(&mut client, option, data);
         let (answered, reply_type, _) = read_option_reply(&mut client);
         assert_eq!((answered, reply_type), (option, NBD_REP_ERR_UNSUP), "option {option}");
@@ -310,7 +308,10 @@ fn read_only_and_multi_conn_exports_advertise_accordingly() {
     assert_eq!(last, NBD_REP_ACK);
     check_export_infos(&infos, &ro);
     let flags = finish(thread).0.expect("handshake").expect("transmission").flags;
-    assert_eq!(flags, NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_CAN_MULTI_CONN);
+    assert_eq!(
+        flags,
+        NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN
+    );
 }
 
 // proto.md "Size constraints": the server refuses to advertise constraints the spec forbids,
@@ -325,4 +326,160 @@ fn misconfigured_export_is_refused_before_anything_is_sent() {
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut client, &mut rest).expect("read");
     assert!(rest.is_empty());
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: export name, number of
+/// queries, each query with its length.
+fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        data.extend_from_slice(q.as_bytes());
+    }
+    data
+}
+
+/// Reads `NBD_REP_META_CONTEXT` replies up to the final reply: ((id, name) each, final type).
+fn read_contexts(client: &mut UnixStream, option: u32) -> (Vec<(u32, String)>, u32) {
+    let mut contexts = Vec::new();
+    loop {
+        let (answered, reply_type, data) = read_option_reply(client);
+        assert_eq!(answered, option);
+        if reply_type != NBD_REP_META_CONTEXT {
+            return (contexts, reply_type);
+        }
+        contexts.push((be32(&data[0..4]), String::from_utf8(data[4..].to_vec()).expect("utf-8")));
+    }
+}
+
+fn named() -> Export {
+    Export { name: Some("vol".into()), ..export() }
+}
+
+// A named export: NBD_OPT_LIST names it; NBD_OPT_INFO / GO for another name get
+// NBD_REP_ERR_UNKNOWN and haggling goes on; its name and "" reach it, and NBD_INFO_NAME is
+// answered when asked.
+#[test]
+fn a_named_export_answers_to_its_name_and_the_default_only() {
+    let (mut client, thread) = start(named(), FIXED);
+    send_option(&mut client, NBD_OPT_LIST, &[]);
+    let (option, reply_type, data) = read_option_reply(&mut client);
+    assert_eq!((option, reply_type), (NBD_OPT_LIST, NBD_REP_SERVER));
+    assert_eq!(be32(&data[0..4]), 3);
+    assert_eq!(&data[4..7], b"vol");
+    assert_eq!(&data[7..], b"test disk");
+    assert_eq!(read_option_reply(&mut client), (NBD_OPT_LIST, NBD_REP_ACK, vec![]));
+
+    for option in [NBD_OPT_INFO, NBD_OPT_GO] {
+        send_option(&mut client, option, &info_request("other", &[NBD_INFO_NAME]));
+        let (answered, reply_type, message) = read_option_reply(&mut client);
+        assert_eq!((answered, reply_type), (option, NBD_REP_ERR_UNKNOWN));
+        assert!(!message.is_empty());
+    }
+    send_option(&mut client, NBD_OPT_INFO, &info_request("vol", &[NBD_INFO_NAME, NBD_INFO_DESCRIPTION]));
+    let (infos, last) = read_infos(&mut client, NBD_OPT_INFO);
+    assert_eq!(last, NBD_REP_ACK);
+    assert!(infos.contains(&(NBD_INFO_NAME, b"vol".to_vec())), "{infos:?}");
+    assert!(infos.contains(&(NBD_INFO_DESCRIPTION, b"test disk".to_vec())), "{infos:?}");
+    send_option(&mut client, NBD_OPT_INFO, &info_request("", &[]));
+    let (infos, last) = read_infos(&mut client, NBD_OPT_INFO);
+    assert_eq!(last, NBD_REP_ACK);
+    assert!(infos.iter().all(|(t, _)| *t != NBD_INFO_NAME), "not asked for");
+
+    send_option(&mut client, NBD_OPT_GO, &info_request("", &[]));
+    assert_eq!(read_infos(&mut client, NBD_OPT_GO).1, NBD_REP_ACK);
+    assert_eq!(finish(thread).0.expect("handshake").expect("transmission").export_name, "");
+}
+
+// proto.md "Newstyle negotiation": NBD_OPT_EXPORT_NAME has no error reply, so an unknown name
+// ends the session; the export's own name is served.
+#[test]
+fn export_name_for_an_unknown_export_ends_the_session() {
+    let (mut client, thread) = start(named(), FIXED_NO_ZEROES);
+    send_option(&mut client, NBD_OPT_EXPORT_NAME, b"nope");
+    let (result, server) = finish(thread);
+    assert!(matches!(&result, Err(SessionError::UnknownExport(n)) if n == "nope"), "{result:?}");
+    drop(server);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut client, &mut rest).expect("read");
+    assert!(rest.is_empty(), "nothing was sent: {rest:?}");
+
+    let (mut client, thread) = start(named(), FIXED_NO_ZEROES);
+    send_option(&mut client, NBD_OPT_EXPORT_NAME, b"vol");
+    assert_eq!(be64(&read_n(&mut client, 10)[0..8]), SIZE);
+    assert_eq!(finish(thread).0.expect("handshake").expect("transmission").export_name, "vol");
+}
+
+// proto.md NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT:
+// contexts only after structured replies; `base:allocation` listed for no query and for
+// `base:`; queries in unknown namespaces select nothing (no error); a SET replaces the last
+// one; a wrong export name is NBD_REP_ERR_UNKNOWN; what the last SET chose is what GO takes
+// into transmission, with NBD_FLAG_SEND_DF.
+#[test]
+fn structured_replies_and_base_allocation_are_negotiated() {
+    let (mut client, thread) = start(named(), FIXED);
+    send_option(&mut client, NBD_OPT_SET_META_CONTEXT, &meta_request("vol", &["base:allocation"]));
+    assert_eq!(read_contexts(&mut client, NBD_OPT_SET_META_CONTEXT).1, NBD_REP_ERR_INVALID, "before structured");
+    send_option(&mut client, NBD_OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(read_option_reply(&mut client).1, NBD_REP_ERR_INVALID, "data with the option");
+    send_option(&mut client, NBD_OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(read_option_reply(&mut client), (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, vec![]));
+
+    let base = (0, BASE_ALLOCATION.to_string());
+    for queries in [&[][..], &["base:"][..], &["x-other:thing", "base:allocation"][..]] {
+        send_option(&mut client, NBD_OPT_LIST_META_CONTEXT, &meta_request("", queries));
+        assert_eq!(read_contexts(&mut client, NBD_OPT_LIST_META_CONTEXT), (vec![base.clone()], NBD_REP_ACK));
+    }
+    send_option(&mut client, NBD_OPT_LIST_META_CONTEXT, &meta_request("vol", &["qemu:dirty-bitmap:x"]));
+    assert_eq!(read_contexts(&mut client, NBD_OPT_LIST_META_CONTEXT), (vec![], NBD_REP_ACK));
+    send_option(&mut client, NBD_OPT_LIST_META_CONTEXT, &meta_request("other", &[]));
+    assert_eq!(read_contexts(&mut client, NBD_OPT_LIST_META_CONTEXT).1, NBD_REP_ERR_UNKNOWN);
+    let mut lying = meta_request("vol", &["base:allocation"]);
+    lying[10] = 9;
+    for bad in [lying, vec![0, 0, 0], [meta_request("vol", &[]), vec![0]].concat()] {
+        send_option(&mut client, NBD_OPT_SET_META_CONTEXT, &bad);
+        assert_eq!(read_contexts(&mut client, NBD_OPT_SET_META_CONTEXT).1, NBD_REP_ERR_INVALID, "{bad:?}");
+    }
+
+    send_option(&mut client, NBD_OPT_SET_META_CONTEXT, &meta_request("vol", &["x-foo:bar", "base:allocation"]));
+    let (contexts, last) = read_contexts(&mut client, NBD_OPT_SET_META_CONTEXT);
+    assert_eq!((contexts, last), (vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION.to_string())], NBD_REP_ACK));
+    send_option(&mut client, NBD_OPT_GO, &info_request("vol", &[NBD_INFO_BLOCK_SIZE]));
+    let (infos, last) = read_infos(&mut client, NBD_OPT_GO);
+    assert_eq!(last, NBD_REP_ACK);
+    let (_, info) = infos.iter().find(|(t, _)| *t == NBD_INFO_EXPORT).expect("export info");
+    let flags = be16(&info[8..10]);
+    assert_eq!(flags, named().transmission_flags() | NBD_FLAG_SEND_DF);
+    let negotiated = finish(thread).0.expect("handshake").expect("transmission");
+    assert!(negotiated.structured_replies);
+    assert_eq!(negotiated.base_allocation, Some(BASE_ALLOCATION_ID));
+    assert_eq!(negotiated.flags, flags);
+}
+
+// A SET that selects nothing clears an earlier selection: block status is then refused.
+#[test]
+fn a_later_set_meta_context_replaces_the_earlier_one() {
+    let (mut client, thread) = start(export(), FIXED);
+    send_option(&mut client, NBD_OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(read_option_reply(&mut client).1, NBD_REP_ACK);
+    send_option(&mut client, NBD_OPT_SET_META_CONTEXT, &meta_request("", &["base:allocation"]));
+    assert_eq!(read_contexts(&mut client, NBD_OPT_SET_META_CONTEXT).0.len(), 1);
+    send_option(&mut client, NBD_OPT_SET_META_CONTEXT, &meta_request("", &["x-unknown:a"]));
+    assert_eq!(read_contexts(&mut client, NBD_OPT_SET_META_CONTEXT), (vec![], NBD_REP_ACK));
+    send_option(&mut client, NBD_OPT_GO, &info_request("", &[]));
+    assert_eq!(read_infos(&mut client, NBD_OPT_GO).1, NBD_REP_ACK);
+    let negotiated = finish(thread).0.expect("handshake").expect("transmission");
+    assert!(negotiated.structured_replies);
+    assert_eq!(negotiated.base_allocation, None);
+    let status = session::Request {
+        handle: 1,
+        kind: RequestKind::BlockStatus,
+        flags: 0,
+        offset: 0,
+        length: 4096,
+        data: Vec::new(),
+    };
+    assert_eq!(session::check_request_for(&status, &export(), &negotiated), Some(NBD_EINVAL));
 }

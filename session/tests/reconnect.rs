@@ -119,7 +119,11 @@ fn apply(request: &Request, export: &Export, disk: &Disk) -> (u32, Vec<u8>) {
             disk[range].fill(0);
             (0, Vec::new())
         }
-        RequestKind::Flush | RequestKind::Disc | RequestKind::Other(_) => (0, Vec::new()),
+        RequestKind::Flush
+        | RequestKind::Cache
+        | RequestKind::Disc
+        | RequestKind::BlockStatus
+        | RequestKind::Other(_) => (0, Vec::new()),
     }
 }
 

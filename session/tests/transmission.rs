@@ -48,7 +48,9 @@ fn refused_requests_are_answered_and_the_session_goes_on() {
         ("write above max payload", 0, NBD_CMD_WRITE, 0, 2 * MAX_BLOCK, NBD_EINVAL),
         ("trim past the end", 0, NBD_CMD_TRIM, SIZE - 512, 1024, NBD_EINVAL),
         ("flush with a length", 0, NBD_CMD_FLUSH, 0, 512, NBD_EINVAL),
-        ("cache (not offered)", 0, NBD_CMD_CACHE, 0, 512, NBD_EINVAL),
+        ("cache past the end", 0, NBD_CMD_CACHE, SIZE, 512, NBD_EINVAL),
+        ("block status without a context", 0, NBD_CMD_BLOCK_STATUS, 0, 512, NBD_EINVAL),
+        ("read with DF, no structured replies", NBD_CMD_FLAG_DF, NBD_CMD_READ, 0, 512, NBD_EINVAL),
         ("unknown command", 0, 0x55, 0, 512, NBD_EINVAL),
     ];
     for (i, &(name, flags, command, offset, length, errno)) in cases.iter().enumerate() {

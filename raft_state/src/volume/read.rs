@@ -5,6 +5,11 @@ use crate::device::{AlignedBuf, BLOCK, BLOCK_SIZE};
 use crate::hash;
 use crate::tree::{Ptr, TreeError};
 
+/// Block-map nodes `allocation` visits at most (each may be a read of 4 KiB while the
+/// volume is locked for reading, which holds writes back): up to 64 MiB of fully mapped range
+/// per answer, any size of unmapped one.
+const STATUS_MAX_NODES: usize = 256;
+
 impl Volume {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). A block that fails its
     /// hash check fails the read: never wrong data. Blocks that sit next to each other on the
@@ -107,6 +112,31 @@ impl Volume {
         self.verify_data(p, block)?;
         dst.copy_from_slice(&block[(from - vb_start) as usize..(to - vb_start) as usize]);
         Ok(())
+    }
+
+    /// The allocation of `length` bytes at `offset`, as the block map has it now (every
+    /// applied write, as reads see them): runs of `(bytes, mapped)` in order, neighbours of
+    /// the same kind merged. An unmapped block reads as zeros. The first run starts at
+    /// `offset` and none goes past `offset + length`; the answer may stop short of it (at
+    /// least one run, at most `max_runs`, and a bounded number of block-map nodes visited,
+    /// so its cost does not grow with the range).
+    pub fn allocation(&self, offset: u64, length: u64, max_runs: usize) -> Result<Vec<(u64, bool)>, VolumeError> {
+        self.check()?;
+        self.check_range(offset, length)?;
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + length;
+        let blocks = offset / BLOCK..end.div_ceil(BLOCK);
+        let runs = self.map.runs(&*self.dev, blocks.clone(), max_runs, STATUS_MAX_NODES)?;
+        let mut at = blocks.start * BLOCK;
+        let mut out = Vec::with_capacity(runs.len());
+        for (count, mapped) in runs {
+            let (from, to) = (at.max(offset), (at + count * BLOCK).min(end));
+            at += count * BLOCK;
+            out.push((to - from, mapped));
+        }
+        Ok(out)
     }
 
     /// Checks a data block read (maybe from a cache) against its hash; on a mismatch it reads

@@ -172,11 +172,61 @@ fn random_commands_match_the_model_across_checkpoints_and_reopens() {
             }
             if rng.chance(1, 5) {
                 assert!(h.read_all().expect("read") == model, "seed {seed} step {step}: content differs");
+                holes_read_as_zeros(&h.volume, &model, seed);
             }
         }
         assert!(h.read_all().expect("read") == model, "seed {seed}: final content differs");
         assert!(h.volume.roots().current().generation > 10, "seed {seed}: checkpoints happened");
     }
+}
+
+/// Every run `allocation` calls unmapped reads as zeros, and the runs cover the volume.
+fn holes_read_as_zeros(volume: &Volume, model: &[u8], seed: u64) {
+    let mut at = 0;
+    for (length, mapped) in volume.allocation(0, model.len() as u64, usize::MAX).expect("allocation") {
+        let range = at as usize..(at + length) as usize;
+        assert!(mapped || model[range].iter().all(|b| *b == 0), "seed {seed}: a hole at {at}+{length} holds data");
+        at += length;
+    }
+    assert_eq!(at, model.len() as u64, "seed {seed}: the runs cover the volume");
+}
+
+/// `allocation` answers from the block map: written blocks are mapped, trimmed and
+/// write-zeroed ones are holes again (across a checkpoint and a reopen too), a range that
+/// starts or ends inside a block is cut to it, and the answer is bounded by `max_runs`.
+#[test]
+fn allocation_follows_writes_trims_and_write_zeroes() {
+    let mut h = Harness::format(3);
+    let k = BLOCK;
+    let data = vec![0xa5u8; (16 * k) as usize];
+    h.propose(&Command::Write { offset: 4 * k, data: &data }).expect("write");
+    h.propose(&Command::Write { offset: 40 * k, data: &data[..(2 * k) as usize] }).expect("write");
+    h.propose(&Command::Trim { offset: 6 * k, length: 2 * k }).expect("trim");
+    h.propose(&Command::WriteZeroes { offset: 12 * k, length: 3 * k }).expect("zero");
+    let want = vec![
+        (4 * k, false),
+        (2 * k, true),
+        (2 * k, false),
+        (4 * k, true),
+        (3 * k, false),
+        (5 * k, true),
+        (20 * k, false),
+        (2 * k, true),
+        (VOLUME_BLOCKS * k - 42 * k, false),
+    ];
+    assert_eq!(h.volume.allocation(0, VOLUME_BLOCKS * k, usize::MAX).expect("allocation"), want);
+    h.checkpoint().expect("checkpoint");
+    let disk = h.disk.clone();
+    drop(h);
+    let h = Harness::open(disk).expect("reopen");
+    assert_eq!(h.volume.allocation(0, VOLUME_BLOCKS * k, usize::MAX).expect("allocation"), want);
+    // Cut to an unaligned range, and to a limit.
+    assert_eq!(
+        h.volume.allocation(5 * k + 512, 2 * k, usize::MAX).expect("allocation"),
+        vec![(k - 512, true), (k + 512, false)]
+    );
+    assert_eq!(h.volume.allocation(0, VOLUME_BLOCKS * k, 3).expect("allocation"), want[..3].to_vec());
+    assert!(matches!(h.volume.allocation(VOLUME_BLOCKS * k - k, 2 * k, 9), Err(VolumeError::OutOfRange { .. })));
 }
 
 /// Seeded crash runs: after a power loss at a random device operation, the volume reopens

@@ -92,8 +92,10 @@ fn answer(stream: &mut UnixStream, export: &Export, disk: &Disk, request: &Reque
             disk[range].fill(0);
             Vec::new()
         }
-        RequestKind::Flush => Vec::new(),
-        RequestKind::Disc | RequestKind::Other(_) => unreachable!("check_request lets neither through"),
+        RequestKind::Flush | RequestKind::Cache => Vec::new(),
+        RequestKind::Disc | RequestKind::BlockStatus | RequestKind::Other(_) => {
+            unreachable!("check_request lets none of them through")
+        }
     };
     drop(disk);
     write_reply(stream, request.handle, 0, &data).map_err(reply_failed)
