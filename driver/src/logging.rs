@@ -45,7 +45,10 @@ pub fn logger(cfg: &LogConfig) -> Logger {
             Logger::root(drain.filter_level(level).fuse(), slog::o!())
         }
         LogFormat::Json => {
-            let drain = slog_json::Json::new(std::io::stderr())
+            // Each record is collected and written with one write: the supervisor and the
+            // driver share stderr, and pieces of their lines must not interleave.
+            let drain = slog_json::Json::new(OneWrite(Vec::new()))
+                .set_flush(true)
                 .add_key_value(slog::o!(
                     // slog serializes these last to first: `ts`, `level`, `msg` lead each line.
                     "msg" => slog::PushFnValue(|r: &Record, ser| ser.emit(r.msg())),
@@ -56,6 +59,25 @@ pub fn logger(cfg: &LogConfig) -> Logger {
             // One event is one write of one line: a mutex keeps threads' lines whole.
             Logger::root(std::sync::Mutex::new(drain).filter_level(level).fuse(), slog::o!())
         }
+    }
+}
+
+/// Collects what is written and hands it to stderr in one `write_all` at `flush` (the JSON
+/// drain flushes after each record).
+struct OneWrite(Vec<u8>);
+
+impl Write for OneWrite {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let line = std::mem::take(&mut self.0);
+        let written = std::io::stderr().lock().write_all(&line);
+        self.0 = line;
+        self.0.clear();
+        written
     }
 }
 
