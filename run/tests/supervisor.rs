@@ -157,6 +157,11 @@ fn qemu_io_through_kills(dir: &Scratch, config: &str) {
     writer.args(["--image-opts", &opts]);
     for i in 0..WRITES {
         writer.arg("-c").arg(format!("write -P {} {} 4096", pattern(i), i * 16384));
+        // Pauses make the run last at least 4 s however fast the writes are, so the five
+        // kills land while it writes (it once finished first on a fast run).
+        if i % 100 == 99 {
+            writer.arg("-c").arg("sleep 100");
+        }
     }
     let mut child = writer.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("qemu-io");
     let mut kills = 0;
