@@ -125,6 +125,27 @@ fn required_tls_serves_tls_clients_and_refuses_plaintext_ones() {
     assert!(ok, "qemu-io over TLS:\n{text}\n{}", serve.log_tail());
     let (ok, text) = nbdinfo(&format!("nbds://127.0.0.1:{port}/?tls-certificates={}", pki.display()));
     assert!(ok && text.contains("with TLS") && text.contains("67108864"), "nbdinfo nbds://:\n{text}");
+    // Structured replies and block status through TLS: the map shows the two written ranges.
+    let map = Command::new("qemu-img")
+        .arg("map")
+        .arg("--output=json")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display()))
+        .arg("--image-opts")
+        .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"))
+        .output()
+        .expect("qemu-img map");
+    let text = String::from_utf8_lossy(&map.stdout);
+    assert!(map.status.success(), "qemu-img map over TLS: {}", String::from_utf8_lossy(&map.stderr));
+    let data: Vec<(u64, u64)> = serde_json::from_str::<serde_json::Value>(&text)
+        .expect("json")
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["data"].as_bool() == Some(true))
+        .map(|e| (e["start"].as_u64().expect("start"), e["length"].as_u64().expect("length")))
+        .collect();
+    assert_eq!(data, vec![(0, 1 << 20), (32 << 20, 4096)], "{text}");
 
     // Plaintext clients get nothing but the refusal.
     let (ok, text) = nbdinfo(&format!("nbd://127.0.0.1:{port}/"));
