@@ -34,10 +34,32 @@ if [[ $(id -u) -eq 0 ]] && command -v losetup >/dev/null 2>&1 && losetup -f >/de
   export RBLK_REQUIRE_LOOP=1
 fi
 
+# What the checkout holds before the tests, ignored files included (a stray rblk.img is
+# ignored by .gitignore but still a leak); the build directory is the one thing allowed to grow.
+tree_state() {
+  git status --porcelain --ignored --untracked-files=all -- . ':!target' 2>/dev/null || true
+}
+in_git=false
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  in_git=true
+  before=$(tree_state)
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 say "cargo test"
 cargo test --workspace
+if $in_git; then
+  # Tests write only into temp dirs: anything new or changed in the checkout is a test that
+  # wrote into the source tree (a fio verify state file was once committed that way).
+  say "the tests left the checkout as they found it"
+  after=$(tree_state)
+  if [[ "$after" != "$before" ]]; then
+    echo "the test run changed the checkout:" >&2
+    diff <(printf '%s\n' "$before") <(printf '%s\n' "$after") >&2 || true
+    exit 1
+  fi
+fi
 say "all tests passed"

@@ -253,7 +253,9 @@ fn fio_random_writes_verify() {
     let dir = Scratch::new("fio");
     format(&dir, "128M");
     let server = Server::start(&dir, &[]);
-    let text = run(Command::new("fio").args([
+    // fio leaves a verify state file (local-verify-0-verify.state) in its working directory:
+    // that is the scratch directory, not the source tree.
+    let text = run(Command::new("fio").current_dir(&dir.0).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", server.uri()),
