@@ -1,15 +1,8 @@
-//! `rblk`: format a volume, serve it, inspect it.
-//!
-//! ```text
-//! rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-//! rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
-//! rblk inspect IMAGE [--root-device PATH] [--json]
-//! rblk status TARGET [--json]
-//! ```
-//! Sizes take K, M, G, T suffixes (binary). `serve` without arguments uses `./rblk.img`
-//! (formatted with the configured size, 1 GiB by default, when missing) and `./rblk.sock`,
-//! and prints the NBD URI to attach. Settings: built-in defaults < `--config` file < flags.
+//! `rblk`: format a volume, serve it, inspect it, run chaos scenarios. The command line is
+//! declared in `args.rs` (clap); `rblk --help` and `rblk help SUBCOMMAND` describe every
+//! option. Exit status: 0 success, 1 runtime error, 2 usage error.
 
+mod args;
 mod chaos;
 mod format;
 mod inspect;
@@ -24,14 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use raft_state::device::{Device, DeviceError, FileDevice};
+use clap::Parser;
 
-const USAGE: &str = "usage:
-  rblk format IMAGE --size SIZE [--log-size SIZE] [--root-device PATH] [--force] [--preallocate]
-  rblk serve [IMAGE] [--socket PATH] [--listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] [--config FILE] [--size SIZE]
-  rblk inspect IMAGE [--root-device PATH] [--json]
-  rblk chaos SCENARIO.toml [--seed N] [--duration D] [--dir PATH]
-  rblk status TARGET [--json]      (TARGET: [metrics] listen of a running serve)";
+use args::{ChaosArgs, Command, FormatArgs, Generate, GenerateArgs, InspectArgs, ServeArgs, StatusArgs};
+use raft_state::device::{Device, DeviceError, FileDevice};
 
 /// Why a command failed. Printed as `rblk: ` and the error with its sources, `: `-joined.
 #[derive(Debug, thiserror::Error)]
@@ -97,125 +86,54 @@ enum CliError {
     },
 }
 
-/// The argument parsing below speaks in plain messages.
-impl From<String> for CliError {
-    fn from(message: String) -> CliError {
-        CliError::Usage(message)
-    }
-}
-
-/// Command-line words: positionals and `--flag value` / `--switch` pairs.
-struct Words {
-    positional: Vec<String>,
-    flags: Vec<(String, Option<String>)>,
-}
-
-const SWITCHES: &[&str] = &["--force", "--json", "--preallocate", "--tls-verify-peer"];
-
-fn words(args: impl Iterator<Item = String>) -> Result<Words, String> {
-    let mut w = Words { positional: Vec::new(), flags: Vec::new() };
-    let mut it = args.peekable();
-    while let Some(a) = it.next() {
-        if a == "-h" || a == "--help" {
-            return Err(USAGE.into());
-        }
-        if a.starts_with("--") {
-            if SWITCHES.contains(&a.as_str()) {
-                w.flags.push((a, None));
-            } else {
-                let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
-                w.flags.push((a, Some(v)));
-            }
-        } else {
-            w.positional.push(a);
+impl CliError {
+    /// The exit status: 2 for a command line that is wrong, 1 for everything else.
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            _ => 1,
         }
     }
-    Ok(w)
-}
-
-impl Words {
-    fn take(&mut self, name: &str) -> Option<String> {
-        let at = self.flags.iter().position(|(f, _)| f == name)?;
-        self.flags.remove(at).1
-    }
-
-    fn switch(&mut self, name: &str) -> bool {
-        match self.flags.iter().position(|(f, _)| f == name) {
-            Some(at) => {
-                self.flags.remove(at);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Fails on anything not taken.
-    fn done(self, max_positional: usize) -> Result<Vec<String>, String> {
-        if let Some((f, _)) = self.flags.first() {
-            return Err(format!("unknown option {f}\n{USAGE}"));
-        }
-        if self.positional.len() > max_positional {
-            return Err(format!("unexpected argument {:?}\n{USAGE}", self.positional[max_positional]));
-        }
-        Ok(self.positional)
-    }
-}
-
-fn size_flag(w: &mut Words, name: &str) -> Result<Option<u64>, String> {
-    w.take(name).map(|v| config::parse_size(&v).map_err(|e| format!("{name}: {e}"))).transpose()
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let Some(command) = args.next() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let result = match words(args) {
-        Ok(w) => match command.as_str() {
-            "format" => cmd_format(w),
-            "serve" => cmd_serve(w),
-            "inspect" => cmd_inspect(w),
-            "chaos" => cmd_chaos(w),
-            "status" => cmd_status(w),
-            "-h" | "--help" | "help" => Err(CliError::Usage(USAGE.to_string())),
-            other => Err(CliError::Usage(format!("unknown command {other:?}\n{USAGE}"))),
-        },
-        Err(e) => Err(CliError::Usage(e)),
+    // Help and version go to stdout with status 0; usage errors to stderr with status 2.
+    let cli = args::Cli::parse();
+    let result = match cli.command {
+        Command::Format(a) => cmd_format(a),
+        Command::Serve(a) => cmd_serve(a),
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::Chaos(a) => cmd_chaos(a),
+        Command::Status(a) => cmd_status(a),
+        Command::Generate(a) => cmd_generate(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rblk: {}", driver::error_chain(&e));
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn cmd_format(mut w: Words) -> Result<ExitCode, CliError> {
-    let size = size_flag(&mut w, "--size")?.ok_or_else(|| format!("format needs --size\n{USAGE}"))?;
-    let log_size = size_flag(&mut w, "--log-size")?.unwrap_or(config::Config::default().volume.log_size);
-    let root = w.take("--root-device").map(PathBuf::from);
-    let force = w.switch("--force");
-    let preallocate = w.switch("--preallocate");
-    let pos = w.done(1)?;
-    let image = PathBuf::from(pos.first().ok_or_else(|| format!("format needs an IMAGE\n{USAGE}"))?);
-    let spec = format::Spec { size, log_size, force, preallocate };
-    let summary = format::format(&image, root.as_deref(), &spec)?;
+fn cmd_format(a: FormatArgs) -> Result<ExitCode, CliError> {
+    let spec = format::Spec { size: a.size, log_size: a.log_size, force: a.force, preallocate: a.preallocate };
+    let summary = format::format(&a.image, a.root_device.as_deref(), &spec).map_err(|e| match e {
+        // Sizes the flags gave that no volume can have: the command line is wrong.
+        format::FormatError::BadSize(_) | format::FormatError::BadLogSize(_) => CliError::Usage(e.to_string()),
+        e => CliError::Format(e),
+    })?;
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_inspect(mut w: Words) -> Result<ExitCode, CliError> {
-    let root = w.take("--root-device").map(PathBuf::from);
-    let json = w.switch("--json");
-    let pos = w.done(1)?;
-    let image = PathBuf::from(pos.first().ok_or_else(|| format!("inspect needs an IMAGE\n{USAGE}"))?);
+fn cmd_inspect(a: InspectArgs) -> Result<ExitCode, CliError> {
+    let image = a.image;
     let dev = open_device(&image)?;
-    let root_dev = root.as_deref().map(open_device).transpose()?;
+    let root_dev = a.root_device.as_deref().map(open_device).transpose()?;
     let report =
         inspect::inspect(dev, root_dev).map_err(|source| CliError::Inspect { image: image.clone(), source })?;
-    if json {
+    if a.json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_text());
@@ -223,14 +141,8 @@ fn cmd_inspect(mut w: Words) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_chaos(mut w: Words) -> Result<ExitCode, CliError> {
-    let seed =
-        w.take("--seed").map(|s| s.parse::<u64>().map_err(|_| format!("--seed {s:?}: not a number"))).transpose()?;
-    let duration =
-        w.take("--duration").map(|d| config::parse_duration(&d).map_err(|e| format!("--duration: {e}"))).transpose()?;
-    let dir = w.take("--dir").map(PathBuf::from);
-    let pos = w.done(1)?;
-    let path = PathBuf::from(pos.first().ok_or_else(|| format!("chaos needs a SCENARIO file\n{USAGE}"))?);
+fn cmd_chaos(a: ChaosArgs) -> Result<ExitCode, CliError> {
+    let ChaosArgs { scenario: path, seed, duration, dir } = a;
     let mut scenario = chaos::Scenario::load(&path)?;
     if let Some(d) = duration {
         scenario.duration = d;
@@ -267,11 +179,8 @@ fn cmd_chaos(mut w: Words) -> Result<ExitCode, CliError> {
     }
 }
 
-fn cmd_status(mut w: Words) -> Result<ExitCode, CliError> {
-    let json = w.switch("--json");
-    let pos = w.done(1)?;
-    let target = pos.first().ok_or_else(|| format!("status needs a TARGET\n{USAGE}"))?;
-    print!("{}", status::run(target, json)?);
+fn cmd_status(a: StatusArgs) -> Result<ExitCode, CliError> {
+    print!("{}", status::run(&a.target, a.json)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -279,39 +188,22 @@ fn open_device(path: &Path) -> Result<Arc<dyn Device>, CliError> {
     Ok(Arc::new(FileDevice::open(path).map_err(|source| CliError::Device { path: path.to_path_buf(), source })?))
 }
 
-fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
+fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
     // First, before any file is opened: what a service manager handed over.
     let inherited = systemd::listen_fd()?;
     let socket_activated = inherited.is_some();
     let mut notify = systemd::Notifier::from_env()?;
-    let mut cfg = match w.take("--config") {
-        Some(path) => config::Config::load(Path::new(&path))?,
+    let mut cfg = match &a.config {
+        Some(path) => config::Config::load(path)?,
         None => config::Config::default(),
     };
-    if let Some(socket) = w.take("--socket") {
-        cfg.server.socket = socket.into();
-    }
-    if let Some(listen) = w.take("--listen") {
-        cfg.server.listen = Some(listen);
-    }
-    if let Some(mode) = w.take("--tls") {
-        cfg.tls.mode = mode.parse::<config::TlsMode>().map_err(|e| format!("--tls: {e}"))?;
-    }
-    if let Some(dir) = w.take("--tls-certificates") {
-        cfg.tls.certificates = Some(dir.into());
-    }
-    if w.switch("--tls-verify-peer") {
-        cfg.tls.verify_peer = true;
-    }
-    if let Some(size) = size_flag(&mut w, "--size")? {
-        cfg.volume.size = size;
-    }
-    let pos = w.done(1)?;
-    if let Some(image) = pos.first() {
-        cfg.volume.image = image.into();
-    }
+    a.apply(&mut cfg);
     // Flags may have changed what the file said: the same rules apply.
     cfg.validate()?;
+    if a.print_config {
+        print!("{}", cfg.to_toml_string());
+        return Ok(ExitCode::SUCCESS);
+    }
     let log = driver::logger(&cfg.log);
     let stop = driver::stop_on_signals(&log).map_err(CliError::Signals)?;
     let image = cfg.volume.image.clone();
@@ -389,6 +281,21 @@ fn cmd_serve(mut w: Words) -> Result<ExitCode, CliError> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Writes man pages or prints a completion script.
+fn cmd_generate(a: GenerateArgs) -> Result<ExitCode, CliError> {
+    match a.what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir).map_err(|source| CliError::File { path: dir.clone(), source })?;
+            clap_mangen::generate_to(args::command(), &dir).map_err(|source| CliError::File { path: dir, source })?;
+        }
+        Generate::Completions { shell } => {
+            let mut cmd = args::command();
+            clap_complete::generate(clap_complete::Shell::from(shell), &mut cmd, "rblk", &mut std::io::stdout());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `rblk-driver` to start: `$RBLK_DRIVER`, else the one beside this `rblk`.

@@ -473,22 +473,30 @@ fn bad_input_gets_errors_or_a_dropped_connection_and_others_are_unaffected() {
     server.stop();
 }
 
+/// `[server] read_only = true` in the file, or `--read-only` on the command line: writes get
+/// EPERM, reads work.
 #[test]
 fn read_only_export_refuses_writes() {
-    let dir = Scratch::new("read-only");
-    format(&dir, "16M");
-    std::fs::write(dir.path("ro.toml"), "[server]\nread_only = true\n").expect("config");
-    let config = dir.path("ro.toml");
-    let server = Server::start(&dir, &["--config", config.to_str().expect("utf-8")]);
-    let mut s = connect(&server);
-    hello(&mut s);
-    let mut w = request(1, 0, 1, 0, 4096);
-    w.extend_from_slice(&[1u8; 4096]);
-    s.write_all(&w).expect("send");
-    assert_eq!(reply_error(&mut s, 1), 1, "write on a read-only export: EPERM");
-    s.write_all(&request(0, 0, 2, 0, 4096)).expect("read");
-    assert_eq!(reply_error(&mut s, 2), 0);
-    server.stop();
+    for by_flag in [false, true] {
+        let dir = Scratch::new(if by_flag { "read-only-flag" } else { "read-only" });
+        format(&dir, "16M");
+        let server = if by_flag {
+            Server::start(&dir, &["--read-only"])
+        } else {
+            std::fs::write(dir.path("ro.toml"), "[server]\nread_only = true\n").expect("config");
+            let config = dir.path("ro.toml");
+            Server::start(&dir, &["--config", config.to_str().expect("utf-8")])
+        };
+        let mut s = connect(&server);
+        hello(&mut s);
+        let mut w = request(1, 0, 1, 0, 4096);
+        w.extend_from_slice(&[1u8; 4096]);
+        s.write_all(&w).expect("send");
+        assert_eq!(reply_error(&mut s, 1), 1, "write on a read-only export: EPERM (by flag: {by_flag})");
+        s.write_all(&request(0, 0, 2, 0, 4096)).expect("read");
+        assert_eq!(reply_error(&mut s, 2), 0);
+        server.stop();
+    }
 }
 
 /// Many connections and many threads per connection, writes of every size in flight at once

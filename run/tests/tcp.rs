@@ -86,8 +86,9 @@ fn a_bad_listen_address_is_refused_before_serving() {
         .output()
         .expect("rblk serve");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("server.listen") && err.contains("port must be 1 to 65535"), "{err}");
+    // A usage error (status 2), refused by the command line before anything is opened.
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("'--listen <HOST:PORT>'") && err.contains("port must be 1 to 65535"), "{err}");
 }
 
 /// `socket = ""` with `listen`: TCP only, no unix socket made, one URI printed.
