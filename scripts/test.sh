@@ -12,6 +12,7 @@ say() { printf '==> %s\n' "$*"; }
 # shellcheck source=scripts/deps.sh
 source scripts/deps.sh
 need protoc=protobuf-compiler `# raft-proto is generated with prost at build time` \
+  strace=strace                `# the sandboxed driver's system calls (no poll or fstat)` \
   losetup=mount                `# the FileDevice test on a real loop device` \
   qemu-io=qemu-utils           `# real NBD clients: qemu-io, qemu-img, qemu-storage-daemon` \
   nbdinfo=libnbd-bin           `# nbdinfo, nbdcopy` \
@@ -49,8 +50,24 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p run --features failpoints --all-targets -- -D warnings
+# The driver builds for aarch64 too (its seccomp list names only calls aarch64 has): checked
+# when that Rust target is installed (`rustup target add aarch64-unknown-linux-gnu`); blake3
+# and ring compile C for it.
+if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+  need aarch64-linux-gnu-gcc=gcc-aarch64-linux-gnu
+  say "cargo check --target aarch64-unknown-linux-gnu"
+  cargo check -p driver -p run --target aarch64-unknown-linux-gnu
+else
+  say "skipped: the aarch64 check (rustup target add aarch64-unknown-linux-gnu enables it)"
+fi
 say "cargo test"
 cargo test --workspace
+# The default build has no failpoints (it ignores FAILPOINTS); the chaos scenarios crash the
+# driver at them, so they run against a build made with the feature (the same target dir,
+# its own fingerprints), and so do the build checks that expect failpoints.
+say "cargo test --features failpoints (chaos scenarios)"
+cargo test -p run --features failpoints --test chaos --test portability
 if $in_git; then
   # Tests write only into temp dirs: anything new or changed in the checkout is a test that
   # wrote into the source tree (a fio verify state file was once committed that way).

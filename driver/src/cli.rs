@@ -174,6 +174,15 @@ pub fn main() -> ExitCode {
     };
     raft_state::failpoints_from_env();
     let log = driver::logger(&cfg.log);
+    // Said either way, so that `rblk chaos` can tell a driver without failpoints from one
+    // whose failpoints have not fired yet.
+    if let Some(spec) = std::env::var_os("FAILPOINTS").filter(|s| !s.is_empty()) {
+        if raft_state::FAILPOINTS_BUILT {
+            slog::info!(log, "failpoints armed"; "FAILPOINTS" => %spec.to_string_lossy());
+        } else {
+            slog::warn!(log, "FAILPOINTS ignored: this rblk-driver was built without the failpoints feature");
+        }
+    }
     let stop = match driver::stop_on_signals(&log) {
         Ok(s) => s,
         Err(e) => {

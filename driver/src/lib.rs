@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+use nix::sys::time::TimeSpec;
 use raft_state::device::Device;
 use raft_state::volume::{Volume, VolumeOptions};
 use slog::{info, warn, Logger};
@@ -56,12 +57,14 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    fn poll(&self, timeout: nix::poll::PollTimeout) -> [bool; 2] {
-        use nix::poll::{poll, PollFd, PollFlags};
+    /// Which sockets have a client waiting, within `timeout` (None: until one has). ppoll,
+    /// not poll: aarch64 has no poll system call, and the sandbox allows only ppoll.
+    fn poll(&self, timeout: Option<TimeSpec>) -> [bool; 2] {
+        use nix::poll::{ppoll, PollFd, PollFlags};
         let unix = self.unix.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
         let tcp = self.tcp.as_ref().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
         let mut fds: Vec<PollFd<'_>> = unix.into_iter().chain(tcp).collect();
-        if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+        if !matches!(ppoll(&mut fds, timeout, None), Ok(n) if n > 0) {
             return [false, false];
         }
         let ready = |i: usize| fds.get(i).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
@@ -73,7 +76,7 @@ impl Listeners {
 
     /// Whether a client waits in a backlog.
     fn client_waiting(&self) -> bool {
-        self.poll(nix::poll::PollTimeout::ZERO).contains(&true)
+        self.poll(Some(TimeSpec::new(0, 0))).contains(&true)
     }
 
     /// The next client, from whichever socket has one. A TCP connection gets TCP_NODELAY
@@ -82,7 +85,7 @@ impl Listeners {
     /// socket answers alike (read, write, shutdown, SO_RCVTIMEO, dup).
     fn accept(&self) -> std::io::Result<UnixStream> {
         loop {
-            let [unix, tcp] = self.poll(nix::poll::PollTimeout::NONE);
+            let [unix, tcp] = self.poll(None);
             if let (true, Some(listener)) = (unix, &self.unix) {
                 return Ok(listener.accept()?.0);
             }

@@ -31,6 +31,11 @@ pub mod roots;
 pub mod tree;
 pub mod volume;
 
+/// Whether this build carries the failpoints (the `failpoints` feature). A default build does
+/// not: it ignores `FAILPOINTS`, so a stray environment variable cannot crash a production
+/// driver.
+pub const FAILPOINTS_BUILT: bool = cfg!(feature = "failpoints");
+
 /// Configures the failpoints from the `FAILPOINTS` environment variable (`name=action;...`),
 /// once at process start; without the `failpoints` feature, nothing.
 pub fn failpoints_from_env() {

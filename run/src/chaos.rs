@@ -112,6 +112,13 @@ pub enum ChaosError {
     GiveUpLate { log: String },
     #[error("only {restarts} driver restarts, the scenario wants {wanted}")]
     TooFewRestarts { restarts: u64, wanted: u64 },
+    #[error(
+        "the scenario sets failpoints, but {} was built without them: build one with `cargo build \
+         --release --features failpoints --target-dir target/failpoints` and set \
+         RBLK_DRIVER=target/failpoints/release/rblk-driver",
+        driver.display()
+    )]
+    NoFailpoints { driver: PathBuf },
     #[error("failpoint {name} never fired ({report})")]
     FailpointSilent { name: String, report: String },
     #[error("the hung driver was not detected")]
@@ -298,7 +305,29 @@ impl Server {
         let mut line = String::new();
         let stdout = child.stdout.take().ok_or(ChaosError::NoStdout)?;
         BufReader::new(stdout).read_line(&mut line).map_err(serve("reading the first line of rblk serve"))?;
-        Ok(Server { child, log })
+        let server = Server { child, log };
+        if !scenario.failpoints.is_empty() {
+            server.check_failpoints(driver)?;
+        }
+        Ok(server)
+    }
+
+    /// The driver says at start whether it armed FAILPOINTS or ignored them (a build without
+    /// the `failpoints` feature): a scenario with failpoints needs the former.
+    fn check_failpoints(&self, driver: &Path) -> Result<(), ChaosError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let log = self.log();
+            if log.contains("FAILPOINTS ignored") {
+                return Err(ChaosError::NoFailpoints { driver: driver.to_path_buf() });
+            }
+            if log.contains("failpoints armed") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Neither line: whatever keeps the driver from starting shows up in the run itself.
+        Ok(())
     }
 
     fn log(&self) -> String {
