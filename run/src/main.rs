@@ -212,7 +212,7 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
         let spec =
             format::Spec { size: cfg.volume.size, log_size: cfg.volume.log_size, force: false, preallocate: false };
         let summary = format::format(&image, root.as_deref(), &spec)?;
-        eprintln!("{summary}");
+        slog::info!(log, "{summary}");
     }
     let open_rw = |p: &Path| {
         std::fs::OpenOptions::new()
