@@ -256,3 +256,55 @@ fn a_bad_certificate_directory_stops_serve_with_a_clear_error() {
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success() && err.contains("tls.certificates"), "{err}");
 }
+
+/// After STARTTLS, a client that stalls in the TLS handshake is dropped at the handshake
+/// timeout and one that sends garbage instead of a ClientHello at once; the driver serves on,
+/// unrestarted.
+#[test]
+fn hostile_tls_handshakes_are_dropped() {
+    if !tools() {
+        return;
+    }
+    let dir = Scratch::new("tls-hostile");
+    let pki = dir.path("pki");
+    make_pki(&pki);
+    let port = free_port();
+    let serve = serve_tls(&dir, port, "require", &pki, "");
+    let driver = serve.driver_pid();
+    // Greets, sends STARTTLS and reads its ACK.
+    let start_tls = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("greeting");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        m.extend_from_slice(&5u32.to_be_bytes()); // NBD_OPT_STARTTLS
+        m.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&m).expect("STARTTLS");
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).expect("ACK");
+        assert_eq!(u32::from_be_bytes(reply[12..16].try_into().expect("4")), 1, "NBD_REP_ACK");
+        s
+    };
+    let ends_within = |mut s: std::net::TcpStream, limit: Duration| {
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // an alert
+            }
+        }
+        assert!(started.elapsed() < limit, "dropped only after {:?}", started.elapsed());
+    };
+    let silent = start_tls();
+    let mut garbage = start_tls();
+    garbage.write_all(&[0x5a; 1024]).expect("garbage");
+    ends_within(garbage, Duration::from_secs(5));
+    ends_within(silent, Duration::from_secs(20)); // handshake_timeout is 10 s
+    let (ok, text) = qemu_io(port, Some(&pki), &["write -P 0x44 0 64k", "read -P 0x44 0 64k"]);
+    assert!(ok, "{text}");
+    assert_eq!(serve.driver_pid(), driver, "the driver restarted:\n{}", serve.log_tail());
+    assert!(serve.stop().success());
+}
