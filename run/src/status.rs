@@ -29,6 +29,11 @@ pub enum StatusError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{target} is an NBD endpoint; rblk status asks the metrics endpoint ([metrics] listen: HOST:PORT or a \
+         socket path)"
+    )]
+    Nbd { target: String },
     #[error("{target} answered {answer:?}, not a status")]
     Answer { target: String, answer: String },
 }
@@ -67,6 +72,15 @@ pub fn fetch(target: &str) -> Result<Value, StatusError> {
     let connect = |source| StatusError::Connect { target: target.to_owned(), source };
     let mut raw = Vec::new();
     let request = b"GET /status HTTP/1.1\r\nHost: rblk\r\nConnection: close\r\n\r\n";
+    if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"].iter().any(|p| target.starts_with(p)) {
+        return Err(StatusError::Nbd { target: target.to_owned() });
+    }
+    // An NBD server greets first and drops what is not NBD: say so rather than "reset".
+    let answered = |read: std::io::Result<usize>, raw: &[u8]| match read {
+        _ if raw.starts_with(b"NBDMAGIC") => Err(StatusError::Nbd { target: target.to_owned() }),
+        Err(source) => Err(io(source)),
+        Ok(_) => Ok(()),
+    };
     match parse_target(target) {
         Target::Tcp(hostport) => {
             let addr = hostport
@@ -77,15 +91,15 @@ pub fn fetch(target: &str) -> Result<Value, StatusError> {
             let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(connect)?;
             s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
             s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-            s.write_all(request).map_err(io)?;
-            s.take(MAX_ANSWER).read_to_end(&mut raw).map_err(io)?;
+            let sent = s.write_all(request);
+            answered(s.take(MAX_ANSWER).read_to_end(&mut raw).and(sent.map(|()| 0)), &raw)?;
         }
         Target::Unix(path) => {
             let mut s = UnixStream::connect(&path).map_err(connect)?;
             s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
             s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-            s.write_all(request).map_err(io)?;
-            s.take(MAX_ANSWER).read_to_end(&mut raw).map_err(io)?;
+            let sent = s.write_all(request);
+            answered(s.take(MAX_ANSWER).read_to_end(&mut raw).and(sent.map(|()| 0)), &raw)?;
         }
     }
     let text = String::from_utf8_lossy(&raw);

@@ -263,3 +263,19 @@ fn status_of_nothing_fails_and_says_why() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("connecting to"), "{stderr}");
 }
+
+/// The NBD socket (or an NBD URI) given to `rblk status` gets a clear word about which
+/// endpoint status asks, not a "connection reset".
+#[test]
+fn status_of_the_nbd_socket_says_which_endpoint_to_ask() {
+    let dir = Scratch::new("metrics-nbd");
+    let serve = Serve::start(&dir, "", &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    for target in [serve.socket.display().to_string(), format!("nbd+unix:///?socket={}", serve.socket.display())] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rblk")).arg("status").arg(&target).output().expect("rblk status");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("is an NBD endpoint") && stderr.contains("[metrics] listen"), "{stderr}");
+    }
+    assert!(serve.stop().success());
+}
