@@ -58,6 +58,8 @@ enum CliError {
     Signals(#[source] driver::DriverError),
     #[error("locating rblk-driver")]
     LocateDriver(#[source] std::io::Error),
+    #[error("{} exists and is not a socket: not replaced", .0.display())]
+    NotASocket(PathBuf),
     #[error("{} is in use by a running server", .0.display())]
     SocketInUse(PathBuf),
     #[error("removing the stale socket {}", path.display())]
@@ -350,7 +352,11 @@ fn bind_tcp(listen: &str) -> Result<std::net::TcpListener, CliError> {
 /// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one
 /// is an error (another server).
 fn bind(path: &Path) -> Result<UnixListener, CliError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket is ever replaced: a mistyped --socket must not cost an image.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(CliError::NotASocket(path.to_path_buf()));
+        }
         // A server that was just killed may take a moment to let go of it.
         let live = (0..20).all(|_| {
             let up = UnixStream::connect(path).is_ok();

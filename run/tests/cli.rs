@@ -307,3 +307,36 @@ fn man_pages_and_completions_are_generated() {
     let (code, _) = refused(&rblk(&["generate", "completions", "tcsh"], &dir.0));
     assert_eq!(code, Some(2));
 }
+
+/// A `--socket` that names a file which is not a socket (a mistyped path, an image) is
+/// refused and the file kept; a stale socket file is still replaced.
+#[test]
+fn serve_never_replaces_a_file_that_is_not_a_socket() {
+    let dir = Scratch::new("cli-not-a-socket");
+    let precious = dir.path("precious.img");
+    std::fs::write(&precious, b"data that must survive").expect("file");
+    let out = rblk(&["serve", "v.img", "--size", "64M", "--socket", precious.to_str().expect("utf-8")], &dir.0);
+    let (code, stderr) = refused(&out);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&precious).expect("kept"), b"data that must survive");
+    // A socket nobody listens on is stale: replaced, and served.
+    let stale = dir.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_rblk"))
+        .args(["serve", "v.img", "--size", "64M", "--socket"])
+        .arg(&stale)
+        .current_dir(&dir.0)
+        .env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(serve.stdout.take().expect("stdout")), &mut line)
+        .expect("uri");
+    assert!(line.starts_with("nbd+unix://"), "{line}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
