@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{have, Raw, Scratch, Serve};
+use common::{have, qemu_io, Raw, Scratch, Serve};
 
 /// `curl` of `url` (with `--unix-socket` when `socket` is given); the body.
 fn curl(url: &str, socket: Option<&std::path::Path>) -> String {
@@ -40,17 +40,6 @@ fn metrics_url(serve: &Serve) -> String {
     let log = serve.log();
     let at = log.find("http://127.0.0.1:").expect("url in the log");
     log[at..].split(|c: char| c.is_whitespace() || c == '"' || c == ',').next().expect("url").to_owned()
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in commands {
-        cmd.arg("-c").arg(c);
-    }
-    let out = cmd.output().expect("qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("failed"), "qemu-io: {text}");
 }
 
 fn promtool_accepts(text: &str) {

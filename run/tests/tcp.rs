@@ -10,24 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{have, Scratch, Serve};
-
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in commands {
-        cmd.arg("-c").arg(c);
-    }
-    let out = cmd.output().expect("qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("fail") && !text.contains("error"), "qemu-io {commands:?}:\n{text}");
-    text
-}
+use common::{free_port, have, qemu_io, Scratch, Serve};
 
 #[test]
 fn tcp_and_unix_serve_one_volume_through_a_restart() {

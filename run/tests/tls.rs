@@ -12,7 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{have, Scratch, Serve};
+use common::{free_port, have, Scratch, Serve};
 
 fn certtool(args: &[&str], out: &Path) {
     let run = Command::new("certtool").args(args).arg("--outfile").arg(out).output().expect("certtool");
@@ -60,10 +60,6 @@ fn make_pki(dir: &Path) {
             &p(&format!("{who}-cert.pem")),
         );
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 fn tools() -> bool {

@@ -238,3 +238,25 @@ pub fn request(command: u16, flags: u16, handle: u64, offset: u64, length: u32) 
     req.extend_from_slice(&length.to_be_bytes());
     req
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// qemu-io on a raw NBD `uri` with `commands`; its output, after checking that every command
+/// succeeded.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.output().expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {commands:?}:\n{text}"
+    );
+    text
+}
