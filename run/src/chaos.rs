@@ -87,8 +87,8 @@ pub enum ChaosError {
         source: SessionError,
     },
     /// A block read back is garbage or another block's, in the stamp's own words.
-    #[error("{0}")]
-    BadStamp(String),
+    #[error(transparent)]
+    BadStamp(#[from] run::stamp::BadStamp),
     /// A read during the workload saw another write than the last acknowledged one.
     #[error("block {block}: read write {read}, acknowledged was {acknowledged}")]
     ReadMismatch { block: u64, read: u64, acknowledged: u64 },

@@ -21,20 +21,32 @@ pub fn stamp(block: u64, id: u64) -> Vec<u8> {
     out
 }
 
+/// Why a block read back is not a stamp of its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadStamp {
+    #[error("block {block}: short ({len} bytes)")]
+    Short { block: u64, len: usize },
+    #[error("block {block}: garbage (checksum fails)")]
+    Garbage { block: u64 },
+    #[error("block {block}: holds block {holds}'s write {id}")]
+    Misplaced { block: u64, holds: u64, id: u64 },
+}
+
 /// Which write a block's bytes came from (0: zeros), or why they are garbage.
-pub fn decode(block: u64, bytes: &[u8]) -> Result<u64, String> {
+pub fn decode(block: u64, bytes: &[u8]) -> Result<u64, BadStamp> {
     if bytes.iter().all(|&b| b == 0) {
         return Ok(0);
     }
     let field = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-    let (Some(at), Some(id)) = (field(0), field(8)) else {
-        return Err(format!("block {block}: short ({} bytes)", bytes.len()));
+    let (Some(holds), Some(id), Some(sum), Some(rest)) = (field(0), field(8), bytes.get(16..24), bytes.get(24..))
+    else {
+        return Err(BadStamp::Short { block, len: bytes.len() });
     };
-    if bytes[16..24] != blake3::hash(&bytes[24..]).as_bytes()[..8] {
-        return Err(format!("block {block}: garbage (checksum fails)"));
+    if sum != &blake3::hash(rest).as_bytes()[..8] {
+        return Err(BadStamp::Garbage { block });
     }
-    if at != block {
-        return Err(format!("block {block}: holds block {at}'s write {id}"));
+    if holds != block {
+        return Err(BadStamp::Misplaced { block, holds, id });
     }
     Ok(id)
 }
@@ -47,9 +59,11 @@ mod tests {
     fn a_stamp_decodes_to_its_write_and_damage_is_told() {
         assert_eq!(decode(7, &stamp(7, 42)), Ok(42));
         assert_eq!(decode(7, &stamp(7, 0)), Ok(0));
-        assert!(decode(8, &stamp(7, 42)).is_err_and(|e| e.contains("block 7's write 42")));
+        assert_eq!(decode(8, &stamp(7, 42)), Err(BadStamp::Misplaced { block: 8, holds: 7, id: 42 }));
+        assert!(decode(8, &stamp(7, 42)).is_err_and(|e| e.to_string().contains("block 7's write 42")));
         let mut torn = stamp(7, 42);
         torn[4000] ^= 1;
-        assert!(decode(7, &torn).is_err_and(|e| e.contains("garbage")));
+        assert_eq!(decode(7, &torn), Err(BadStamp::Garbage { block: 7 }));
+        assert_eq!(decode(7, &[1, 2, 3]), Err(BadStamp::Short { block: 7, len: 3 }));
     }
 }

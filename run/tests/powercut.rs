@@ -206,7 +206,7 @@ fn verify(serve: &Serve, models: &[Vec<Cell>], blocks: u64) -> Result<(), String
                         "block {block}: holds write {id}, acknowledged was {} (in flight: {})",
                         cell.acked, cell.in_flight
                     )),
-                    Err(e) => violations.push(e),
+                    Err(e) => violations.push(e.to_string()),
                 }
             }
         }
