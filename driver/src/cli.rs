@@ -260,7 +260,8 @@ pub fn main() -> ExitCode {
             }
             (_, None) => return Err("tls.mode is on or require, but no --tls-fd gives the credentials".into()),
         };
-        let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)?;
+        let identity = driver::sandbox::resolve(&cfg.supervisor.user, &cfg.supervisor.group)
+            .map_err(|e| driver::error_chain(&e))?;
         Ok((dev, root, listeners, heartbeat, identity, tls))
     })();
     let (dev, root, listeners, heartbeat, identity, tls) = match opened {
@@ -275,7 +276,7 @@ pub fn main() -> ExitCode {
             slog::info!(log, "sandboxed"; "uid" => s.uid, "gid" => s.gid, "dropped_root" => s.dropped_root, "seccomp" => true)
         }
         Err(e) => {
-            eprintln!("rblk-driver: entering the sandbox: {e}");
+            eprintln!("rblk-driver: entering the sandbox: {}", driver::error_chain(&e));
             return ExitCode::FAILURE;
         }
     }

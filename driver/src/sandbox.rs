@@ -9,6 +9,32 @@ use std::collections::BTreeMap;
 use nix::unistd::{Gid, Group, Uid, User};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
+/// Why the sandbox cannot be set up (the driver then does not serve).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("looking up {what} {name:?}")]
+    Lookup {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("no {what} {name:?}")]
+    Unknown { what: &'static str, name: String },
+    #[error("the driver must not run as uid 0; configure an unprivileged user")]
+    Root,
+    #[error("{step}")]
+    Drop {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("could regain root after dropping it")]
+    Regained,
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+}
+
 /// Who the driver becomes when started as root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
@@ -17,25 +43,28 @@ pub struct Identity {
 }
 
 /// Resolves `user` and `group` (names or numeric ids) while /etc/passwd can still be read.
-pub fn resolve(user: &str, group: &str) -> Result<Identity, String> {
+pub fn resolve(user: &str, group: &str) -> Result<Identity, SandboxError> {
+    let lookup = |what, name: &str| {
+        let name = name.to_owned();
+        move |source| SandboxError::Lookup { what, name, source }
+    };
+    let unknown = |what, name: &str| SandboxError::Unknown { what, name: name.to_owned() };
     let uid = match user.parse::<u32>() {
         Ok(id) => id,
-        Err(_) => User::from_name(user)
-            .map_err(|e| format!("looking up user {user:?}: {e}"))?
-            .ok_or_else(|| format!("no user {user:?}"))?
-            .uid
-            .as_raw(),
+        Err(_) => {
+            User::from_name(user).map_err(lookup("user", user))?.ok_or_else(|| unknown("user", user))?.uid.as_raw()
+        }
     };
     let gid = match group.parse::<u32>() {
         Ok(id) => id,
         Err(_) => Group::from_name(group)
-            .map_err(|e| format!("looking up group {group:?}: {e}"))?
-            .ok_or_else(|| format!("no group {group:?}"))?
+            .map_err(lookup("group", group))?
+            .ok_or_else(|| unknown("group", group))?
             .gid
             .as_raw(),
     };
     if uid == 0 {
-        return Err("the driver must not run as uid 0; configure an unprivileged user".into());
+        return Err(SandboxError::Root);
     }
     Ok(Identity { uid, gid })
 }
@@ -51,21 +80,21 @@ pub struct Sandboxed {
 /// Drops root (if running as root) to `identity` with no supplementary groups, sets
 /// no_new_privs, and installs the seccomp filter on every thread. Call it before starting any
 /// thread that must be covered (threads started later inherit the filter).
-pub fn enter(identity: Identity) -> Result<Sandboxed, String> {
+pub fn enter(identity: Identity) -> Result<Sandboxed, SandboxError> {
+    let step = |step: String| move |source| SandboxError::Drop { step, source };
     let dropped_root = Uid::effective().is_root();
     if dropped_root {
-        nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
-        nix::unistd::setresgid(Gid::from_raw(identity.gid), Gid::from_raw(identity.gid), Gid::from_raw(identity.gid))
-            .map_err(|e| format!("setresgid {}: {e}", identity.gid))?;
-        nix::unistd::setresuid(Uid::from_raw(identity.uid), Uid::from_raw(identity.uid), Uid::from_raw(identity.uid))
-            .map_err(|e| format!("setresuid {}: {e}", identity.uid))?;
+        let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
+        nix::unistd::setgroups(&[]).map_err(step("setgroups".into()))?;
+        nix::unistd::setresgid(gid, gid, gid).map_err(step(format!("setresgid {gid}")))?;
+        nix::unistd::setresuid(uid, uid, uid).map_err(step(format!("setresuid {uid}")))?;
         if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            return Err("could regain root after dropping it".into());
+            return Err(SandboxError::Regained);
         }
     }
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(step("no_new_privs".into()))?;
     let program = filter()?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| format!("seccomp: {e}"))?;
+    seccompiler::apply_filter_all_threads(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     Ok(Sandboxed { uid: Uid::current().as_raw(), gid: Gid::current().as_raw(), dropped_root })
 }
 
@@ -155,10 +184,10 @@ fn allowed() -> Vec<i64> {
     ]
 }
 
-fn filter() -> Result<BpfProgram, String> {
+fn filter() -> Result<BpfProgram, SandboxError> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed().into_iter().map(|nr| (nr, vec![])).collect();
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp arch: {e}"))?;
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| SandboxError::Seccomp(format!("arch: {e}")))?;
     let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)
-        .map_err(|e| format!("seccomp filter: {e}"))?;
-    BpfProgram::try_from(filter).map_err(|e| format!("seccomp compile: {e}"))
+        .map_err(|e| SandboxError::Seccomp(format!("filter: {e}")))?;
+    BpfProgram::try_from(filter).map_err(|e| SandboxError::Seccomp(format!("compile: {e}")))
 }
