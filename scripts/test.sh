@@ -61,6 +61,11 @@ if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-g
 else
   say "skipped: the aarch64 check (rustup target add aarch64-unknown-linux-gnu enables it)"
 fi
+# A real guest (Debian's QEMU, kernel and busybox, unpacked into target/guest once; nothing
+# installed) for run/tests/guest.rs.
+say "preparing the test guest (scripts/guest.sh)"
+RBLK_GUEST_DIR=$(scripts/guest.sh) || { echo "scripts/guest.sh could not prepare the test guest" >&2; exit 1; }
+export RBLK_GUEST_DIR
 say "cargo test"
 cargo test --workspace
 # The default build has no failpoints (it ignores FAILPOINTS); the chaos scenarios crash the

@@ -1,0 +1,185 @@
+//! A real guest on rblk: Linux under QEMU (TCG) with the volume as its virtio disk through
+//! QEMU's NBD client (`reconnect-delay`), writing a seeded pattern with direct I/O and reading
+//! it back round after round while the host SIGKILLs the driver again and again. The guest
+//! must see every byte and no I/O error in its kernel log; afterwards the host reads the same
+//! bytes through NBD.
+//!
+//! What it boots comes from `scripts/guest.sh` (Debian's QEMU, cloud kernel and busybox,
+//! unpacked into a cache directory; `scripts/test.sh` prepares it and sets RBLK_GUEST_DIR).
+//! Without it the test is skipped, unless RBLK_REQUIRE_CLIENTS=1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use raft_state::rng::Rng;
+
+mod common;
+use common::{have, Scratch, Serve};
+
+const MIB: u64 = 1 << 20;
+/// The pattern's length, and where the guest writes it (MiB offsets on a 64 MiB volume).
+const PATTERN_MIB: u64 = 8;
+const AT_MIB: [u64; 3] = [0, 17, 40];
+const KILLS: usize = 5;
+
+fn guest_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("RBLK_GUEST_DIR").map(PathBuf::from);
+    match dir {
+        Some(d) if d.join("qemu-system-x86_64").exists() => Some(d),
+        _ => {
+            assert!(
+                std::env::var_os("RBLK_REQUIRE_CLIENTS").is_none(),
+                "RBLK_GUEST_DIR does not name a directory made by scripts/guest.sh"
+            );
+            eprintln!("skipped: no guest (run scripts/guest.sh and set RBLK_GUEST_DIR to what it prints)");
+            None
+        }
+    }
+}
+
+/// The guest's /init: load the virtio modules, then write the pattern at each offset and
+/// read it back (direct I/O both ways) round after round until the control disk says STOP;
+/// then report and power off.
+fn init_script(order: &str) -> String {
+    let offsets: Vec<String> = AT_MIB.iter().map(u64::to_string).collect();
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-GUEST: insmod $m failed"; done
+i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+echo "RBLK-GUEST: disk $(cat /sys/block/vda/size) sectors"
+ok=1; round=0
+while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
+  round=$((round+1))
+  for at in {offsets}; do
+    dd if=/pattern of=/dev/vda bs=1M seek=$at oflag=direct conv=fsync 2>/dev/null || {{ echo "RBLK-GUEST: write failed at $at"; ok=0; }}
+  done
+  for at in {offsets}; do
+    dd if=/dev/vda of=/tmp/back bs=1M skip=$at count={count} iflag=direct 2>/dev/null || {{ echo "RBLK-GUEST: read failed at $at"; ok=0; }}
+    cmp -s /tmp/back /pattern || {{ echo "RBLK-GUEST: mismatch at $at in round $round"; ok=0; }}
+  done
+  echo "RBLK-GUEST: round $round done"
+  [ $round -ge 500 ] && {{ echo "RBLK-GUEST: no STOP after $round rounds"; ok=0; break; }}
+done
+dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" && {{ echo "RBLK-GUEST: kernel saw I/O errors"; ok=0; }}
+[ $ok = 1 ] && echo "RBLK-GUEST-OK after $round rounds" || echo "RBLK-GUEST-FAIL"
+poweroff -f
+"#,
+        modules = order.split_whitespace().collect::<Vec<_>>().join(" "),
+        offsets = offsets.join(" "),
+        count = PATTERN_MIB,
+    )
+}
+
+/// Packs the initramfs: busybox, the modules, /init and the pattern.
+fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8]) -> PathBuf {
+    let root = dir.path("initrd");
+    for sub in ["bin", "modules", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).expect("initrd dir");
+    }
+    std::fs::copy(guest.join("busybox"), root.join("bin/busybox")).expect("busybox");
+    let order = std::fs::read_to_string(guest.join("modules/order")).expect("module order");
+    for m in order.split_whitespace() {
+        std::fs::copy(guest.join(format!("modules/{m}.ko")), root.join(format!("modules/{m}.ko"))).expect("module");
+    }
+    std::fs::write(root.join("init"), init_script(&order)).expect("init");
+    let executable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(root.join("init"), executable).expect("chmod init");
+    std::fs::write(root.join("pattern"), pattern).expect("pattern");
+    let out = dir.path("initrd.gz");
+    let pack = format!(
+        "cd '{}' && find . | ./bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
+        root.display(),
+        out.display()
+    );
+    assert!(Command::new("sh").arg("-c").arg(pack).status().expect("pack").success(), "packing the initramfs");
+    out
+}
+
+#[test]
+fn a_guest_writes_and_verifies_through_driver_kills() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") {
+        return;
+    }
+    let seed = std::env::var("RBLK_GUEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6e57);
+    eprintln!("guest test: seed {seed}");
+    let mut pattern = vec![0u8; (PATTERN_MIB * MIB) as usize];
+    Rng::new(seed).fill(&mut pattern);
+
+    let dir = Scratch::new("guest");
+    let initrd = initramfs(&guest, &dir, &pattern);
+    let control = dir.path("control.img");
+    std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
+    let cfg = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"2s\"\nrestart_backoff = \"20ms\"\n";
+    let serve = Serve::start(&dir, cfg, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+
+    let console = dir.path("console.log");
+    let mut qemu = Command::new(guest.join("qemu-system-x86_64"))
+        .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=nbd,node-name=d0,server.type=unix,server.path={},reconnect-delay=60",
+            serve.socket.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", control.display()))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console).expect("console"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let read_console = || String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
+    let wait_console = |what: &str, within: Duration| {
+        let until = Instant::now() + within;
+        while !read_console().contains(what) {
+            assert!(Instant::now() < until, "the guest did not say {what:?}:\n{}", read_console());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Kill the driver while the guest writes and reads: after its first round, then each
+    // time the restarted driver is ready and the guest finished another round through it.
+    wait_console("RBLK-GUEST: round 1 done", Duration::from_secs(120));
+    for k in 1..=KILLS {
+        let pid = serve.driver_pid();
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL");
+        serve.wait_for("driver ready", k + 1, Duration::from_secs(60));
+        wait_console(&format!("RBLK-GUEST: round {} done", k + 2), Duration::from_secs(120));
+    }
+    std::fs::write(&control, b"STOP").expect("stop the guest");
+    let until = Instant::now() + Duration::from_secs(120);
+    while qemu.try_wait().expect("qemu").is_none() {
+        assert!(Instant::now() < until, "the guest did not stop:\n{}", read_console());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = read_console();
+    let said: Vec<&str> = text.lines().filter(|l| l.contains("RBLK-GUEST")).collect();
+    assert!(text.contains("RBLK-GUEST-OK"), "the guest saw a problem (seed {seed}):\n{}", said.join("\n"));
+    assert!(!text.contains("I/O error"), "I/O errors in the guest's kernel log:\n{text}");
+    assert!(serve.log().matches("driver died").count() >= KILLS, "{}", serve.log_tail());
+
+    // The host reads the same bytes through NBD.
+    let copy = dir.path("copy.raw");
+    let uri = format!("nbd+unix:///?socket={}", serve.socket.display());
+    let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy).output();
+    let out = out.expect("qemu-img convert");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = std::fs::read(&copy).expect("copy");
+    for at in AT_MIB {
+        let got = &image[(at * MIB) as usize..][..pattern.len()];
+        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
+    }
+    assert!(serve.stop().success());
+}
