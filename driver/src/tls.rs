@@ -17,7 +17,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
@@ -143,9 +143,18 @@ impl TlsServer {
     }
 }
 
+/// How long records still owed to the client may take to leave once the connection has
+/// ended (its last replies; a client that does not read them is not waited for longer).
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// Moves bytes between the client's socket (`net`, TLS records) and the connection's end of
 /// the pair (`plain`) until either side ends or fails; then both are closed, which the other
 /// side sees as the end of its stream.
+///
+/// A hang-up is acted on whatever was asked for: the kernel reports it even for a descriptor
+/// polled for nothing, so ignoring it would wake this loop at once, again and again. When the
+/// connection ends (its stall timeout dropped a client that stopped reading, say), what it
+/// sent is still written to the client for up to [`DRAIN`], then the pump ends.
 fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
     if net.set_nonblocking(true).is_err() || plain.set_nonblocking(true).is_err() {
         return;
@@ -154,10 +163,12 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
     let mut to_plain = Vec::new(); // decrypted, not yet taken by the connection
     let mut sent = 0;
     let mut buf = vec![0u8; 64 << 10];
+    // Set when the connection has ended: only records owed to the client still move.
+    let mut draining: Option<Instant> = None;
     loop {
         let mut moved = false;
         // Decrypted bytes to the connection.
-        if sent == to_plain.len() {
+        if draining.is_none() && sent == to_plain.len() {
             to_plain.clear();
             sent = 0;
             match tls.reader().read(&mut buf) {
@@ -167,14 +178,14 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
                 Err(_) => return,
             }
         }
-        if sent < to_plain.len() {
+        if draining.is_none() && sent < to_plain.len() {
             match plain.write(&to_plain[sent..]) {
                 Ok(n) => {
                     sent += n;
                     moved |= n > 0;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(_) => draining = Some(Instant::now()),
             }
         }
         // Records to the client.
@@ -185,14 +196,20 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
                 Err(_) => return,
             }
         }
+        if let Some(since) = draining {
+            if !tls.wants_write() {
+                tls.send_close_notify();
+                let _ = tls.write_tls(&mut net);
+                return;
+            }
+            if since.elapsed() >= DRAIN {
+                return;
+            }
+        }
         // The connection's replies, while the client takes records.
-        if !tls.wants_write() {
+        if draining.is_none() && !tls.wants_write() {
             match plain.read(&mut buf) {
-                Ok(0) => {
-                    tls.send_close_notify();
-                    let _ = tls.write_tls(&mut net);
-                    return;
-                }
+                Ok(0) => draining = Some(Instant::now()),
                 Ok(n) => {
                     if tls.writer().write_all(&buf[..n]).is_err() {
                         return;
@@ -200,11 +217,11 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
                     moved = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(_) => draining = Some(Instant::now()),
             }
         }
         // Records from the client, while the connection takes what was decrypted.
-        if sent == to_plain.len() && tls.wants_read() {
+        if draining.is_none() && sent == to_plain.len() && tls.wants_read() {
             match tls.read_tls(&mut net) {
                 Ok(0) => return,
                 Ok(_) => {
@@ -218,11 +235,11 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
                 Err(_) => return,
             }
         }
-        if moved {
+        if moved || (draining.is_some() && !tls.wants_write()) {
             continue;
         }
         let mut net_events = PollFlags::empty();
-        if sent == to_plain.len() && tls.wants_read() {
+        if draining.is_none() && sent == to_plain.len() && tls.wants_read() {
             net_events |= PollFlags::POLLIN;
         }
         if tls.wants_write() {
@@ -235,13 +252,28 @@ fn pump(mut tls: rustls::ServerConnection, net: UnixStream, plain: UnixStream) {
         if sent < to_plain.len() {
             plain_events |= PollFlags::POLLOUT;
         }
-        let mut fds = [PollFd::new(net.as_fd(), net_events), PollFd::new(plain.as_fd(), plain_events)];
-        // A hang-up or error shows in revents whatever was asked; the timeout only bounds a
-        // missed wake-up. ppoll: aarch64 has no poll, and the sandbox allows only ppoll.
+        let net_fd = PollFd::new(net.as_fd(), net_events);
+        let plain_fd = PollFd::new(plain.as_fd(), plain_events);
+        // Once draining, the ended connection is not polled at all (it would report its
+        // hang-up at once, every time).
+        let mut fds: Vec<PollFd<'_>> = if draining.is_some() { vec![net_fd] } else { vec![net_fd, plain_fd] };
+        // The timeout only bounds a missed wake-up and the drain. ppoll: aarch64 has no poll,
+        // and the sandbox allows only ppoll.
         match ppoll(&mut fds, Some(TimeSpec::new(1, 0)), None) {
             Ok(_) => {}
             Err(nix::Error::EINTR) => {}
             Err(_) => return,
+        }
+        let gone = |fd: Option<&PollFd<'_>>| {
+            fd.and_then(|f| f.revents()).is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+        };
+        if gone(fds.first()) {
+            return; // the client hung up or its socket failed
+        }
+        if draining.is_none() && gone(fds.get(1)) && !plain_events.contains(PollFlags::POLLIN) {
+            // The connection ended while its replies wait for the client (POLLIN would have
+            // let the read above see the end).
+            draining = Some(Instant::now());
         }
     }
 }

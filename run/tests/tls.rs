@@ -304,3 +304,105 @@ fn hostile_tls_handshakes_are_dropped() {
     assert_eq!(serve.driver_pid(), driver, "the driver restarted:\n{}", serve.log_tail());
     assert!(serve.stop().success());
 }
+
+/// A TLS client that floods read requests and never reads a reply: the driver drops it at
+/// the stall timeout, and its TLS pump ends with it (it must not spin, nor stay behind).
+#[test]
+fn a_tls_client_that_stops_reading_is_dropped_and_its_pump_ends() {
+    if !tools() {
+        return;
+    }
+    let dir = Scratch::new("tls-stall");
+    let pki = dir.path("pki");
+    make_pki(&pki);
+    let port = free_port();
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nstall_timeout = \"2s\"\n[tls]\nmode = \"require\"\ncertificates = \"{}\"\n",
+        pki.display()
+    );
+    let serve = Serve::start(&dir, &cfg, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let driver = serve.driver_pid();
+
+    // TLS with our own client, then NBD_OPT_GO and a flood of 1 MiB reads, never read.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.join("ca-cert.pem")).expect("ca");
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.expect("ca cert")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut hello = [0u8; 18];
+    tcp.read_exact(&mut hello).expect("greeting");
+    tcp.write_all(&3u32.to_be_bytes()).expect("flags");
+    let option = |s: &mut dyn Write, opt: u32, data: &[u8]| {
+        let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).expect("option");
+    };
+    option(&mut tcp, 5, &[]); // STARTTLS
+    let mut ack = [0u8; 20];
+    tcp.read_exact(&mut ack).expect("STARTTLS ACK");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    option(&mut tls, 7, &[0, 0, 0, 0, 0, 0]); // NBD_OPT_GO "", no info requests
+    tls.flush().expect("flush");
+    // NBD_REP_INFO (export) and NBD_REP_ACK.
+    let mut info = [0u8; 20];
+    loop {
+        tls.read_exact(&mut info).expect("GO reply");
+        let len = u32::from_be_bytes(info[16..20].try_into().expect("4")) as usize;
+        let mut data = vec![0u8; len];
+        tls.read_exact(&mut data).expect("GO data");
+        if u32::from_be_bytes(info[12..16].try_into().expect("4")) == 1 {
+            break;
+        }
+    }
+    let mut flood = Vec::new();
+    for handle in 0..64u64 {
+        flood.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        flood.extend_from_slice(&0u16.to_be_bytes()); // flags
+        flood.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+        flood.extend_from_slice(&handle.to_be_bytes());
+        flood.extend_from_slice(&0u64.to_be_bytes());
+        flood.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    }
+    tls.write_all(&flood).expect("flood");
+    tls.flush().expect("flush");
+
+    // Dropped at the stall timeout; then no TLS pump is left, and the driver is idle.
+    let pumps = || {
+        std::fs::read_dir(format!("/proc/{driver}/task"))
+            .expect("tasks")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "rblk-tls")
+            .count()
+    };
+    assert_eq!(pumps(), 1, "the pump of the one TLS connection");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while pumps() > 0 {
+        assert!(std::time::Instant::now() < until, "the TLS pump outlived its connection:\n{}", serve.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cpu = |pid: i32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    };
+    let before = cpu(driver);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu(driver) - before;
+    assert!(spent < 50, "the driver spent {spent} ticks in 2 s with no client");
+    assert_eq!(serve.driver_pid(), driver);
+    drop(tls);
+    assert!(serve.stop().success());
+}
