@@ -128,7 +128,11 @@ impl Notifier {
             return Err(SystemdError::NotifySocket(socket));
         }
         .map_err(|_| SystemdError::NotifySocket(socket.clone()))?;
-        let sock = UnixDatagram::unbound().map_err(|_| SystemdError::NotifySocket(socket))?;
+        let sock = UnixDatagram::unbound().map_err(|_| SystemdError::NotifySocket(socket.clone()))?;
+        // A datagram to a socket whose queue is full waits for room: a manager (or anything
+        // at NOTIFY_SOCKET) that stops reading must not stop the supervisor, so a send that
+        // would wait is dropped instead.
+        sock.set_nonblocking(true).map_err(|_| SystemdError::NotifySocket(socket))?;
         n.target = Some((sock, addr));
         let ours = pid.is_none_or(|p| p == u64::from(std::process::id()));
         n.ping_every = usec.filter(|&u| u > 0 && ours).map(|u| Duration::from_micros(u) / 2);
@@ -136,7 +140,7 @@ impl Notifier {
     }
 
     /// Sends one notification (newline-separated `KEY=value` lines). Best effort: a service
-    /// manager that went away must not stop the service.
+    /// manager that went away, or stopped reading, must not stop the service.
     pub fn notify(&self, state: &str) {
         if let Some((sock, addr)) = &self.target {
             let _ = sock.send_to_addr(state.as_bytes(), addr);

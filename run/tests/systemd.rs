@@ -212,3 +212,21 @@ fn unit_files_verify() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
 }
+
+/// Something at NOTIFY_SOCKET that never reads: once its queue is full the pings are
+/// dropped, not waited on, and the supervisor goes on restarting a killed driver.
+#[test]
+fn a_notify_socket_nobody_reads_does_not_stop_the_supervisor() {
+    let dir = Scratch::new("sd-deaf");
+    let path = dir.path("deaf");
+    let _deaf = UnixDatagram::bind(&path).expect("notify socket");
+    let cfg = "[supervisor]\nheartbeat = \"20ms\"\nheartbeat_timeout = \"2s\"\n";
+    // A ping every 5 ms fills the queue (a few hundred datagrams) within seconds.
+    let serve =
+        Serve::start(&dir, cfg, &[("NOTIFY_SOCKET", path.to_str().expect("utf-8")), ("WATCHDOG_USEC", "10000")]);
+    serve.wait_for("driver ready", 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(6));
+    kill(Pid::from_raw(serve.driver_pid()), Signal::SIGKILL).expect("SIGKILL");
+    serve.wait_for("driver ready", 2, Duration::from_secs(30));
+    assert!(serve.stop().success());
+}
