@@ -76,18 +76,29 @@ poweroff -f
     )
 }
 
-/// Packs the initramfs: busybox, the modules, /init and the pattern.
-fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8]) -> PathBuf {
+/// Packs the initramfs: busybox, the modules, `init` as /init, the pattern, and `host_bins`
+/// (host programs, copied with the libraries ldd names, at the same paths).
+fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8], init: &str, host_bins: &[&str]) -> PathBuf {
     let root = dir.path("initrd");
     for sub in ["bin", "modules", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(sub)).expect("initrd dir");
     }
     std::fs::copy(guest.join("busybox"), root.join("bin/busybox")).expect("busybox");
-    let order = std::fs::read_to_string(guest.join("modules/order")).expect("module order");
-    for m in order.split_whitespace() {
+    for m in module_order(guest).split_whitespace() {
         std::fs::copy(guest.join(format!("modules/{m}.ko")), root.join(format!("modules/{m}.ko"))).expect("module");
     }
-    std::fs::write(root.join("init"), init_script(&order)).expect("init");
+    std::fs::write(root.join("init"), init).expect("init");
+    for bin in host_bins {
+        let ldd = Command::new("ldd").arg(bin).output().expect("ldd");
+        let libs = String::from_utf8_lossy(&ldd.stdout).into_owned();
+        let paths = libs.split_whitespace().filter(|w| w.starts_with('/')).map(str::to_owned);
+        for path in std::iter::once(bin.to_string()).chain(paths) {
+            let inside = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(inside.parent().expect("parent")).expect("lib dir");
+            // Copies follow symlinks: the guest gets the files themselves.
+            std::fs::copy(&path, &inside).unwrap_or_else(|e| panic!("copying {path}: {e}"));
+        }
+    }
     let executable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
     std::fs::set_permissions(root.join("init"), executable).expect("chmod init");
     std::fs::write(root.join("pattern"), pattern).expect("pattern");
@@ -101,23 +112,19 @@ fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8]) -> PathBuf {
     out
 }
 
-#[test]
-fn a_guest_writes_and_verifies_through_driver_kills() {
-    let Some(guest) = guest_dir() else { return };
-    if !have("qemu-img") {
-        return;
-    }
-    let seed = std::env::var("RBLK_GUEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6e57);
-    eprintln!("guest test: seed {seed}");
-    let mut pattern = vec![0u8; (PATTERN_MIB * MIB) as usize];
-    Rng::new(seed).fill(&mut pattern);
+fn module_order(guest: &Path) -> String {
+    std::fs::read_to_string(guest.join("modules/order")).expect("module order")
+}
 
-    let dir = Scratch::new("guest");
-    let initrd = initramfs(&guest, &dir, &pattern);
+/// Boots the guest on a fresh volume, kills the driver [`KILLS`] times while it works (after
+/// its first round, then after each round the next incarnation served), tells it to stop,
+/// and checks what it said: `RBLK-GUEST-OK`, no I/O error in its kernel log, every death in
+/// the supervisor's log. Returns the volume's bytes as the host reads them through NBD.
+fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64) -> Vec<u8> {
     let control = dir.path("control.img");
     std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
     let cfg = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"2s\"\nrestart_backoff = \"20ms\"\n";
-    let serve = Serve::start(&dir, cfg, &[]);
+    let serve = Serve::start(dir, cfg, &[]);
     serve.wait_for("serving", 1, Duration::from_secs(30));
 
     let console = dir.path("console.log");
@@ -125,7 +132,7 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
         .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-kernel"])
         .arg(guest.join("vmlinuz"))
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .arg("-blockdev")
         .arg(format!(
@@ -148,9 +155,6 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-
-    // Kill the driver while the guest writes and reads: after its first round, then each
-    // time the restarted driver is ready and the guest finished another round through it.
     wait_console("RBLK-GUEST: round 1 done", Duration::from_secs(120));
     for k in 1..=KILLS {
         let pid = serve.driver_pid();
@@ -170,16 +174,97 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
     assert!(!text.contains("I/O error"), "I/O errors in the guest's kernel log:\n{text}");
     assert!(serve.log().matches("driver died").count() >= KILLS, "{}", serve.log_tail());
 
-    // The host reads the same bytes through NBD.
     let copy = dir.path("copy.raw");
     let uri = format!("nbd+unix:///?socket={}", serve.socket.display());
     let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy).output();
     let out = out.expect("qemu-img convert");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let image = std::fs::read(&copy).expect("copy");
+    assert!(serve.stop().success());
+    std::fs::read(&copy).expect("copy")
+}
+
+fn seeded_pattern() -> (u64, Vec<u8>) {
+    let seed = std::env::var("RBLK_GUEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6e57);
+    eprintln!("guest test: seed {seed} (RBLK_GUEST_SEED)");
+    let mut pattern = vec![0u8; (PATTERN_MIB * MIB) as usize];
+    Rng::new(seed).fill(&mut pattern);
+    (seed, pattern)
+}
+
+#[test]
+fn a_guest_writes_and_verifies_through_driver_kills() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let dir = Scratch::new("guest");
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(&module_order(&guest)), &[]);
+    let image = through_kills(&guest, &dir, &initrd, seed);
     for at in AT_MIB {
         let got = &image[(at * MIB) as usize..][..pattern.len()];
         assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
     }
-    assert!(serve.stop().success());
+}
+
+/// The guest's /init for the filesystem test: mkfs.ext4 on the disk, then round after round
+/// a new file with the pattern (synced, compared), the oldest of four removed, until STOP;
+/// then unmount, e2fsck, mount again and compare every file left.
+fn fs_init_script(order: &str) -> String {
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-GUEST: insmod $m failed"; done
+i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+ok=1; round=0
+want=$(md5sum < /pattern)
+/sbin/mke2fs -t ext4 -F -q /dev/vda || {{ echo "RBLK-GUEST: mkfs failed"; ok=0; }}
+mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || {{ echo "RBLK-GUEST: mount failed"; ok=0; }}
+while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
+  round=$((round+1))
+  cp /pattern /mnt/f$round && sync || {{ echo "RBLK-GUEST: writing f$round failed"; ok=0; }}
+  echo 3 > /proc/sys/vm/drop_caches
+  [ "$(md5sum < /mnt/f$round)" = "$want" ] || {{ echo "RBLK-GUEST: f$round differs"; ok=0; }}
+  rm -f /mnt/f$((round-4)); sync
+  echo "RBLK-GUEST: round $round done"
+  [ $round -ge 500 ] && {{ echo "RBLK-GUEST: no STOP after $round rounds"; ok=0; break; }}
+done
+umount /mnt || {{ echo "RBLK-GUEST: umount failed"; ok=0; }}
+/sbin/e2fsck -fn /dev/vda > /tmp/fsck 2>&1 || {{ echo "RBLK-GUEST: e2fsck found problems"; cat /tmp/fsck; ok=0; }}
+mount -t ext4 -o ro /dev/vda /mnt && for f in /mnt/f*; do
+  [ "$(md5sum < $f)" = "$want" ] || {{ echo "RBLK-GUEST: $f differs after remount"; ok=0; }}
+done
+umount /mnt
+dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" -e "EXT4-fs error" && {{ echo "RBLK-GUEST: kernel saw errors"; ok=0; }}
+[ $ok = 1 ] && echo "RBLK-GUEST-OK after $round rounds" || echo "RBLK-GUEST-FAIL"
+poweroff -f
+"#,
+        modules = order.split_whitespace().collect::<Vec<_>>().join(" "),
+    )
+}
+
+/// ext4 in the guest through the kills: mkfs, files written and synced round after round,
+/// e2fsck clean inside the guest and again on the host's copy of the volume.
+#[test]
+fn a_guest_filesystem_survives_driver_kills() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") || !have("e2fsck") || !have("mke2fs") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let dir = Scratch::new("guest-fs");
+    let bins = ["/sbin/mke2fs", "/sbin/e2fsck"];
+    let initrd = initramfs(&guest, &dir, &pattern, &fs_init_script(&module_order(&guest)), &bins);
+    let image = through_kills(&guest, &dir, &initrd, seed);
+    let copy = dir.path("fsck.raw");
+    std::fs::write(&copy, &image).expect("copy");
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&copy).output().expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck on the host's copy:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
 }
