@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use raft_state::rng::Rng;
 
 mod common;
-use common::{have, Scratch, Serve};
+use common::{free_port, have, make_pki, Scratch, Serve};
 
 const MIB: u64 = 1 << 20;
 /// The pattern's length, and where the guest writes it (MiB offsets on a 64 MiB volume).
@@ -116,15 +116,68 @@ fn module_order(guest: &Path) -> String {
     std::fs::read_to_string(guest.join("modules/order")).expect("module order")
 }
 
+/// How the guest's QEMU reaches the volume: its NBD client, reconnecting for up to a minute.
+enum Via {
+    Unix,
+    /// TCP with TLS required; the client certificate directory (the test CA's).
+    Tls {
+        port: u16,
+        pki: PathBuf,
+    },
+}
+
+impl Via {
+    /// `qemu-img convert`'s source arguments for the volume.
+    fn qemu_img_source(&self, serve: &Serve) -> Vec<String> {
+        match self {
+            Via::Unix => vec!["-f".into(), "raw".into(), format!("nbd+unix:///?socket={}", serve.socket.display())],
+            Via::Tls { port, pki } => vec![
+                "--object".into(),
+                format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display()),
+                "--image-opts".into(),
+                format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"),
+            ],
+        }
+    }
+
+    fn qemu_args(&self, serve: &Serve) -> Vec<String> {
+        match self {
+            Via::Unix => vec![
+                "-blockdev".into(),
+                format!(
+                    "driver=nbd,node-name=d0,server.type=unix,server.path={},reconnect-delay=60",
+                    serve.socket.display()
+                ),
+            ],
+            Via::Tls { port, pki } => vec![
+                "-object".into(),
+                format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display()),
+                "-blockdev".into(),
+                format!(
+                    "driver=nbd,node-name=d0,server.type=inet,server.host=127.0.0.1,server.port={port},\
+                     tls-creds=tls0,reconnect-delay=60"
+                ),
+            ],
+        }
+    }
+}
+
 /// Boots the guest on a fresh volume, kills the driver [`KILLS`] times while it works (after
 /// its first round, then after each round the next incarnation served), tells it to stop,
 /// and checks what it said: `RBLK-GUEST-OK`, no I/O error in its kernel log, every death in
 /// the supervisor's log. Returns the volume's bytes as the host reads them through NBD.
-fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64) -> Vec<u8> {
+fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64, via: &Via) -> Vec<u8> {
     let control = dir.path("control.img");
     std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
-    let cfg = "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"2s\"\nrestart_backoff = \"20ms\"\n";
-    let serve = Serve::start(dir, cfg, &[]);
+    let mut cfg =
+        "[supervisor]\nheartbeat = \"100ms\"\nheartbeat_timeout = \"2s\"\nrestart_backoff = \"20ms\"\n".to_owned();
+    if let Via::Tls { port, pki } = via {
+        cfg += &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[tls]\nmode = \"require\"\ncertificates = \"{}\"\n",
+            pki.display()
+        );
+    }
+    let serve = Serve::start(dir, &cfg, &[]);
     serve.wait_for("serving", 1, Duration::from_secs(30));
 
     let console = dir.path("console.log");
@@ -134,11 +187,7 @@ fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64) -> Vec<u
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=nbd,node-name=d0,server.type=unix,server.path={},reconnect-delay=60",
-            serve.socket.display()
-        ))
+        .args(via.qemu_args(&serve))
         .args(["-device", "virtio-blk-pci,drive=d0"])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", control.display()))
@@ -175,8 +224,9 @@ fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64) -> Vec<u
     assert!(serve.log().matches("driver died").count() >= KILLS, "{}", serve.log_tail());
 
     let copy = dir.path("copy.raw");
-    let uri = format!("nbd+unix:///?socket={}", serve.socket.display());
-    let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy).output();
+    let mut convert = Command::new("qemu-img");
+    convert.arg("convert").args(via.qemu_img_source(&serve)).args(["-O", "raw"]).arg(&copy);
+    let out = convert.output();
     let out = out.expect("qemu-img convert");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(serve.stop().success());
@@ -200,7 +250,7 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
     let (seed, pattern) = seeded_pattern();
     let dir = Scratch::new("guest");
     let initrd = initramfs(&guest, &dir, &pattern, &init_script(&module_order(&guest)), &[]);
-    let image = through_kills(&guest, &dir, &initrd, seed);
+    let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
     for at in AT_MIB {
         let got = &image[(at * MIB) as usize..][..pattern.len()];
         assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
@@ -257,7 +307,7 @@ fn a_guest_filesystem_survives_driver_kills() {
     let dir = Scratch::new("guest-fs");
     let bins = ["/sbin/mke2fs", "/sbin/e2fsck"];
     let initrd = initramfs(&guest, &dir, &pattern, &fs_init_script(&module_order(&guest)), &bins);
-    let image = through_kills(&guest, &dir, &initrd, seed);
+    let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
     let copy = dir.path("fsck.raw");
     std::fs::write(&copy, &image).expect("copy");
     let fsck = Command::new("e2fsck").arg("-fn").arg(&copy).output().expect("e2fsck");
@@ -267,4 +317,24 @@ fn a_guest_filesystem_survives_driver_kills() {
         String::from_utf8_lossy(&fsck.stdout),
         String::from_utf8_lossy(&fsck.stderr)
     );
+}
+
+/// The same pattern over TCP with TLS required: each reconnection after a kill is a new TLS
+/// handshake with a new driver incarnation (the credentials handed over again).
+#[test]
+fn a_guest_over_tls_reconnects_through_driver_kills() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") || !have("certtool") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let dir = Scratch::new("guest-tls");
+    let pki = dir.path("pki");
+    make_pki(&pki);
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(&module_order(&guest)), &[]);
+    let image = through_kills(&guest, &dir, &initrd, seed, &Via::Tls { port: free_port(), pki });
+    for at in AT_MIB {
+        let got = &image[(at * MIB) as usize..][..pattern.len()];
+        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
+    }
 }

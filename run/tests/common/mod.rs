@@ -260,3 +260,52 @@ pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
     );
     text
 }
+
+/// Runs certtool with `args`, writing `out`.
+fn certtool(args: &[&str], out: &std::path::Path) {
+    let run = Command::new("certtool").args(args).arg("--outfile").arg(out).output().expect("certtool");
+    assert!(run.status.success(), "certtool {args:?}: {}", String::from_utf8_lossy(&run.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, in QEMU's
+/// tls-creds-x509 layout (the client looks for client-cert.pem / client-key.pem there).
+pub fn make_pki(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let p = |name: &str| dir.join(name);
+    let s = |path: &std::path::Path| path.to_str().expect("utf-8").to_string();
+    std::fs::write(p("ca.info"), "cn = rblk test CA\nca\ncert_signing_key\nexpiration_days = 2\n").expect("ca.info");
+    std::fs::write(
+        p("server.info"),
+        "organization = rblk\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n\
+         encryption_key\nsigning_key\nexpiration_days = 2\n",
+    )
+    .expect("server.info");
+    std::fs::write(
+        p("client.info"),
+        "organization = rblk\ncn = rblk test client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
+    )
+    .expect("client.info");
+    for key in ["ca-key.pem", "server-key.pem", "client-key.pem"] {
+        certtool(&["--generate-privkey"], &p(key));
+    }
+    certtool(
+        &["--generate-self-signed", "--load-privkey", &s(&p("ca-key.pem")), "--template", &s(&p("ca.info"))],
+        &p("ca-cert.pem"),
+    );
+    for who in ["server", "client"] {
+        certtool(
+            &[
+                "--generate-certificate",
+                "--load-ca-certificate",
+                &s(&p("ca-cert.pem")),
+                "--load-ca-privkey",
+                &s(&p("ca-key.pem")),
+                "--load-privkey",
+                &s(&p(&format!("{who}-key.pem"))),
+                "--template",
+                &s(&p(&format!("{who}.info"))),
+            ],
+            &p(&format!("{who}-cert.pem")),
+        );
+    }
+}
