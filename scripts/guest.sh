@@ -22,6 +22,10 @@ rm -rf "$dir.tmp"
 mkdir -p "$dir.tmp/debs" "$dir.tmp/root" "$dir.tmp/modules"
 cd "$dir.tmp/debs"
 
+# Package lists may be missing on a fresh machine (nothing else needed apt yet).
+if ! apt-cache show qemu-system-x86 >/dev/null 2>&1; then
+  apt-get update -qq >&2
+fi
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # The emulator and whatever of its dependencies (two levels) the machine does not have.
 want=(qemu-system-x86 busybox-static)
