@@ -8,11 +8,11 @@ mod format;
 mod inspect;
 mod metrics;
 mod progress;
+mod socket;
 mod status;
 mod supervisor;
 mod systemd;
 
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,16 +58,8 @@ enum CliError {
     Signals(#[source] driver::DriverError),
     #[error("locating rblk-driver")]
     LocateDriver(#[source] std::io::Error),
-    #[error("{} exists and is not a socket: not replaced", .0.display())]
-    NotASocket(PathBuf),
-    #[error("{} is in use by a running server", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("removing the stale socket {}", path.display())]
-    RemoveStaleSocket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] socket::BindError),
     #[error("TLS credentials in {}", dir.display())]
     Tls {
         dir: PathBuf,
@@ -238,7 +230,7 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
             Some(listener) => Some(listener),
             // `socket = ""` with `listen` set: TCP only.
             None if cfg.server.socket.as_os_str().is_empty() => None,
-            None => Some(bind(&cfg.server.socket)?),
+            None => Some(socket::bind(&cfg.server.socket)?),
         },
         tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
         tls: match (&cfg.tls.certificates, cfg.tls.mode) {
@@ -347,29 +339,4 @@ fn bind_tcp(listen: &str) -> Result<std::net::TcpListener, CliError> {
         }
     }
     Err(bind_err(last.unwrap_or_else(|| std::io::Error::other("the host resolves to no address"))))
-}
-
-/// Binds the session socket; a leftover socket file nobody listens on is replaced, a live one
-/// is an error (another server).
-fn bind(path: &Path) -> Result<UnixListener, CliError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        // Only a socket is ever replaced: a mistyped --socket must not cost an image.
-        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            return Err(CliError::NotASocket(path.to_path_buf()));
-        }
-        // A server that was just killed may take a moment to let go of it.
-        let live = (0..20).all(|_| {
-            let up = UnixStream::connect(path).is_ok();
-            if up {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            up
-        });
-        if live {
-            return Err(CliError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path)
-            .map_err(|source| CliError::RemoveStaleSocket { path: path.to_path_buf(), source })?;
-    }
-    UnixListener::bind(path).map_err(|source| CliError::Bind { path: path.to_path_buf(), source })
 }

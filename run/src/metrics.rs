@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -300,24 +300,7 @@ pub fn serve(at: &MetricsListen, live: Arc<Live>, log: Logger) -> std::io::Resul
             Ok(Endpoint { unix_path: None })
         }
         MetricsListen::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                // Only a socket is ever replaced: a mistyped path must not cost a file.
-                if !meta.file_type().is_socket() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AlreadyExists,
-                        format!("{} exists and is not a socket", path.display()),
-                    ));
-                }
-                if UnixStream::connect(path).is_ok() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        format!("{} is in use by a running server", path.display()),
-                    ));
-                }
-                std::fs::remove_file(path)?;
-            }
-            let listener = UnixListener::bind(path)?;
+            let listener = crate::socket::bind(path).map_err(std::io::Error::other)?;
             let shown = path.display().to_string();
             info!(log, "serving metrics"; "socket" => &shown);
             spawn_accept(move || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Client>), live, active, log)?;
