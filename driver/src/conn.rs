@@ -536,25 +536,16 @@ impl Answer {
         let read = if self.may_have_holes(req) {
             // The block map and the data under one lock, so that the two agree.
             let volume = read_volume(&self.shared.volume);
-            match self.read_runs(&volume, req) {
+            match hole_runs(&volume, req) {
                 Some(runs) => read_chunks(&volume, req, &runs, out, nowait),
                 None => {
-                    session::encode_read_chunk(out, req.handle, req.offset, req.length);
-                    let data_at = out.len();
-                    out.resize(data_at + req.length as usize, 0);
+                    let data_at = self.reply_head(req, out);
                     read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
                 }
             }
         } else {
-            if self.structured {
-                // One chunk with all the data.
-                session::encode_read_chunk(out, req.handle, req.offset, req.length);
-            } else {
-                encode(out, req.handle, 0);
-            }
-            let data_at = out.len();
             // The buffer is grown before the lock is taken, not while writers wait for it.
-            out.resize(data_at + req.length as usize, 0);
+            let data_at = self.reply_head(req, out);
             let volume = read_volume(&self.shared.volume);
             read_bytes(&volume, req.offset, &mut out[data_at..], nowait)
         };
@@ -579,29 +570,18 @@ impl Answer {
         self.structured && req.flags & session::NBD_CMD_FLAG_DF == 0 && req.length >= HOLE_READ_MIN
     }
 
-    /// How a structured read without `NBD_CMD_FLAG_DF` is cut into chunks: `(length,
-    /// mapped)` runs covering it, unmapped ones sent as `OFFSET_HOLE` chunks (12 bytes instead
-    /// of their zeros). `None` (one data chunk, or a simple reply) for a read with DF, a small
-    /// one, one without holes, or when the block map cannot say (the read reports the error).
-    /// Asked under the same lock the read then takes, so the two agree.
-    fn read_runs(&self, volume: &Volume, req: &Request) -> Option<Vec<(u64, bool)>> {
-        if !self.may_have_holes(req) {
-            return None;
+    /// Appends the head of a read's reply with all its data in one piece (a simple reply, or
+    /// one data chunk under structured replies) and room for the data; returns where the data
+    /// goes.
+    fn reply_head(&self, req: &Request, out: &mut Vec<u8>) -> usize {
+        if self.structured {
+            session::encode_read_chunk(out, req.handle, req.offset, req.length);
+        } else {
+            encode(out, req.handle, 0);
         }
-        let length = u64::from(req.length);
-        let mut runs = volume.allocation(req.offset, length, MAX_READ_CHUNKS).ok()?;
-        if runs.iter().all(|r| r.1) {
-            return None;
-        }
-        // What the bounded answer left out is read as data.
-        let covered: u64 = runs.iter().map(|r| r.0).sum();
-        if covered < length {
-            match runs.last_mut() {
-                Some(last) if last.1 => last.0 += length - covered,
-                _ => runs.push((length - covered, true)),
-            }
-        }
-        Some(runs)
+        let data_at = out.len();
+        out.resize(data_at + req.length as usize, 0);
+        data_at
     }
 
     /// Appends the reply to a block status request to `out`: `base:allocation` of the range
@@ -681,6 +661,27 @@ fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Res
         buf.copy_from_slice(&around[from..from + buf.len()]);
     }
     Ok(done)
+}
+
+/// How a read that may be answered with hole chunks is cut: `(length, mapped)` runs covering
+/// it, unmapped ones sent as `OFFSET_HOLE` chunks (12 bytes instead of their zeros). `None`
+/// (one data chunk) for a read without holes, or when the block map cannot say (the read then
+/// reports the error). Asked under the same lock the read then takes, so the two agree.
+fn hole_runs(volume: &Volume, req: &Request) -> Option<Vec<(u64, bool)>> {
+    let length = u64::from(req.length);
+    let mut runs = volume.allocation(req.offset, length, MAX_READ_CHUNKS).ok()?;
+    if runs.iter().all(|r| r.1) {
+        return None;
+    }
+    // What the bounded answer left out is read as data.
+    let covered: u64 = runs.iter().map(|r| r.0).sum();
+    if covered < length {
+        match runs.last_mut() {
+            Some(last) if last.1 => last.0 += length - covered,
+            _ => runs.push((length - covered, true)),
+        }
+    }
+    Some(runs)
 }
 
 /// Appends a structured reply to `req` made of `runs` (covering it in order): data chunks
