@@ -97,7 +97,6 @@ pub fn supervise(
     log: &Logger,
 ) -> Result<(), SupervisorError> {
     let s = &cfg.supervisor;
-    let mut announced = false;
     let mut failed_starts = 0u32;
     let mut backoff = s.restart_backoff;
     for incarnation in 1u64.. {
@@ -107,7 +106,7 @@ pub fn supervise(
         info!(log, "driver started"; "incarnation" => incarnation, "pid" => child.id());
         held.live.started(incarnation, child.id());
         notify.notify(&format!("STATUS=incarnation {incarnation}: recovering"));
-        let mut seen = Seen { notify: &mut *notify, announced: &mut announced, incarnation, live: &held.live };
+        let mut seen = Seen { notify: &mut *notify, incarnation, live: &held.live };
         let end = watch(&mut child, beats, cfg, stop, &mut seen, log);
         let Some(Death { cause, label, ready }) = end else {
             info!(log, "stopped"; "incarnation" => incarnation);
@@ -153,8 +152,6 @@ struct Death {
 /// What `watch` tells the service manager as an incarnation makes progress.
 struct Seen<'a> {
     notify: &'a mut Notifier,
-    /// `READY=1` was sent (once per supervisor, on the first incarnation that serves).
-    announced: &'a mut bool,
     incarnation: u64,
     live: &'a crate::metrics::Live,
 }
@@ -162,13 +159,7 @@ struct Seen<'a> {
 impl Seen<'_> {
     fn ready(&mut self, recovery: &str) {
         self.live.ready(recovery);
-        let status = format!("STATUS=serving: incarnation {}, recovery {recovery}", self.incarnation);
-        if !*self.announced {
-            *self.announced = true;
-            self.notify.notify(&format!("READY=1\n{status}"));
-        } else {
-            self.notify.notify(&status);
-        }
+        self.notify.ready(&format!("STATUS=serving: incarnation {}, recovery {recovery}", self.incarnation));
     }
 }
 

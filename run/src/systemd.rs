@@ -101,12 +101,14 @@ pub struct Notifier {
     /// Half the watchdog interval (sd_watchdog_enabled(3) advises pinging at least that often).
     ping_every: Option<Duration>,
     last_ping: Instant,
+    /// `READY=1` was sent: readiness is said once, later incarnations update `STATUS=` only.
+    ready_said: bool,
 }
 
 impl Notifier {
     /// A notifier that says nothing (not started by a service manager).
     pub fn none() -> Notifier {
-        Notifier { target: None, ping_every: None, last_ping: Instant::now() }
+        Notifier { target: None, ping_every: None, last_ping: Instant::now(), ready_said: false }
     }
 
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, then removes them.
@@ -147,6 +149,16 @@ impl Notifier {
         }
     }
 
+    /// The service serves: `READY=1` with `status` the first time, `status` alone after.
+    pub fn ready(&mut self, status: &str) {
+        if self.ready_said {
+            self.notify(status);
+        } else {
+            self.ready_said = true;
+            self.notify(&format!("READY=1\n{status}"));
+        }
+    }
+
     /// Whether the watchdog is on and due for a ping.
     pub fn watchdog_due(&self) -> bool {
         self.ping_every.is_some_and(|every| self.last_ping.elapsed() >= every)
@@ -176,6 +188,7 @@ mod tests {
             target: Some((UnixDatagram::unbound().unwrap(), SocketAddr::from_pathname(&path).unwrap())),
             ping_every: None,
             last_ping: Instant::now(),
+            ready_said: false,
         };
         n.notify("READY=1\nSTATUS=serving");
         let mut buf = [0u8; 64];
