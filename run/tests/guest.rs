@@ -40,19 +40,13 @@ fn guest_dir() -> Option<PathBuf> {
     }
 }
 
-/// The guest's /init: load the virtio modules, then write the pattern at each offset and
-/// read it back (direct I/O both ways) round after round until the control disk says STOP;
+/// The guest's /init (after the preamble `initramfs` adds): write the pattern at each offset
+/// and read it back (direct I/O both ways) round after round until the control disk says STOP;
 /// then report and power off.
-fn init_script(order: &str) -> String {
+fn init_script() -> String {
     let offsets: Vec<String> = AT_MIB.iter().map(u64::to_string).collect();
     format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-GUEST: insmod $m failed"; done
-i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-echo "RBLK-GUEST: disk $(cat /sys/block/vda/size) sectors"
+        r#"echo "RBLK-GUEST: disk $(cat /sys/block/vda/size) sectors"
 ok=1; round=0
 while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
   round=$((round+1))
@@ -70,13 +64,13 @@ dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" && {{ ech
 [ $ok = 1 ] && echo "RBLK-GUEST-OK after $round rounds" || echo "RBLK-GUEST-FAIL"
 poweroff -f
 "#,
-        modules = order.split_whitespace().collect::<Vec<_>>().join(" "),
         offsets = offsets.join(" "),
         count = PATTERN_MIB,
     )
 }
 
-/// Packs the initramfs: busybox, the modules, `init` as /init, the pattern, and `host_bins`
+/// Packs the initramfs: busybox, the modules, /init (a preamble that mounts /proc, /sys and
+/// /dev, loads the modules and waits for both disks, then `init`), the pattern, and `host_bins`
 /// (host programs, copied with the libraries ldd names, at the same paths).
 fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8], init: &str, host_bins: &[&str]) -> PathBuf {
     let root = dir.path("initrd");
@@ -87,7 +81,17 @@ fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8], init: &str, host_bins:
     for m in module_order(guest).split_whitespace() {
         std::fs::copy(guest.join(format!("modules/{m}.ko")), root.join(format!("modules/{m}.ko"))).expect("module");
     }
-    std::fs::write(root.join("init"), init).expect("init");
+    let modules = module_order(guest).split_whitespace().collect::<Vec<_>>().join(" ");
+    let preamble = format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-INIT: insmod $m failed"; done
+i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+"#
+    );
+    std::fs::write(root.join("init"), preamble + init).expect("init");
     for bin in host_bins {
         let ldd = Command::new("ldd").arg(bin).output().expect("ldd");
         let libs = String::from_utf8_lossy(&ldd.stdout).into_owned();
@@ -279,7 +283,7 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
     }
     let (seed, pattern) = seeded_pattern();
     let dir = Scratch::new("guest");
-    let initrd = initramfs(&guest, &dir, &pattern, &init_script(&module_order(&guest)), &[]);
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
     for at in AT_MIB {
         let got = &image[(at * MIB) as usize..][..pattern.len()];
@@ -290,39 +294,30 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
 /// The guest's /init for the filesystem test: mkfs.ext4 on the disk, then round after round
 /// a new file with the pattern (synced, compared), the oldest of four removed, until STOP;
 /// then unmount, e2fsck, mount again and compare every file left.
-fn fs_init_script(order: &str) -> String {
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-GUEST: insmod $m failed"; done
-i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-ok=1; round=0
+fn fs_init_script() -> &'static str {
+    r#"ok=1; round=0
 want=$(md5sum < /pattern)
-/sbin/mke2fs -t ext4 -F -q /dev/vda || {{ echo "RBLK-GUEST: mkfs failed"; ok=0; }}
-mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || {{ echo "RBLK-GUEST: mount failed"; ok=0; }}
+/sbin/mke2fs -t ext4 -F -q /dev/vda || { echo "RBLK-GUEST: mkfs failed"; ok=0; }
+mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || { echo "RBLK-GUEST: mount failed"; ok=0; }
 while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
   round=$((round+1))
-  cp /pattern /mnt/f$round && sync || {{ echo "RBLK-GUEST: writing f$round failed"; ok=0; }}
+  cp /pattern /mnt/f$round && sync || { echo "RBLK-GUEST: writing f$round failed"; ok=0; }
   echo 3 > /proc/sys/vm/drop_caches
-  [ "$(md5sum < /mnt/f$round)" = "$want" ] || {{ echo "RBLK-GUEST: f$round differs"; ok=0; }}
+  [ "$(md5sum < /mnt/f$round)" = "$want" ] || { echo "RBLK-GUEST: f$round differs"; ok=0; }
   rm -f /mnt/f$((round-4)); sync
   echo "RBLK-GUEST: round $round done"
-  [ $round -ge 500 ] && {{ echo "RBLK-GUEST: no STOP after $round rounds"; ok=0; break; }}
+  [ $round -ge 500 ] && { echo "RBLK-GUEST: no STOP after $round rounds"; ok=0; break; }
 done
-umount /mnt || {{ echo "RBLK-GUEST: umount failed"; ok=0; }}
-/sbin/e2fsck -fn /dev/vda > /tmp/fsck 2>&1 || {{ echo "RBLK-GUEST: e2fsck found problems"; cat /tmp/fsck; ok=0; }}
+umount /mnt || { echo "RBLK-GUEST: umount failed"; ok=0; }
+/sbin/e2fsck -fn /dev/vda > /tmp/fsck 2>&1 || { echo "RBLK-GUEST: e2fsck found problems"; cat /tmp/fsck; ok=0; }
 mount -t ext4 -o ro /dev/vda /mnt && for f in /mnt/f*; do
-  [ "$(md5sum < $f)" = "$want" ] || {{ echo "RBLK-GUEST: $f differs after remount"; ok=0; }}
+  [ "$(md5sum < $f)" = "$want" ] || { echo "RBLK-GUEST: $f differs after remount"; ok=0; }
 done
 umount /mnt
-dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" -e "EXT4-fs error" && {{ echo "RBLK-GUEST: kernel saw errors"; ok=0; }}
+dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" -e "EXT4-fs error" && { echo "RBLK-GUEST: kernel saw errors"; ok=0; }
 [ $ok = 1 ] && echo "RBLK-GUEST-OK after $round rounds" || echo "RBLK-GUEST-FAIL"
 poweroff -f
-"#,
-        modules = order.split_whitespace().collect::<Vec<_>>().join(" "),
-    )
+"#
 }
 
 /// ext4 in the guest through the kills: mkfs, files written and synced round after round,
@@ -336,7 +331,7 @@ fn a_guest_filesystem_survives_driver_kills() {
     let (seed, pattern) = seeded_pattern();
     let dir = Scratch::new("guest-fs");
     let bins = ["/sbin/mke2fs", "/sbin/e2fsck"];
-    let initrd = initramfs(&guest, &dir, &pattern, &fs_init_script(&module_order(&guest)), &bins);
+    let initrd = initramfs(&guest, &dir, &pattern, fs_init_script(), &bins);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
     let copy = dir.path("fsck.raw");
     std::fs::write(&copy, &image).expect("copy");
@@ -361,7 +356,7 @@ fn a_guest_over_tls_reconnects_through_driver_kills() {
     let dir = Scratch::new("guest-tls");
     let pki = dir.path("pki");
     make_pki(&pki);
-    let initrd = initramfs(&guest, &dir, &pattern, &init_script(&module_order(&guest)), &[]);
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::Tls { port: free_port(), pki });
     for at in AT_MIB {
         let got = &image[(at * MIB) as usize..][..pattern.len()];
@@ -371,15 +366,8 @@ fn a_guest_over_tls_reconnects_through_driver_kills() {
 
 /// The verifying guest after a power cut: mount (ext4 replays its journal), compare every
 /// file, unmount, e2fsck -fn; one `RBLK-CHECK:` line per finding.
-fn check_init_script(order: &str) -> String {
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-CHECK: insmod $m failed"; done
-i=0; while [ ! -b /dev/vda ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-want=$(md5sum < /pattern)
+fn check_init_script() -> &'static str {
+    r#"want=$(md5sum < /pattern)
 mkdir -p /mnt
 if mount -t ext4 /dev/vda /mnt; then
   for f in /mnt/f*; do
@@ -389,13 +377,11 @@ if mount -t ext4 /dev/vda /mnt; then
 else
   echo "RBLK-CHECK: mount failed"
 fi
-/sbin/e2fsck -fn /dev/vda > /tmp/fsck 2>&1 && echo "RBLK-CHECK: fsck clean" || {{ echo "RBLK-CHECK: fsck found problems"; cat /tmp/fsck; }}
+/sbin/e2fsck -fn /dev/vda > /tmp/fsck 2>&1 && echo "RBLK-CHECK: fsck clean" || { echo "RBLK-CHECK: fsck found problems"; cat /tmp/fsck; }
 dmesg | grep -i -e "I/O error" -e "EXT4-fs error" && echo "RBLK-CHECK: kernel errors"
 echo "RBLK-CHECK: end"
 poweroff -f
-"#,
-        modules = order.split_whitespace().collect::<Vec<_>>().join(" "),
-    )
+"#
 }
 
 /// ext4 in a guest through power cuts: the image on lazyfs, the guest writing synced files
@@ -421,9 +407,9 @@ fn a_guest_filesystem_survives_power_cuts() {
         let seed = seed + cut;
         let mut rng = Rng::new(seed);
         let dir = Scratch::new(&format!("guest-cut-{cut}"));
-        let writing = initramfs(&guest, &dir, &pattern, &fs_init_script(&module_order(&guest)), &bins);
+        let writing = initramfs(&guest, &dir, &pattern, fs_init_script(), &bins);
         std::fs::rename(&writing, dir.path("writing.gz")).expect("rename");
-        let checking = initramfs(&guest, &dir, &pattern, &check_init_script(&module_order(&guest)), &bins);
+        let checking = initramfs(&guest, &dir, &pattern, check_init_script(), &bins);
         let (backing, mnt) = (dir.path("backing"), dir.path("mnt"));
         std::fs::create_dir_all(&backing).expect("backing");
         std::fs::create_dir_all(&mnt).expect("mnt");
