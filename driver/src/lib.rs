@@ -54,6 +54,8 @@ pub use node::NodeConfig;
 pub struct Listeners {
     pub unix: Option<UnixListener>,
     pub tcp: Option<TcpListener>,
+    /// vhost-user-blk front-ends (virtual machines) connect here (`[server] vhost_user_socket`).
+    pub vhost: Option<UnixListener>,
 }
 
 impl Listeners {

@@ -69,7 +69,7 @@ fn start(
     let log = Logger::root(Discard, o!());
     let stop = Arc::new(AtomicBool::new(false));
     let thread = std::thread::spawn(move || {
-        driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None }, cfg, stop, None, log)
+        driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None, vhost: None }, cfg, stop, None, log)
     });
     (path, thread)
 }
