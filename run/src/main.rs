@@ -233,6 +233,8 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
             None => Some(socket::bind(&cfg.server.socket)?),
         },
         tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
+        // Bound here even under socket activation (systemd passes only the NBD socket).
+        vhost: cfg.server.vhost_user_socket.as_deref().map(socket::bind).transpose()?,
         tls: match (&cfg.tls.certificates, cfg.tls.mode) {
             (Some(dir), mode) if mode != config::TlsMode::Off => Some(tls_credentials(dir, cfg.tls.verify_peer)?),
             _ => None,
@@ -263,10 +265,17 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), uris.as_bytes());
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    if let Some(vhost) = &cfg.server.vhost_user_socket {
+        let absolute = std::fs::canonicalize(vhost).unwrap_or_else(|_| vhost.clone());
+        slog::info!(log, "vhost-user-blk socket bound"; "path" => %absolute.display());
+    }
     let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
     if let (true, Some(path)) = (ours, &path) {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(vhost) = &cfg.server.vhost_user_socket {
+        let _ = std::fs::remove_file(vhost);
     }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
