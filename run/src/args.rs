@@ -83,7 +83,8 @@ pub struct FormatArgs {
 /// serves ./rblk.img (formatted with the configured size, 1 GiB by default, when missing)
 /// on ./rblk.sock and prints the NBD URI to attach. With --vhost-user it also serves the
 /// volume to virtual machines as a vhost-user-blk backend. Under systemd socket activation
-/// (LISTEN_FDS) it serves the inherited socket instead of binding one. SIGTERM or SIGINT
+/// (LISTEN_FDS) it serves the inherited socket instead of binding one (and a second one named
+/// vhost-user in LISTEN_FDNAMES as the vhost-user-blk socket). SIGTERM or SIGINT
 /// stop it cleanly.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
