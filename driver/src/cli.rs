@@ -214,7 +214,8 @@ pub fn main() -> ExitCode {
             (None, None) if args.tcp_fd.is_some() => None,
             _ => return Err(format!("give the socket as --socket PATH or --socket-fd N (or --tcp-fd N)\n{USAGE}")),
         };
-        let listeners = driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))), vhost: None };
+        let listeners =
+            driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))), vhost: None };
         let heartbeat = match args.heartbeat_fd {
             Some(fd) => {
                 let file = std::fs::File::from(owned(fd));
