@@ -103,11 +103,11 @@ impl BufferPool {
     const KEEP_BYTES: usize = 16 << 20;
 
     /// A kept buffer (the largest), or an empty one to grow.
-    fn take(&self) -> AlignedBuf {
+    pub(crate) fn take(&self) -> AlignedBuf {
         self.0.lock().ok().and_then(|mut kept| kept.pop()).unwrap_or_else(|| AlignedBuf::blocks(0))
     }
 
-    fn give_back(&self, buf: AlignedBuf) {
+    pub(crate) fn give_back(&self, buf: AlignedBuf) {
         let Ok(mut kept) = self.0.lock() else { return };
         let held: usize = kept.iter().map(|b| b.len()).sum();
         if held + buf.len() <= Self::KEEP_BYTES {
@@ -639,7 +639,7 @@ impl Answer {
 /// Reads `buf.len()` bytes at `offset`, of any alignment (a client that did not negotiate
 /// block sizes may read single bytes): an unaligned read goes through the 512-byte sectors
 /// around it.
-fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, ()> {
+pub(crate) fn read_bytes(volume: &Volume, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, ()> {
     const SECTOR: u64 = 512;
     let end = offset + buf.len() as u64;
     let read = |at: u64, into: &mut [u8]| {
@@ -785,7 +785,7 @@ fn serve_work(queue: &Mutex<mpsc::Receiver<Work>>, answer: &Answer) {
             }
             Ok(Work::Place(req, buf, grant, arrived)) => {
                 let shared = &answer.shared;
-                match place(shared, &req, &buf[..req.length as usize]) {
+                match place(shared, req.offset, &buf[..req.length as usize]) {
                     Ok(pieces) => submit(answer, req.handle, pieces, grant, (Kind::Write, arrived)),
                     Err(e) => {
                         // The device failed a write: the driver stops (the supervisor restarts
@@ -868,45 +868,65 @@ fn reply_now_or_later(replies: &Arc<Replies>, tx: &Sender<Reply>, reply: Reply) 
 /// from the budgets until then.
 /// `arrived`: the request's kind and when its header was read, for its latency.
 fn submit(answer: &Answer, handle: u64, pieces: Vec<Vec<u8>>, grant: Grant, arrived: (Kind, Instant)) {
-    let state = Arc::new(Mutex::new(Pending {
-        remaining: pieces.len(),
-        error: 0,
-        stopped: false,
-        answer: Some(answer.clone()),
-        _grant: grant,
-    }));
+    let proposals = answer.shared.proposals.clone();
+    let (conn, answer) = (answer.conn, answer.clone());
+    propose(&proposals, conn, pieces, move |applied| {
+        drop(grant);
+        metrics::page().answered(arrived.0, arrived.1.elapsed());
+        let error = errno(applied);
+        if error == session::NBD_EIO {
+            // Damage met while applying: said only once the log proves the driver is
+            // not failing as a whole.
+            answer.confirm_error(handle, error, false);
+        } else {
+            reply_now_or_later(&answer.replies, &answer.tx, Reply { handle, error, chunk: false });
+        }
+    });
+}
+
+/// Proposes the commands of one request under queue `conn` (a connection, or a vhost-user
+/// ring); `done` runs on the applier once all are applied, with the worst result among them
+/// (as NBD ranks their errors), and never if the driver stops first (then it is dropped).
+pub fn propose(proposals: &Proposals, conn: u64, pieces: Vec<Vec<u8>>, done: impl FnOnce(Applied) + Send + 'static) {
+    if pieces.len() <= 1 {
+        let Some(data) = pieces.into_iter().next() else { return done(Applied::Done) };
+        let done = Box::new(move |outcome: Outcome| {
+            if let Outcome::Applied(applied) = outcome {
+                done(applied);
+            }
+        });
+        return proposals.push(conn, Proposal { data, done });
+    }
+    let state = Arc::new(Mutex::new(Pending { remaining: pieces.len(), worst: Applied::Done, done: Some(done) }));
     for data in pieces {
         let state = state.clone();
         let done = Box::new(move |outcome: Outcome| {
             let Ok(mut s) = state.lock() else { return };
-            match outcome {
-                Outcome::Applied(applied) => s.error = s.error.max(errno(applied)),
-                Outcome::Stopped => s.stopped = true,
+            let Outcome::Applied(applied) = outcome else {
+                // The driver stops: the request is never completed.
+                s.done = None;
+                return;
+            };
+            if errno(applied) > errno(s.worst) {
+                s.worst = applied;
             }
             s.remaining -= 1;
-            if s.remaining > 0 || s.stopped {
-                return;
-            }
-            let Some(answer) = s.answer.take() else { return };
-            metrics::page().answered(arrived.0, arrived.1.elapsed());
-            if s.error == session::NBD_EIO {
-                // Damage met while applying: said only once the log proves the driver is
-                // not failing as a whole.
-                answer.confirm_error(handle, s.error, false);
-            } else {
-                reply_now_or_later(&answer.replies, &answer.tx, Reply { handle, error: s.error, chunk: false });
+            if s.remaining == 0 {
+                let worst = s.worst;
+                if let Some(done) = s.done.take() {
+                    drop(s);
+                    done(worst);
+                }
             }
         });
-        answer.shared.proposals.push(answer.conn, Proposal { data, done });
+        proposals.push(conn, Proposal { data, done });
     }
 }
 
-struct Pending {
+struct Pending<F> {
     remaining: usize,
-    error: u32,
-    stopped: bool,
-    answer: Option<Answer>,
-    _grant: Grant,
+    worst: Applied,
+    done: Option<F>,
 }
 
 fn errno(applied: Applied) -> u32 {
@@ -952,14 +972,14 @@ fn read_aligned<R: Read>(r: &mut R, buf: &mut AlignedBuf, length: u32) -> Result
 
 /// Writes a write's bytes once, to blocks the volume lends (`Placer::place`), and returns its
 /// one entry; when no blocks can be had (space is short) its inline pieces instead.
-fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, VolumeError> {
+pub(crate) fn place(shared: &Shared, offset: u64, data: &[u8]) -> Result<Vec<Vec<u8>>, VolumeError> {
     let mut lend = |count| write_volume(&shared.volume).lend(count);
     // Space short for now is mostly freed blocks waiting for the two checkpoints that release
     // them (which the failed loan asked for): wait a while for them before going inline, where
     // a volume that is really full fails the write with ENOSPC.
     let deadline = Instant::now() + PLACE_SPACE_WAIT;
     let placed = loop {
-        match shared.placer.place(req.offset, data, &mut lend)? {
+        match shared.placer.place(offset, data, &mut lend)? {
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             other => break other,
         }
@@ -969,7 +989,7 @@ fn place(shared: &Shared, req: &Request, data: &[u8]) -> Result<Vec<Vec<u8>>, Vo
         None => Ok(data
             .chunks(MAX_ENTRY_DATA)
             .enumerate()
-            .map(|(i, piece)| Command::Write { offset: req.offset + (i * MAX_ENTRY_DATA) as u64, data: piece }.encode())
+            .map(|(i, piece)| Command::Write { offset: offset + (i * MAX_ENTRY_DATA) as u64, data: piece }.encode())
             .collect()),
     }
 }

@@ -31,6 +31,7 @@ pub mod node;
 pub mod queue;
 pub mod sandbox;
 pub mod tls;
+pub mod vhost;
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;
@@ -196,7 +197,16 @@ pub fn run(
     // by the previous incarnation may be committed only now (by the new leader's first
     // entry), and a read must see it. Until then they wait in the listening backlog. Only
     // then is the driver ready.
+    let vhost_done = done.clone();
     let start_serving = move || -> std::io::Result<()> {
+        let Listeners { unix, tcp, vhost } = listeners;
+        if let Some(listener) = vhost {
+            let shared = accept_shared.clone();
+            std::thread::Builder::new()
+                .name("rblk-vhost".into())
+                .spawn(move || vhost::serve(listener, shared, &vhost_done))?;
+        }
+        let listeners = Listeners { unix, tcp, vhost: None };
         std::thread::Builder::new()
             .name("rblk-accept".into())
             .spawn(move || accept(listeners, accept_shared, &accept_done))?;

@@ -143,6 +143,10 @@ fn allowed() -> Vec<i64> {
         libc::SYS_setsockopt,
         libc::SYS_getsockname,
         libc::SYS_getpeername,
+        // vhost-user: the inflight region the driver gives a front-end is a memfd of the size
+        // it asks for (guest memory and eventfds arrive as descriptors; mmap, read, write)
+        libc::SYS_memfd_create,
+        libc::SYS_ftruncate,
         // threads and memory
         libc::SYS_clone,
         libc::SYS_clone3,

@@ -218,7 +218,15 @@ impl Incarnation {
         let thread = std::thread::Builder::new()
             .name("driver-run".into())
             .spawn(move || {
-                driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None, vhost: None }, cfg, flag, None, log)
+                driver::run(
+                    dev,
+                    None,
+                    driver::Listeners { unix: Some(listener), tcp: None, vhost: None },
+                    cfg,
+                    flag,
+                    None,
+                    log,
+                )
             })
             .map_err(|e| format!("spawn the driver: {e}"))?;
         Ok(Incarnation { path, stop, thread: Some(thread) })
