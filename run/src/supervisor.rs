@@ -3,9 +3,10 @@
 //! It holds the image (and root device) and the LISTENING sockets (NBD, and vhost-user-blk
 //! when configured), and starts `rblk-driver` with exactly those descriptors plus the write
 //! end of a heartbeat pipe and, with `[metrics]` on, the metrics page (a memfd the driver
-//! maps; see `metrics.rs`), and nothing else (all the supervisor has open is close-on-exec). Every unrequested death is counted by cause for
-//! `/metrics`. Because the listening sockets outlive every driver
-//! incarnation, a client that connects during a restart waits in the backlog.
+//! maps; see `metrics.rs`), and nothing else (all the supervisor has open is close-on-exec).
+//! Every unrequested death is counted by cause for `/metrics`. Because the listening sockets
+//! outlive every driver incarnation, a client that connects during a restart waits in the
+//! backlog.
 //!
 //! It restarts the driver at once when it exits or is killed after it became ready (that
 //! incarnation made progress), backs off exponentially while incarnations die before they

@@ -64,7 +64,7 @@ fn env_number(name: &'static str) -> Result<Option<u64>, SystemdError> {
 }
 
 /// The name (`FileDescriptorName=`) that marks the vhost-user-blk socket among the inherited.
-pub const VHOST_USER_FDNAME: &str = "vhost-user";
+const VHOST_USER_FDNAME: &str = "vhost-user";
 
 /// The listening sockets systemd passed to this process, if any.
 #[derive(Debug, Default)]
