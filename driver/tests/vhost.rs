@@ -416,7 +416,9 @@ fn malformed_requests_are_refused_and_the_ring_goes_on() {
     let guard = vec![0x77u8; 4096];
     g.mem.write_slice(&guard, GuestAddress(DATA - 4096)).expect("guard");
     g.mem.write_slice(&guard, GuestAddress(DATA + 8192)).expect("guard");
-    let cases: Vec<(&str, u32, u64, Option<(u32, bool)>, u8)> = vec![
+    /// What the case is, request type, sector, data buffer (length, device-writable), status.
+    type Case = (&'static str, u32, u64, Option<(u32, bool)>, u8);
+    let cases: Vec<Case> = vec![
         ("unknown request type", 99, 0, None, S_UNSUPP),
         ("read beyond the end", T_IN, VOLUME_BYTES / 512, Some((4096, true)), S_IOERR),
         ("write straddling the end", T_OUT, VOLUME_BYTES / 512 - 1, Some((4096, false)), S_IOERR),
