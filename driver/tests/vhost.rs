@@ -138,9 +138,9 @@ impl Guest {
         let memfd = memfd(c"test-guest", MEM);
         let region = (GuestAddress(0), MEM as usize, Some(FileOffset::new(memfd.try_clone().expect("dup"), 0)));
         let mem = GuestMemoryMmap::from_ranges_with_files([region]).expect("map guest memory");
-        // Up to 8 queues as the client's limit, so that the test can ask for rings the device
-        // does not have.
-        let mut frontend = Frontend::connect(path, 8).expect("connect");
+        // Up to 64 queues as the client's limit, so that the test can ask for rings the
+        // device does not have.
+        let mut frontend = Frontend::connect(path, 64).expect("connect");
         frontend.set_owner().expect("set owner");
         let offered = frontend.get_features().expect("features");
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -572,7 +572,7 @@ fn bad_messages_close_the_connection_and_the_next_front_end_is_served() {
     let driver = start(&dir);
     type Bad = fn(&mut Guest) -> bool;
     let cases: Vec<(&str, Bad)> = vec![
-        ("a ring index beyond the device's queues", |g| g.frontend.set_vring_num(7, QSIZE).is_err()),
+        ("a ring index beyond the device's queues", |g| g.frontend.set_vring_num(40, QSIZE).is_err()),
         ("a ring size that is not a power of two", |g| g.frontend.set_vring_num(0, 100).is_err()),
         ("a ring size beyond the limit", |g| g.frontend.set_vring_num(0, 32768).is_err()),
         ("a memory table larger than its file", |g| g.set_memory(MEM * 4).is_err()),
