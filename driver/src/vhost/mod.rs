@@ -66,6 +66,11 @@ pub use self::blk::config_space;
 /// Readers per front-end (reads that wait for the device, writes to place).
 const READERS: usize = 4;
 
+/// Queues the device offers. QEMU refuses a backend offering fewer than its `num-queues`,
+/// which defaults to the guest's vCPUs; a worker runs only for each queue the front-end
+/// starts, so offering more than the host's cores costs nothing (docs/vhost-user.md).
+const QUEUES: u16 = 16;
+
 /// How long stopping a ring waits for its requests to complete (GET_VRING_BASE, a front-end
 /// that leaves).
 const DRAIN: Duration = Duration::from_secs(60);
@@ -313,13 +318,12 @@ fn invalid(what: &'static str) -> VhostError {
 
 impl Frontend {
     fn new(session: Arc<Session>) -> Frontend {
-        let queues = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16) as u16;
         Frontend {
             session,
-            queues,
+            queues: QUEUES,
             acked: 0,
             protocol: 0,
-            rings: (0..queues).map(|_| RingConfig::default()).collect(),
+            rings: (0..QUEUES).map(|_| RingConfig::default()).collect(),
             inflight: None,
         }
     }
