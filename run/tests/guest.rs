@@ -349,9 +349,10 @@ fn through_deaths(
     let mut vm = Vm::boot(guest, dir, initrd, &via.qemu_args(&serve), &control, "console.log");
     let server_log = || serve.log_tail();
     vm.wait_for_or("RBLK-GUEST: round 1 done", Duration::from_secs(120), &server_log);
-    // Each death lands a seeded few milliseconds after a round says it starts writing, while
-    // its writes are in flight (in TCG the guest spends most of a round comparing; a death at
-    // a random instant mostly found the rings idle). The next death waits until the new
+    // Each death lands a seeded 20-120 ms after a round says it starts writing, while its
+    // writes are in flight (in TCG the guest spends most of a round comparing, and its dd
+    // processes take a while to start; a death at a random instant mostly found the rings
+    // idle). The next death waits until the new
     // incarnation served a whole round begun after this one: the guest may run rounds ahead
     // of the host, and a death before the front-end came back tests less.
     let mut rng = Rng::new(seed ^ 0xdea7);
@@ -362,7 +363,7 @@ fn through_deaths(
             assert!(Instant::now() < until, "the guest did not say {writes:?}:\n{}", vm.console());
             std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(rng.below(40)));
+        std::thread::sleep(Duration::from_millis(20 + rng.below(100)));
         let round = last_round(&vm.console());
         let pid = Pid::from_raw(serve.driver_pid());
         match death {
