@@ -714,11 +714,8 @@ fn a_guest_filesystem_survives_power_cuts() {
         drop(vm);
         serve.kill_all();
         let before = std::fs::read_to_string(dir.path("before.log")).unwrap_or_default();
-        let done = before
-            .lines()
-            .filter_map(|l| l.split("RBLK-GUEST: round ").nth(1)?.strip_suffix(" done")?.trim().parse::<u64>().ok())
-            .max()
-            .expect("rounds done");
+        let done = last_round(&before);
+        assert!(done > 0, "no round done before the cut:\n{before}");
         mounted.unmount().expect("unmount");
 
         let mounted = lazyfs::mount(&backing, &mnt, lazyfs::Options { mode: lazyfs::Mode::Keep, seed, cached: false })
