@@ -16,8 +16,10 @@
 //!   image; a multiple of 4096), `log_size = "64M"` (Raft log ring at format; a multiple of
 //!   4096, at least 64K). `size` and `log_size` matter only at format: an existing image
 //!   keeps the geometry it was formatted with.
-//! - `[server]` — the NBD endpoint and what bounds its clients. `socket = "rblk.sock"`,
+//! - `[server]` — the endpoints and what bounds NBD clients. `socket = "rblk.sock"`,
 //!   `listen` (none; `"HOST:PORT"` or `"HOST"` for port 10809: TCP beside the socket),
+//!   `vhost_user_socket = ""` (none; a unix socket path: a vhost-user-blk session for virtual
+//!   machines beside the NBD socket, on the same volume; at most 107 bytes),
 //!   `max_connections = 64` (more clients wait in the backlog), `read_only = false`,
 //!   `max_inflight = "64M"` bytes of requests in flight in all and `max_inflight_per_connection
 //!   = "32M"` per connection (write payloads and read replies; at the limit a connection stops
@@ -161,7 +163,7 @@ impl Default for VolumeConfig {
     }
 }
 
-/// `[server]`: the NBD endpoint.
+/// `[server]`: the endpoints (NBD, and vhost-user-blk for virtual machines).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -174,6 +176,13 @@ pub struct ServerConfig {
     /// binds it and holds it like the unix socket. Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Path of a unix socket where vhost-user-blk front-ends (QEMU's `vhost-user-blk-pci`,
+    /// cloud-hypervisor) connect: the same volume as the NBD socket, served to virtual
+    /// machines through shared memory. The supervisor binds it and holds it like the NBD
+    /// socket, so a front-end that reconnects while the driver restarts waits in its backlog.
+    /// At most 107 bytes; must differ from `socket`. Default `""`: no vhost-user session.
+    #[serde(with = "serde_optional_path")]
+    pub vhost_user_socket: Option<PathBuf>,
     /// The name the volume is exported under (NBD_OPT_LIST, NBD_OPT_INFO); the default
     /// export "" reaches it too, any other name is refused. At most 4096 bytes of UTF-8, not
     /// empty. Default `rblk`.
@@ -210,6 +219,7 @@ impl Default for ServerConfig {
         Self {
             socket: PathBuf::from("rblk.sock"),
             listen: None,
+            vhost_user_socket: None,
             export_name: "rblk".to_string(),
             max_connections: 64,
             read_only: false,
@@ -587,6 +597,18 @@ impl Config {
                 return invalid("server.listen", e);
             }
         }
+        if let Some(vhost) = &s.vhost_user_socket {
+            let len = vhost.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return invalid(
+                    "server.vhost_user_socket",
+                    format!("is {len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}"),
+                );
+            }
+            if *vhost == s.socket {
+                return invalid("server.vhost_user_socket", "must differ from server.socket".into());
+            }
+        }
         // NBD proto.md: names are UTF-8 of at most 4096 bytes; "" is the default export.
         if s.export_name.is_empty() || s.export_name.len() > MAX_EXPORT_NAME {
             return invalid(
@@ -690,6 +712,9 @@ impl Config {
             Err(message) => return invalid("metrics.listen", message),
             Ok(Some(MetricsListen::Unix(path))) if path == self.server.socket => {
                 return invalid("metrics.listen", "must differ from server.socket".into());
+            }
+            Ok(Some(MetricsListen::Unix(path))) if Some(&path) == self.server.vhost_user_socket.as_ref() => {
+                return invalid("metrics.listen", "must differ from server.vhost_user_socket".into());
             }
             Ok(_) => {}
         }

@@ -40,6 +40,7 @@ fn defaults_validate() {
     assert_eq!(c.volume.size, 1 << 30);
     assert_eq!(c.volume.log_size, 64 << 20);
     assert_eq!(c.server.socket, PathBuf::from("rblk.sock"));
+    assert_eq!(c.server.vhost_user_socket, None);
     assert_eq!(c.server.export_name, "rblk");
     assert_eq!(c.server.max_connections, 64);
     assert_eq!(c.server.max_inflight, 64 << 20);
@@ -133,6 +134,7 @@ fn round_trip_through_to_toml_string() {
     c.volume.size = (1 << 40) + 4096;
     c.volume.log_size = 3 * (64 << 10);
     c.server.socket = "/run/rblk/\"quoted\".sock".into();
+    c.server.vhost_user_socket = Some("/run/rblk/vhost user.sock".into());
     c.server.max_connections = 1;
     c.server.read_only = true;
     c.checkpoint.log_bytes = 12345 * 4096;
@@ -212,6 +214,17 @@ fn every_rule_rejects_naming_the_key() {
             "metrics.listen",
             "must differ from server.socket",
         ),
+        (format!("[server]\nvhost_user_socket = \"{long_socket}\""), "server.vhost_user_socket", "at most 107"),
+        (
+            "[server]\nsocket = \"/run/x.sock\"\nvhost_user_socket = \"/run/x.sock\"".into(),
+            "server.vhost_user_socket",
+            "must differ from server.socket",
+        ),
+        (
+            "[server]\nvhost_user_socket = \"/run/v.sock\"\n[metrics]\nlisten = \"/run/v.sock\"".into(),
+            "metrics.listen",
+            "must differ from server.vhost_user_socket",
+        ),
     ];
     for (text, key, fragment) in &cases {
         let e = rejects(text, key, fragment);
@@ -222,9 +235,12 @@ fn every_rule_rejects_naming_the_key() {
 #[test]
 fn rules_accept_their_boundaries() {
     let longest_socket = format!("[server]\nsocket = \"/{}\"", "s".repeat(MAX_SOCKET_PATH - 1));
+    let longest_vhost = format!("[server]\nvhost_user_socket = \"/{}\"", "v".repeat(MAX_SOCKET_PATH - 1));
     let ok = [
         "[volume]\nsize = 4096\nlog_size = \"64K\"",
         &longest_socket,
+        &longest_vhost,
+        "[server]\nvhost_user_socket = \"\"",
         "[server]\nmax_connections = 1",
         "[checkpoint]\nlog_bytes = \"4K\"\ninterval = \"0s\"",
         "[cache]\nnodes = 0\nbitmaps = 0",

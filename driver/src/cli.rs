@@ -1,10 +1,14 @@
-//! `rblk-driver`: serves one volume on one listening unix socket until SIGTERM/SIGINT (then
-//! it checkpoints and exits 0) or a fatal error (exit 1; the supervisor restarts it).
+//! `rblk-driver`: serves one volume on its listening sockets (NBD on a unix socket and/or TCP,
+//! and vhost-user-blk when given one) until SIGTERM/SIGINT (then it checkpoints and exits 0)
+//! or a fatal error (exit 1; the supervisor restarts it).
 //!
 //! ```text
-//! rblk-driver --image PATH [--root-device PATH] --socket PATH [--config FILE]
-//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config-toml TEXT]
+//! rblk-driver --image PATH [--root-device PATH] --socket PATH [--vhost-user PATH] [--config FILE]
+//! rblk-driver --image-fd N [--cache-fd N] [--root-fd N] --socket-fd N [--tcp-fd N] [--vhost-user-fd N] [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config-toml TEXT]
 //! ```
+//! `--vhost-user-fd` (from the supervisor) or `--vhost-user PATH` (bound here, for running the
+//! driver by hand) is the listening socket of the vhost-user-blk session (`[server]
+//! vhost_user_socket`), served beside the NBD socket on the same volume.
 //! `--metrics-fd` is the supervisor's metrics page (`driver::metrics`), mapped before the
 //! sandbox is entered; a page that is not one (wrong size or version) is logged and ignored.
 //! With descriptors, the supervisor opened the image and bound the socket; the driver opens
@@ -35,6 +39,8 @@ struct Args {
     socket: Option<PathBuf>,
     socket_fd: Option<RawFd>,
     tcp_fd: Option<RawFd>,
+    vhost_user: Option<PathBuf>,
+    vhost_user_fd: Option<RawFd>,
     tls_fd: Option<RawFd>,
     heartbeat_fd: Option<RawFd>,
     metrics_fd: Option<RawFd>,
@@ -56,6 +62,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--socket" => a.socket = Some(value()?.into()),
             "--socket-fd" => a.socket_fd = Some(fd(value()?)?),
             "--tcp-fd" => a.tcp_fd = Some(fd(value()?)?),
+            "--vhost-user" => a.vhost_user = Some(value()?.into()),
+            "--vhost-user-fd" => a.vhost_user_fd = Some(fd(value()?)?),
             "--tls-fd" => a.tls_fd = Some(fd(value()?)?),
             "--heartbeat-fd" => a.heartbeat_fd = Some(fd(value()?)?),
             "--metrics-fd" => a.metrics_fd = Some(fd(value()?)?),
@@ -70,7 +78,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 const USAGE: &str =
     "usage: rblk-driver (--image PATH | --image-fd N [--cache-fd N]) [--root-device PATH | --root-fd N] \
-                     (--socket PATH | --socket-fd N | --tcp-fd N) [--tcp-fd N] [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config FILE | --config-toml TEXT]";
+                     (--socket PATH | --socket-fd N | --tcp-fd N) [--tcp-fd N] [--vhost-user PATH | --vhost-user-fd N] \
+                     [--tls-fd N] [--heartbeat-fd N] [--metrics-fd N] [--config FILE | --config-toml TEXT]";
 
 /// Closes every descriptor above stderr that is not in `keep` (and not owned by this process
 /// yet: call it before anything else is opened).
@@ -199,11 +208,12 @@ pub fn main() -> ExitCode {
             args.root_fd,
             args.socket_fd,
             args.tcp_fd,
+            args.vhost_user_fd,
             args.tls_fd,
             args.heartbeat_fd,
             args.metrics_fd,
         ];
-        if args.socket_fd.is_some() || args.tcp_fd.is_some() {
+        if args.socket_fd.is_some() || args.tcp_fd.is_some() || args.vhost_user_fd.is_some() {
             close_others(&keep.into_iter().flatten().collect::<Vec<_>>())?;
         }
         let dev = image(&args, &cfg)?;
@@ -214,8 +224,15 @@ pub fn main() -> ExitCode {
             (None, None) if args.tcp_fd.is_some() => None,
             _ => return Err(format!("give the socket as --socket PATH or --socket-fd N (or --tcp-fd N)\n{USAGE}")),
         };
-        let listeners =
-            driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))), vhost: None };
+        let vhost = match (&args.vhost_user, args.vhost_user_fd) {
+            (Some(p), None) => {
+                Some(UnixListener::bind(p).map_err(|e| format!("vhost-user socket {}: {e}", p.display()))?)
+            }
+            (None, Some(fd)) => Some(UnixListener::from(owned(fd))),
+            (None, None) => None,
+            (Some(_), Some(_)) => return Err("give the vhost-user socket as a path or a descriptor, not both".into()),
+        };
+        let listeners = driver::Listeners { unix, tcp: args.tcp_fd.map(|fd| TcpListener::from(owned(fd))), vhost };
         let heartbeat = match args.heartbeat_fd {
             Some(fd) => {
                 let file = std::fs::File::from(owned(fd));

@@ -81,8 +81,10 @@ pub struct FormatArgs {
 ///
 /// Settings: built-in defaults < the --config file < these flags. Without arguments it
 /// serves ./rblk.img (formatted with the configured size, 1 GiB by default, when missing)
-/// on ./rblk.sock and prints the NBD URI to attach. Under systemd socket activation
-/// (LISTEN_FDS) it serves the inherited socket instead of binding one. SIGTERM or SIGINT
+/// on ./rblk.sock and prints the NBD URI to attach. With --vhost-user it also serves the
+/// volume to virtual machines as a vhost-user-blk backend. Under systemd socket activation
+/// (LISTEN_FDS) it serves the inherited socket instead of binding one (and a second one named
+/// vhost-user in LISTEN_FDNAMES as the vhost-user-blk socket). SIGTERM or SIGINT
 /// stop it cleanly.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -97,6 +99,12 @@ pub struct ServeArgs {
     /// [::1]:10809); overrides `[server] listen`.
     #[arg(long, value_name = "HOST:PORT", value_parser = listen)]
     pub listen: Option<String>,
+    /// Serve the volume to virtual machines as well, as a vhost-user-blk backend on the unix
+    /// socket PATH (QEMU: -chardev socket,path=PATH,reconnect=1 -device vhost-user-blk-pci);
+    /// beside the NBD socket, on the same volume. Overrides `[server] vhost_user_socket`; ""
+    /// serves none.
+    #[arg(long, value_name = "PATH", value_parser = any_path())]
+    pub vhost_user: Option<PathBuf>,
     /// STARTTLS: off refuses it, on offers it, require serves only TLS clients (overrides
     /// `[tls] mode`).
     #[arg(long, value_name = "MODE", value_parser = tls_mode())]
@@ -140,6 +148,9 @@ impl ServeArgs {
         }
         if let Some(listen) = &self.listen {
             cfg.server.listen = Some(listen.clone());
+        }
+        if let Some(vhost) = &self.vhost_user {
+            cfg.server.vhost_user_socket = (!vhost.as_os_str().is_empty()).then(|| vhost.clone());
         }
         if let Some(mode) = self.tls {
             cfg.tls.mode = mode;

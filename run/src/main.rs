@@ -184,8 +184,9 @@ fn open_device(path: &Path) -> Result<Arc<dyn Device>, CliError> {
 
 fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
     // First, before any file is opened: what a service manager handed over.
-    let inherited = systemd::listen_fd()?;
-    let socket_activated = inherited.is_some();
+    let inherited = systemd::listen_fds()?;
+    let socket_activated = inherited.nbd.is_some();
+    let vhost_activated = inherited.vhost.is_some();
     let mut notify = systemd::Notifier::from_env()?;
     let mut cfg = match &a.config {
         Some(path) => config::Config::load(path)?,
@@ -226,13 +227,18 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
         image: open_rw(&image)?,
         image_cached: if cfg.cache.page_cache { Some(open_rw(&image)?) } else { None },
         root: root.as_deref().map(open_rw).transpose()?,
-        listener: match inherited {
+        listener: match inherited.nbd {
             Some(listener) => Some(listener),
             // `socket = ""` with `listen` set: TCP only.
             None if cfg.server.socket.as_os_str().is_empty() => None,
             None => Some(socket::bind(&cfg.server.socket)?),
         },
         tcp: cfg.server.listen.as_deref().map(bind_tcp).transpose()?,
+        // The one systemd passed (named vhost-user), else the configured path, bound here.
+        vhost: match inherited.vhost {
+            Some(listener) => Some(listener),
+            None => cfg.server.vhost_user_socket.as_deref().map(socket::bind).transpose()?,
+        },
         tls: match (&cfg.tls.certificates, cfg.tls.mode) {
             (Some(dir), mode) if mode != config::TlsMode::Off => Some(tls_credentials(dir, cfg.tls.verify_peer)?),
             _ => None,
@@ -263,10 +269,27 @@ fn cmd_serve(a: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), uris.as_bytes());
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    // The vhost-user-blk socket, likewise: the manager's, or ours to remove at the end.
+    let vhost_ours = match (&held.vhost, vhost_activated) {
+        (Some(listener), true) => {
+            let addr = listener.local_addr().map_err(|source| CliError::File { path: "LISTEN_FDS".into(), source })?;
+            slog::info!(log, "vhost-user-blk socket inherited"; "path" => ?addr.as_pathname());
+            None
+        }
+        (Some(_), false) => cfg.server.vhost_user_socket.clone(),
+        (None, _) => None,
+    };
+    if let Some(vhost) = &vhost_ours {
+        let absolute = std::fs::canonicalize(vhost).unwrap_or_else(|_| vhost.clone());
+        slog::info!(log, "vhost-user-blk socket bound"; "path" => %absolute.display());
+    }
     let driver = driver_binary()?;
     let result = supervisor::supervise(&driver, &held, &cfg, &stop, &mut notify, &log);
     if let (true, Some(path)) = (ours, &path) {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(vhost) = &vhost_ours {
+        let _ = std::fs::remove_file(vhost);
     }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -1,5 +1,5 @@
-//! Binding a unix socket where an earlier server may have left one: the NBD socket and the
-//! metrics socket follow the same rule.
+//! Binding a unix socket where an earlier server may have left one: the NBD socket, the
+//! vhost-user-blk socket and the metrics socket follow the same rule.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -1,11 +1,12 @@
 //! The supervisor behind `rblk serve`: small, long-lived, trusted; no storage logic.
 //!
-//! It holds the image (and root device) and the LISTENING socket, and starts `rblk-driver`
-//! with exactly those descriptors plus the write end of a heartbeat pipe and, with `[metrics]`
-//! on, the metrics page (a memfd the driver maps; see `metrics.rs`), and nothing else (all
-//! the supervisor has open is close-on-exec). Every unrequested death is counted by cause for
-//! `/metrics`. Because the listening socket outlives every driver
-//! incarnation, a client that connects during a restart waits in the backlog.
+//! It holds the image (and root device) and the LISTENING sockets (NBD, and vhost-user-blk
+//! when configured), and starts `rblk-driver` with exactly those descriptors plus the write
+//! end of a heartbeat pipe and, with `[metrics]` on, the metrics page (a memfd the driver
+//! maps; see `metrics.rs`), and nothing else (all the supervisor has open is close-on-exec).
+//! Every unrequested death is counted by cause for `/metrics`. Because the listening sockets
+//! outlive every driver incarnation, a client that connects during a restart waits in the
+//! backlog.
 //!
 //! It restarts the driver at once when it exits or is killed after it became ready (that
 //! incarnation made progress), backs off exponentially while incarnations die before they
@@ -51,6 +52,9 @@ pub struct Held {
     pub listener: Option<UnixListener>,
     /// The TCP listener (`[server] listen`), if any.
     pub tcp: Option<TcpListener>,
+    /// The vhost-user-blk listening socket (`[server] vhost_user_socket`), if any: held like
+    /// the NBD socket, so a front-end reconnecting during a restart waits in its backlog.
+    pub vhost: Option<UnixListener>,
     /// The TLS credentials (`[tls]`) in a sealed memfd, if TLS is on.
     pub tls: Option<File>,
     /// What `/metrics` and `/status` show, and the metrics page each driver gets.
@@ -192,6 +196,9 @@ fn spawn(driver: &PathBuf, held: &Held, cfg: &config::Config) -> std::io::Result
     }
     if let Some(tcp) = &held.tcp {
         inherit.push(("--tcp-fd", tcp.as_fd()));
+    }
+    if let Some(vhost) = &held.vhost {
+        inherit.push(("--vhost-user-fd", vhost.as_fd()));
     }
     if let Some(tls) = &held.tls {
         inherit.push(("--tls-fd", tls.as_fd()));

@@ -1,8 +1,11 @@
 //! The systemd conventions `rblk serve` follows, without libsystemd (as nbdkit and qemu-nbd do):
 //!
 //! - **Socket activation** (sd_listen_fds(3)): when `LISTEN_PID` names this process and
-//!   `LISTEN_FDS` is 1, descriptor 3 is the listening socket to serve instead of binding one.
-//!   It must be a listening stream socket; anything else is refused, not guessed at.
+//!   `LISTEN_FDS` is 1, descriptor 3 is the NBD socket to serve instead of binding one. A
+//!   second descriptor may come, named `vhost-user` in `LISTEN_FDNAMES` (a socket unit's
+//!   `FileDescriptorName=vhost-user`): the vhost-user-blk socket, served instead of binding
+//!   `[server] vhost_user_socket`. Each must be a listening unix stream socket; anything else
+//!   (another count, a second unnamed socket, a name twice) is refused, not guessed at.
 //! - **Notification** (sd_notify(3)): datagrams to `NOTIFY_SOCKET` (a path, or `@name` for
 //!   an abstract socket): `READY=1` once the first driver incarnation serves, `STATUS=` lines
 //!   with the incarnation and its recovery, `STOPPING=1` on a requested stop.
@@ -34,8 +37,13 @@ pub const DRIVER_ENV_REMOVED: &[&str] =
 pub enum SystemdError {
     #[error("{name}={value:?} is not a number")]
     NotANumber { name: &'static str, value: String },
-    #[error("LISTEN_FDS={0}: rblk serves one socket, pass exactly one")]
+    #[error(
+        "LISTEN_FDS={0}: rblk takes one NBD socket and at most one more named vhost-user \
+         (LISTEN_FDNAMES, FileDescriptorName=vhost-user)"
+    )]
     FdCount(u32),
+    #[error("LISTEN_FDNAMES={names:?}: more than one {what} socket")]
+    FdNames { names: String, what: &'static str },
     #[error("the inherited descriptor {fd} is not usable")]
     Inspect {
         fd: RawFd,
@@ -55,26 +63,57 @@ fn env_number(name: &'static str) -> Result<Option<u64>, SystemdError> {
     }
 }
 
-/// The listening socket systemd passed, if it passed one to this process. Takes ownership of
-/// descriptor 3, marks it close-on-exec (the supervisor hands it to each driver explicitly)
-/// and removes the `LISTEN_*` variables, as sd_listen_fds(1) does.
-pub fn listen_fd() -> Result<Option<UnixListener>, SystemdError> {
+/// The name (`FileDescriptorName=`) that marks the vhost-user-blk socket among the inherited.
+const VHOST_USER_FDNAME: &str = "vhost-user";
+
+/// The listening sockets systemd passed to this process, if any.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// The NBD socket (the descriptor not named `vhost-user`).
+    pub nbd: Option<UnixListener>,
+    /// The vhost-user-blk socket (named `vhost-user`).
+    pub vhost: Option<UnixListener>,
+}
+
+/// The listening sockets systemd passed, if it passed any to this process. Takes ownership of
+/// descriptors 3 and 4 (as many as `LISTEN_FDS` says), marks them close-on-exec (the
+/// supervisor hands them to each driver explicitly) and removes the `LISTEN_*` variables, as
+/// sd_listen_fds(1) does.
+pub fn listen_fds() -> Result<Inherited, SystemdError> {
     let ours = env_number("LISTEN_PID")? == Some(u64::from(std::process::id()));
     let count = env_number("LISTEN_FDS")?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(name);
     }
     let count = match (ours, count) {
         (true, Some(n)) if n > 0 => n,
-        _ => return Ok(None),
+        _ => return Ok(Inherited::default()),
     };
-    if count != 1 {
+    if count > 2 {
         return Err(SystemdError::FdCount(count as u32));
     }
-    let fd = LISTEN_FDS_START;
+    let mut inherited = Inherited::default();
+    let mut named = names.split(':');
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count as RawFd {
+        let listener = take_listener(fd)?;
+        let (slot, what) = match named.next() {
+            Some(VHOST_USER_FDNAME) => (&mut inherited.vhost, "vhost-user"),
+            _ => (&mut inherited.nbd, "NBD (not named vhost-user)"),
+        };
+        if slot.replace(listener).is_some() {
+            return Err(SystemdError::FdNames { names, what });
+        }
+    }
+    Ok(inherited)
+}
+
+/// Takes inherited descriptor `fd`, which must be a listening unix stream socket.
+fn take_listener(fd: RawFd) -> Result<UnixListener, SystemdError> {
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|source| SystemdError::Inspect { fd, source })?;
-    // SAFETY: systemd passed descriptor 3 to this process (LISTEN_PID is ours) and nothing
-    // else in rblk opens or owns it: it is taken exactly once, here, before any file is opened.
+    // SAFETY: systemd passed descriptors 3.. to this process (LISTEN_PID is ours) and nothing
+    // else in rblk opens or owns them: each is taken exactly once, here, before any file is
+    // opened.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let inspect = |source| SystemdError::Inspect { fd, source };
     let family = match nix::sys::socket::getsockname::<SockaddrStorage>(fd) {
@@ -90,7 +129,7 @@ pub fn listen_fd() -> Result<Option<UnixListener>, SystemdError> {
     if !getsockopt(&owned, sockopt::AcceptConn).map_err(inspect)? {
         return Err(SystemdError::NotAListener { fd, what: "not listening" });
     }
-    Ok(Some(UnixListener::from(owned)))
+    Ok(UnixListener::from(owned))
 }
 
 /// Where the service manager listens for notifications, and the watchdog interval.

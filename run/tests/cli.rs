@@ -125,6 +125,7 @@ const OPTIONS: &[(&str, &[&str])] = &[
         &[
             "--socket",
             "--listen",
+            "--vhost-user",
             "--tls",
             "--tls-certificates",
             "--tls-verify-peer",
@@ -244,6 +245,8 @@ fn print_config_shows_file_and_flags_and_reads_back() {
             "--export-name",
             "disk0",
             "--listen=127.0.0.1:10900",
+            "--vhost-user",
+            "vm.sock",
             "--tls=on",
             "--tls-certificates",
             "certs",
@@ -258,6 +261,7 @@ fn print_config_shows_file_and_flags_and_reads_back() {
     want.server.read_only = true;
     want.server.export_name = "disk0".into();
     want.server.listen = Some("127.0.0.1:10900".into());
+    want.server.vhost_user_socket = Some("vm.sock".into());
     want.tls.mode = config::TlsMode::On;
     want.tls.certificates = Some("certs".into());
     assert_eq!(got, want, "{printed}");
@@ -268,8 +272,9 @@ fn print_config_shows_file_and_flags_and_reads_back() {
     // Without a file, the defaults.
     let defaults = succeeds(&["serve", "--print-config"], &dir.0);
     assert_eq!(config::Config::from_toml_str(&defaults).expect("defaults parse"), config::Config::default());
+    assert!(printed.contains("vhost_user_socket = \"vm.sock\"\n"), "{printed}");
     // Nothing was served: no image, no socket.
-    for name in ["my.img", "my.sock", "rblk.img", "rblk.sock"] {
+    for name in ["my.img", "my.sock", "vm.sock", "rblk.img", "rblk.sock"] {
         assert!(!dir.path(name).exists(), "--print-config made {name}");
     }
     // A flag that breaks a rule is refused as the file would be.
@@ -306,6 +311,38 @@ fn man_pages_and_completions_are_generated() {
     }
     let (code, _) = refused(&rblk(&["generate", "completions", "tcsh"], &dir.0));
     assert_eq!(code, Some(2));
+}
+
+/// `--vhost-user` overrides `[server] vhost_user_socket` both ways: a path sets it, "" turns a
+/// file's vhost-user session off; a path the socket rules refuse is refused naming the key.
+#[test]
+fn print_config_shows_the_vhost_user_socket() {
+    let dir = Scratch::new("cli-vhost-user");
+    let set = succeeds(&["serve", "--print-config", "--vhost-user", "/run/rblk/vm0.sock"], &dir.0);
+    assert!(set.contains("vhost_user_socket = \"/run/rblk/vm0.sock\"\n"), "{set}");
+    let cfg = config::Config::from_toml_str(&set).expect("parses");
+    assert_eq!(cfg.server.vhost_user_socket.as_deref(), Some(Path::new("/run/rblk/vm0.sock")));
+    let defaults = succeeds(&["serve", "--print-config"], &dir.0);
+    assert!(defaults.contains("vhost_user_socket = \"\"\n"), "{defaults}");
+    std::fs::write(dir.path("vm.toml"), "[server]\nvhost_user_socket = \"vm.sock\"\n").expect("config");
+    let off = succeeds(&["serve", "--config", "vm.toml", "--vhost-user", "", "--print-config"], &dir.0);
+    assert_eq!(config::Config::from_toml_str(&off).expect("parses"), config::Config::default(), "{off}");
+    let (code, err) = refused(&rblk(&["serve", "--print-config", "--vhost-user", "rblk.sock"], &dir.0));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server.vhost_user_socket") && err.contains("must differ from server.socket"), "{err}");
+}
+
+/// A `--vhost-user` path that names a file which is not a socket is refused like `--socket`'s,
+/// and the file kept.
+#[test]
+fn serve_never_replaces_a_file_with_the_vhost_user_socket() {
+    let dir = Scratch::new("cli-vhost-not-a-socket");
+    std::fs::write(dir.path("precious.img"), b"data that must survive").expect("file");
+    let out = rblk(&["serve", "v.img", "--size", "64M", "--vhost-user", "precious.img"], &dir.0);
+    let (code, stderr) = refused(&out);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("precious.img exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path("precious.img")).expect("kept"), b"data that must survive");
 }
 
 /// A `--socket` that names a file which is not a socket (a mistyped path, an image) is

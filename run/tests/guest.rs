@@ -1,8 +1,10 @@
-//! A real guest on rblk: Linux under QEMU (TCG) with the volume as its virtio disk through
-//! QEMU's NBD client (`reconnect-delay`), writing a seeded pattern with direct I/O and reading
-//! it back round after round while the host SIGKILLs the driver again and again. The guest
-//! must see every byte and no I/O error in its kernel log; afterwards the host reads the same
-//! bytes through NBD.
+//! A real guest on rblk: Linux under QEMU (TCG) with the volume as its virtio disk, either
+//! through QEMU's NBD client (`reconnect-delay`) or as a vhost-user-blk device (the guest's
+//! memory shared with the driver, QEMU's `-chardev socket,reconnect=1` reconnecting to the
+//! socket the supervisor holds), writing a seeded pattern with direct I/O and reading it back
+//! round after round while the host SIGKILLs the driver again and again. The guest must see
+//! every byte and no I/O error in its kernel log; afterwards the host reads the same bytes
+//! through NBD (over vhost-user too: both sessions serve the same volume).
 //!
 //! What it boots comes from `scripts/guest.sh` (Debian's QEMU, cloud kernel and busybox,
 //! unpacked into a cache directory; `scripts/test.sh` prepares it and sets RBLK_GUEST_DIR).
@@ -24,6 +26,11 @@ const MIB: u64 = 1 << 20;
 const PATTERN_MIB: u64 = 8;
 const AT_MIB: [u64; 3] = [0, 17, 40];
 const KILLS: usize = 5;
+/// The guest's memory in MiB; a vhost-user-blk front-end shares all of it with the backend
+/// through a memfd of exactly this size.
+const GUEST_MEM_MIB: u64 = 256;
+/// The volume's size as the guest's /sys/block/vda/size says it (512-byte sectors of 64 MiB).
+const VOLUME_SECTORS: u64 = 64 * MIB / 512;
 
 fn guest_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("RBLK_GUEST_DIR").map(PathBuf::from);
@@ -41,22 +48,28 @@ fn guest_dir() -> Option<PathBuf> {
 }
 
 /// The guest's /init (after the preamble `initramfs` adds): write the pattern at each offset
-/// and read it back (direct I/O both ways) round after round until the control disk says STOP;
+/// and read it back (direct I/O both ways, the offsets in parallel so that several requests
+/// are in flight when the driver dies) round after round until the control disk says STOP;
 /// then report and power off.
 fn init_script() -> String {
     let offsets: Vec<String> = AT_MIB.iter().map(u64::to_string).collect();
     format!(
-        r#"echo "RBLK-GUEST: disk $(cat /sys/block/vda/size) sectors"
-ok=1; round=0
+        r#"ok=1; round=0
 while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
   round=$((round+1))
+  echo "RBLK-GUEST: round $round writes"
   for at in {offsets}; do
-    dd if=/pattern of=/dev/vda bs=1M seek=$at oflag=direct conv=fsync 2>/dev/null || {{ echo "RBLK-GUEST: write failed at $at"; ok=0; }}
+    dd if=/pattern of=/dev/vda bs=1M seek=$at oflag=direct conv=fsync 2>/dev/null || {{ echo "RBLK-GUEST: write failed at $at"; touch /tmp/bad; }} &
   done
+  wait
   for at in {offsets}; do
-    dd if=/dev/vda of=/tmp/back bs=1M skip=$at count={count} iflag=direct 2>/dev/null || {{ echo "RBLK-GUEST: read failed at $at"; ok=0; }}
-    cmp -s /tmp/back /pattern || {{ echo "RBLK-GUEST: mismatch at $at in round $round"; ok=0; }}
+    dd if=/dev/vda of=/tmp/back$at bs=1M skip=$at count={count} iflag=direct 2>/dev/null || {{ echo "RBLK-GUEST: read failed at $at"; touch /tmp/bad; }} &
   done
+  wait
+  for at in {offsets}; do
+    cmp -s /tmp/back$at /pattern || {{ echo "RBLK-GUEST: mismatch at $at in round $round"; ok=0; }}
+  done
+  [ -e /tmp/bad ] && ok=0
   echo "RBLK-GUEST: round $round done"
   [ $round -ge 500 ] && {{ echo "RBLK-GUEST: no STOP after $round rounds"; ok=0; break; }}
 done
@@ -73,6 +86,18 @@ poweroff -f
 /// /dev, loads the modules and waits for both disks, then `init`), the pattern, and `host_bins`
 /// (host programs, copied with the libraries ldd names, at the same paths).
 fn initramfs(guest: &Path, dir: &Scratch, pattern: &[u8], init: &str, host_bins: &[&str]) -> PathBuf {
+    initramfs_with(guest, dir, pattern, init, host_bins, &[])
+}
+
+/// `initramfs` with more files at the initramfs' top level (`(name, bytes)`).
+fn initramfs_with(
+    guest: &Path,
+    dir: &Scratch,
+    pattern: &[u8],
+    init: &str,
+    host_bins: &[&str],
+    files: &[(&str, &[u8])],
+) -> PathBuf {
     let root = dir.path("initrd");
     for sub in ["bin", "modules", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(sub)).expect("initrd dir");
@@ -89,6 +114,7 @@ export PATH=/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in {modules}; do insmod /modules/$m.ko || echo "RBLK-INIT: insmod $m failed"; done
 i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+echo "RBLK-GUEST: disk $(cat /sys/block/vda/size) sectors"
 "#
     );
     std::fs::write(root.join("init"), preamble + init).expect("init");
@@ -106,6 +132,9 @@ i=0; while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 100 ]
     let executable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
     std::fs::set_permissions(root.join("init"), executable).expect("chmod init");
     std::fs::write(root.join("pattern"), pattern).expect("pattern");
+    for (name, bytes) in files {
+        std::fs::write(root.join(name), bytes).expect("initramfs file");
+    }
     let out = dir.path("initrd.gz");
     let pack = format!(
         "cd '{}' && find . | ./bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
@@ -127,18 +156,18 @@ struct Vm {
 }
 
 impl Vm {
-    /// Boots `initrd` with the volume (`disk`: QEMU's arguments for blockdev `d0`) as
-    /// /dev/vda and `control` (a plain file) as /dev/vdb.
+    /// Boots `initrd` with the volume (`disk`: QEMU's arguments for the device, see
+    /// `Via::qemu_args`) as /dev/vda and `control` (a plain file) as /dev/vdb (the `-device`
+    /// given first takes the first PCI slot, and virtio_blk names disks in slot order).
     fn boot(guest: &Path, dir: &Scratch, initrd: &Path, disk: &[String], control: &Path, console: &str) -> Vm {
         let console = dir.path(console);
         let qemu = Command::new(guest.join("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-kernel"])
+            .args(["-accel", "tcg", "-m", &GUEST_MEM_MIB.to_string(), "-nographic", "-no-reboot", "-kernel"])
             .arg(guest.join("vmlinuz"))
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .args(disk)
-            .args(["-device", "virtio-blk-pci,drive=d0"])
             .arg("-drive")
             .arg(format!("file={},format=raw,if=virtio", control.display()))
             .stdin(Stdio::null())
@@ -154,9 +183,14 @@ impl Vm {
     }
 
     fn wait_for(&self, what: &str, within: Duration) {
+        self.wait_for_or(what, within, &String::new);
+    }
+
+    /// `wait_for`, with `context()` (the server's log) in the failure message.
+    fn wait_for_or(&self, what: &str, within: Duration, context: &dyn Fn() -> String) {
         let until = Instant::now() + within;
         while !self.console().contains(what) {
-            assert!(Instant::now() < until, "the guest did not say {what:?}:\n{}", self.console());
+            assert!(Instant::now() < until, "the guest did not say {what:?}:\n{}\n{}", self.console(), context());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -177,7 +211,8 @@ impl Drop for Vm {
     }
 }
 
-/// How the guest's QEMU reaches the volume: its NBD client, reconnecting for up to a minute.
+/// How the guest's QEMU reaches the volume: its NBD client, reconnecting for up to a minute,
+/// or vhost-user-blk.
 enum Via {
     Unix,
     /// TCP with TLS required; the client certificate directory (the test CA's).
@@ -185,13 +220,20 @@ enum Via {
         port: u16,
         pki: PathBuf,
     },
+    /// A vhost-user-blk device on this socket (`rblk serve --vhost-user`), with two queues;
+    /// the host still reads through the NBD socket.
+    VhostUser {
+        socket: PathBuf,
+    },
 }
 
 impl Via {
     /// `qemu-img convert`'s source arguments for the volume.
     fn qemu_img_source(&self, serve: &Serve) -> Vec<String> {
         match self {
-            Via::Unix => vec!["-f".into(), "raw".into(), format!("nbd+unix:///?socket={}", serve.socket.display())],
+            Via::Unix | Via::VhostUser { .. } => {
+                vec!["-f".into(), "raw".into(), format!("nbd+unix:///?socket={}", serve.socket.display())]
+            }
             Via::Tls { port, pki } => vec![
                 "--object".into(),
                 format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display()),
@@ -201,16 +243,21 @@ impl Via {
         }
     }
 
+    /// QEMU's arguments that give the guest the volume as a virtio disk.
     fn qemu_args(&self, serve: &Serve) -> Vec<String> {
+        let nbd_disk = ["-device".to_string(), "virtio-blk-pci,drive=d0".to_string()];
         match self {
-            Via::Unix => vec![
+            Via::Unix => [
                 "-blockdev".into(),
                 format!(
                     "driver=nbd,node-name=d0,server.type=unix,server.path={},reconnect-delay=60",
                     serve.socket.display()
                 ),
-            ],
-            Via::Tls { port, pki } => vec![
+            ]
+            .into_iter()
+            .chain(nbd_disk)
+            .collect(),
+            Via::Tls { port, pki } => [
                 "-object".into(),
                 format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display()),
                 "-blockdev".into(),
@@ -218,9 +265,48 @@ impl Via {
                     "driver=nbd,node-name=d0,server.type=inet,server.host=127.0.0.1,server.port={port},\
                      tls-creds=tls0,reconnect-delay=60"
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(nbd_disk)
+            .collect(),
+            Via::VhostUser { socket } => vhost_user_disk(socket),
         }
     }
+}
+
+/// QEMU's arguments for a vhost-user-blk disk on `socket`: the guest's RAM in a shared memfd
+/// (the backend maps it; its size must equal `-m`), the chardev reconnecting every second
+/// when the backend goes away, two queues.
+fn vhost_user_disk(socket: &Path) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on"),
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-chardev".into(),
+        format!("socket,id=c0,path={},reconnect=1", socket.display()),
+        "-device".into(),
+        "vhost-user-blk-pci,chardev=c0,num-queues=2".into(),
+    ]
+}
+
+/// The last round the guest reported done (0 before the first).
+fn last_round(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.split("RBLK-GUEST: round ").nth(1)?.strip_suffix(" done")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// How the driver is taken from under the guest.
+#[derive(Debug, Clone, Copy)]
+enum Death {
+    /// SIGKILL: the driver's connections drop at once.
+    Kill,
+    /// SIGSTOP: the driver hangs with its connections open until the supervisor misses its
+    /// heartbeat and kills it.
+    Hang,
 }
 
 /// Boots the guest on a fresh volume, kills the driver [`KILLS`] times while it works (after
@@ -228,6 +314,19 @@ impl Via {
 /// and checks what it said: `RBLK-GUEST-OK`, no I/O error in its kernel log, every death in
 /// the supervisor's log. Returns the volume's bytes as the host reads them through NBD.
 fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64, via: &Via) -> Vec<u8> {
+    through_deaths(guest, dir, initrd, seed, via, Death::Kill, KILLS)
+}
+
+/// `through_kills` with `deaths` deaths of the given kind.
+fn through_deaths(
+    guest: &Path,
+    dir: &Scratch,
+    initrd: &Path,
+    seed: u64,
+    via: &Via,
+    death: Death,
+    deaths: usize,
+) -> Vec<u8> {
     let control = dir.path("control.img");
     std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
     let mut cfg =
@@ -238,24 +337,62 @@ fn through_kills(guest: &Path, dir: &Scratch, initrd: &Path, seed: u64, via: &Vi
             pki.display()
         );
     }
-    let serve = Serve::start(dir, &cfg, &[]);
+    let serve = match via {
+        Via::VhostUser { socket } => {
+            let args = [std::ffi::OsStr::new("--vhost-user"), socket.as_os_str()];
+            Serve::launch_with(dir, &dir.path("v.img"), Some("64M"), &cfg, "serve", &args, &[])
+        }
+        _ => Serve::start(dir, &cfg, &[]),
+    };
     serve.wait_for("serving", 1, Duration::from_secs(30));
 
     let mut vm = Vm::boot(guest, dir, initrd, &via.qemu_args(&serve), &control, "console.log");
-    vm.wait_for("RBLK-GUEST: round 1 done", Duration::from_secs(120));
-    for k in 1..=KILLS {
-        let pid = serve.driver_pid();
-        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL");
+    let server_log = || serve.log_tail();
+    vm.wait_for_or("RBLK-GUEST: round 1 done", Duration::from_secs(120), &server_log);
+    // Each death lands a seeded 20-120 ms after a round says it starts writing, while its
+    // writes are in flight (in TCG the guest spends most of a round comparing, and its dd
+    // processes take a while to start; a death at a random instant mostly found the rings
+    // idle). The next death waits until the new
+    // incarnation served a whole round begun after this one: the guest may run rounds ahead
+    // of the host, and a death before the front-end came back tests less.
+    let mut rng = Rng::new(seed ^ 0xdea7);
+    for k in 1..=deaths {
+        let writes = format!("RBLK-GUEST: round {} writes", last_round(&vm.console()) + 1);
+        let until = Instant::now() + Duration::from_secs(120);
+        while !vm.console().contains(&writes) {
+            assert!(Instant::now() < until, "the guest did not say {writes:?}:\n{}", vm.console());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20 + rng.below(100)));
+        let round = last_round(&vm.console());
+        let pid = Pid::from_raw(serve.driver_pid());
+        match death {
+            Death::Kill => kill(pid, Signal::SIGKILL).expect("SIGKILL"),
+            Death::Hang => {
+                kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+                serve.wait_for("no heartbeat", k, Duration::from_secs(30));
+            }
+        }
         serve.wait_for("driver ready", k + 1, Duration::from_secs(60));
-        vm.wait_for(&format!("RBLK-GUEST: round {} done", k + 2), Duration::from_secs(120));
+        vm.wait_for_or(&format!("RBLK-GUEST: round {} done", round + 2), Duration::from_secs(120), &server_log);
     }
     std::fs::write(&control, b"STOP").expect("stop the guest");
     vm.wait_exit(Duration::from_secs(120));
     let text = vm.console();
     let said: Vec<&str> = text.lines().filter(|l| l.contains("RBLK-GUEST")).collect();
+    let disk = format!("RBLK-GUEST: disk {VOLUME_SECTORS} sectors");
+    assert!(text.contains(&disk), "the guest's /dev/vda is not the 64 MiB volume:\n{}", said.join("\n"));
     assert!(text.contains("RBLK-GUEST-OK"), "the guest saw a problem (seed {seed}):\n{}", said.join("\n"));
     assert!(!text.contains("I/O error"), "I/O errors in the guest's kernel log:\n{text}");
-    assert!(serve.log().matches("driver died").count() >= KILLS, "{}", serve.log_tail());
+    assert!(serve.log().matches("driver died").count() >= deaths, "{}", serve.log_tail());
+    if let Via::VhostUser { .. } = via {
+        // Every incarnation took the front-end's reconnection (the driver's own log line).
+        let log = serve.log();
+        let connected = log.matches("front-end connected").count();
+        assert!(connected > deaths, "{connected} vhost-user connections for {} incarnations:\n{log}", deaths + 1);
+        let resubmits = log.matches("resubmitting what the previous driver left in flight").count();
+        eprintln!("vhost-user: {connected} connections, {resubmits} rings resubmitted in-flight requests");
+    }
 
     let copy = dir.path("copy.raw");
     let mut convert = Command::new("qemu-img");
@@ -291,6 +428,131 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
     }
 }
 
+/// The seeded pattern over vhost-user-blk: the guest's memory shared with the driver, two
+/// queues, the driver SIGKILLed under the running guest again and again. QEMU's chardev
+/// reconnects to the socket the supervisor holds; the next incarnation must take the
+/// front-end's inflight region and the rings back and complete what was in flight, so the
+/// guest sees no error. The host then reads the same bytes through the NBD socket of the same
+/// `rblk serve`.
+#[test]
+fn a_guest_on_vhost_user_writes_and_verifies_through_driver_kills() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let dir = Scratch::new("guest-vhost");
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
+    let image = through_kills(&guest, &dir, &initrd, seed, &Via::VhostUser { socket: dir.path("vhost.sock") });
+    for at in AT_MIB {
+        let got = &image[(at * MIB) as usize..][..pattern.len()];
+        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB over NBD (seed {seed})");
+    }
+}
+
+/// Hung drivers under a vhost-user-blk guest: each stops (SIGSTOP) with the front-end's
+/// connection open, the supervisor kills it for its silent heartbeat, and the next incarnation
+/// must finish what the hung one had taken from the rings.
+#[test]
+fn a_guest_on_vhost_user_survives_hung_drivers() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let dir = Scratch::new("guest-vhost-hung");
+    let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
+    let via = Via::VhostUser { socket: dir.path("vhost.sock") };
+    let image = through_deaths(&guest, &dir, &initrd, seed, &via, Death::Hang, 2);
+    for at in AT_MIB {
+        let got = &image[(at * MIB) as usize..][..pattern.len()];
+        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB over NBD (seed {seed})");
+    }
+}
+
+/// Where the cross-session test's guest and host write (MiB).
+const SHARED_AT_MIB: [u64; 2] = [0, 40];
+
+/// The guest's /init for the cross-session test: write the pattern at the first offset and
+/// say so; wait for the host's NEXT on the control disk; read both offsets (the host wrote
+/// /host there through NBD) and compare; write the pattern at the second offset; report.
+fn shared_init_script() -> String {
+    let [first, second] = SHARED_AT_MIB;
+    format!(
+        r#"ok=1
+dd if=/pattern of=/dev/vda bs=1M seek={first} oflag=direct conv=fsync 2>/dev/null && echo "RBLK-GUEST: wrote at {first}" || {{ echo "RBLK-GUEST: write failed at {first}"; ok=0; }}
+i=0; while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q NEXT; do i=$((i+1)); [ $i -gt 1200 ] && {{ echo "RBLK-GUEST: no NEXT"; ok=0; break; }}; sleep 0.1; done
+for at in {first} {second}; do
+  dd if=/dev/vda of=/tmp/back bs=1M skip=$at count={count} iflag=direct 2>/dev/null || {{ echo "RBLK-GUEST: read failed at $at"; ok=0; }}
+  cmp -s /tmp/back /host && echo "RBLK-GUEST: the host's bytes at $at" || {{ echo "RBLK-GUEST: other bytes than the host's at $at"; ok=0; }}
+done
+dd if=/pattern of=/dev/vda bs=1M seek={second} oflag=direct conv=fsync 2>/dev/null && echo "RBLK-GUEST: wrote at {second}" || {{ echo "RBLK-GUEST: write failed at {second}"; ok=0; }}
+dmesg | grep -i -e "I/O error" -e "blk_update_request" -e "Buffer I/O" && {{ echo "RBLK-GUEST: kernel saw I/O errors"; ok=0; }}
+[ $ok = 1 ] && echo "RBLK-GUEST-OK" || echo "RBLK-GUEST-FAIL"
+poweroff -f
+"#,
+        count = PATTERN_MIB,
+    )
+}
+
+/// Both sessions of one `rblk serve` on one volume: what the guest wrote through vhost-user-blk
+/// (acknowledged: its direct write returned) the host reads through NBD, and what the host
+/// wrote through NBD with qemu-io (acknowledged: qemu-io returned), over the guest's own data
+/// and beside it, the guest reads through vhost-user-blk.
+#[test]
+fn vhost_user_and_nbd_see_each_others_writes() {
+    let Some(guest) = guest_dir() else { return };
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let (seed, pattern) = seeded_pattern();
+    let mut host = vec![0u8; pattern.len()];
+    Rng::new(seed ^ 0x4e42_4400).fill(&mut host);
+    let dir = Scratch::new("guest-vhost-nbd");
+    std::fs::write(dir.path("host.bin"), &host).expect("host pattern");
+    let initrd = initramfs_with(&guest, &dir, &pattern, &shared_init_script(), &[], &[("host", &host)]);
+    let control = dir.path("control.img");
+    std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
+    let vhost = dir.path("vhost.sock");
+    let args = [std::ffi::OsStr::new("--vhost-user"), vhost.as_os_str()];
+    let serve = Serve::launch_with(&dir, &dir.path("v.img"), Some("64M"), "", "serve", &args, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let uri = format!("nbd+unix:///?socket={}", serve.socket.display());
+    let read_volume = |name: &str| {
+        let copy = dir.path(name);
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", &uri, "-O", "raw"])
+            .arg(&copy)
+            .output()
+            .expect("qemu-img convert");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(&copy).expect("copy")
+    };
+    let at = |image: &[u8], mib: u64| image[(mib * MIB) as usize..][..pattern.len()].to_vec();
+    let [first, second] = SHARED_AT_MIB;
+
+    let mut vm = Vm::boot(&guest, &dir, &initrd, &vhost_user_disk(&vhost), &control, "console.log");
+    vm.wait_for(&format!("RBLK-GUEST: wrote at {first}"), Duration::from_secs(120));
+    let image = read_volume("after-guest.raw");
+    assert!(at(&image, first) == pattern, "NBD does not read what the guest wrote at {first} MiB (seed {seed})");
+    let source = dir.path("host.bin");
+    let len = pattern.len();
+    let writes: Vec<String> =
+        SHARED_AT_MIB.iter().map(|mib| format!("write -s {} {} {len}", source.display(), mib * MIB)).collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    common::qemu_io(&uri, &writes);
+    std::fs::write(&control, b"NEXT").expect("tell the guest");
+    vm.wait_exit(Duration::from_secs(120));
+    let text = vm.console();
+    let said: Vec<&str> = text.lines().filter(|l| l.contains("RBLK-GUEST")).collect();
+    assert!(text.contains(&format!("RBLK-GUEST: disk {VOLUME_SECTORS} sectors")), "{}", said.join("\n"));
+    assert!(text.contains("RBLK-GUEST-OK"), "the guest saw a problem (seed {seed}):\n{}", said.join("\n"));
+    let image = read_volume("after-both.raw");
+    assert!(at(&image, first) == host, "the host's write at {first} MiB did not stay (seed {seed})");
+    assert!(at(&image, second) == pattern, "NBD does not read the guest's write at {second} MiB (seed {seed})");
+    assert!(serve.stop().success());
+}
+
 /// The guest's /init for the filesystem test: mkfs.ext4 on the disk, then round after round
 /// a new file with the pattern (synced, compared), the oldest of four removed, until STOP;
 /// then unmount, e2fsck, mount again and compare every file left.
@@ -301,6 +563,7 @@ want=$(md5sum < /pattern)
 mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || { echo "RBLK-GUEST: mount failed"; ok=0; }
 while ! dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; do
   round=$((round+1))
+  echo "RBLK-GUEST: round $round writes"
   cp /pattern /mnt/f$round && sync || { echo "RBLK-GUEST: writing f$round failed"; ok=0; }
   echo 3 > /proc/sys/vm/drop_caches
   [ "$(md5sum < /mnt/f$round)" = "$want" ] || { echo "RBLK-GUEST: f$round differs"; ok=0; }
@@ -324,15 +587,26 @@ poweroff -f
 /// e2fsck clean inside the guest and again on the host's copy of the volume.
 #[test]
 fn a_guest_filesystem_survives_driver_kills() {
+    filesystem_through_kills("guest-fs", |_| Via::Unix);
+}
+
+/// The same over vhost-user-blk: ext4's flushes and journal writes go through the virtqueues,
+/// the driver killed under them.
+#[test]
+fn a_guest_filesystem_on_vhost_user_survives_driver_kills() {
+    filesystem_through_kills("guest-vhost-fs", |dir| Via::VhostUser { socket: dir.path("vhost.sock") });
+}
+
+fn filesystem_through_kills(name: &str, via: impl Fn(&Scratch) -> Via) {
     let Some(guest) = guest_dir() else { return };
     if !have("qemu-img") || !have("e2fsck") || !have("mke2fs") {
         return;
     }
     let (seed, pattern) = seeded_pattern();
-    let dir = Scratch::new("guest-fs");
+    let dir = Scratch::new(name);
     let bins = ["/sbin/mke2fs", "/sbin/e2fsck"];
     let initrd = initramfs(&guest, &dir, &pattern, fs_init_script(), &bins);
-    let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
+    let image = through_kills(&guest, &dir, &initrd, seed, &via(&dir));
     let copy = dir.path("fsck.raw");
     std::fs::write(&copy, &image).expect("copy");
     let fsck = Command::new("e2fsck").arg("-fn").arg(&copy).output().expect("e2fsck");
@@ -440,11 +714,8 @@ fn a_guest_filesystem_survives_power_cuts() {
         drop(vm);
         serve.kill_all();
         let before = std::fs::read_to_string(dir.path("before.log")).unwrap_or_default();
-        let done = before
-            .lines()
-            .filter_map(|l| l.split("RBLK-GUEST: round ").nth(1)?.strip_suffix(" done")?.trim().parse::<u64>().ok())
-            .max()
-            .expect("rounds done");
+        let done = last_round(&before);
+        assert!(done > 0, "no round done before the cut:\n{before}");
         mounted.unmount().expect("unmount");
 
         let mounted = lazyfs::mount(&backing, &mnt, lazyfs::Options { mode: lazyfs::Mode::Keep, seed, cached: false })

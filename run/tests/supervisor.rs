@@ -102,6 +102,47 @@ fn killed_and_restarted(name: &str, config: &str) {
     assert!(serve.stop().success());
 }
 
+/// `--vhost-user PATH`: the supervisor binds the vhost-user-blk socket itself and holds it
+/// like the NBD socket. Every incarnation is handed it (`--vhost-user-fd`), a front-end that
+/// connects while the driver is dead waits in the backlog instead of being refused, and a
+/// clean stop removes the file.
+#[test]
+fn the_vhost_user_socket_is_held_across_driver_kills() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixStream;
+
+    let dir = Scratch::new("vhost-held");
+    let vhost = dir.path("vhost.sock");
+    let args = [std::ffi::OsStr::new("--vhost-user"), vhost.as_os_str()];
+    let serve = Serve::launch_with(&dir, &dir.path("v.img"), Some("64M"), QUICK, "serve", &args, &[]);
+    serve.wait_for("serving", 1, Duration::from_secs(30));
+    let kind = std::fs::symlink_metadata(&vhost).expect("the vhost-user socket exists").file_type();
+    assert!(kind.is_socket(), "{} is not a socket", vhost.display());
+    UnixStream::connect(&vhost).expect("connect before any kill");
+    for round in 1..=3 {
+        let pid = serve.driver_pid();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--vhost-user-fd "), "incarnation {round} was not handed the socket: {cmdline}");
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill the driver");
+        // While the next incarnation recovers (or before it starts), the supervisor's socket
+        // still takes connections into its backlog.
+        serve.wait_for("driver died", round, Duration::from_secs(10));
+        UnixStream::connect(&vhost).unwrap_or_else(|e| panic!("connect after kill {round}: {e}"));
+        serve.wait_for("driver ready", round + 1, Duration::from_secs(30));
+        UnixStream::connect(&vhost).unwrap_or_else(|e| panic!("connect after restart {round}: {e}"));
+    }
+    // The NBD socket serves beside it.
+    let client = session::Client::connect(&serve.socket, "").expect("NBD client");
+    client.write(0, &[7u8; 4096], true).expect("NBD write");
+    assert_eq!(client.read(0, 4096).expect("NBD read"), vec![7u8; 4096]);
+    drop(client);
+    let socket = serve.socket.clone();
+    assert!(serve.stop().success());
+    assert!(!vhost.exists(), "the vhost-user socket is removed at a clean stop");
+    assert!(!socket.exists(), "the NBD socket is removed at a clean stop");
+}
+
 /// A driver that stops beating (SIGSTOP: hung) is killed and replaced.
 #[test]
 fn hung_driver_is_killed_and_restarted() {

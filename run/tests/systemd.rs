@@ -1,6 +1,7 @@
 //! `rblk serve` under systemd's conventions: readiness, status and watchdog notifications
 //! on a test NOTIFY_SOCKET; socket activation by `systemd-socket-activate` with a real
-//! client; the shipped unit files accepted by `systemd-analyze verify`.
+//! client (and with a second socket named `vhost-user`); the shipped unit files accepted by
+//! `systemd-analyze verify`.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -166,6 +167,95 @@ fn socket_activation_serves_the_first_client() {
     assert!(socket.exists(), "rblk removed the socket file it did not create");
 }
 
+/// Two sockets, the second named `vhost-user` (a socket unit's `FileDescriptorName=`): the
+/// supervisor serves NBD on the first and hands the second to each driver as the
+/// vhost-user-blk socket, binding neither path of its own, and leaves both files to the
+/// manager.
+#[test]
+fn socket_activation_passes_a_named_vhost_user_socket() {
+    use std::os::unix::net::UnixStream;
+    if !have("systemd-socket-activate") || !have("qemu-io") {
+        return;
+    }
+    let dir = Scratch::new("sd-activate-vhost");
+    let (nbd, vhost) = (dir.path("nbd.sock"), dir.path("vhost.sock"));
+    let log = std::fs::File::create(dir.path("serve.log")).expect("log");
+    let mut activator = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&nbd)
+        .arg("-l")
+        .arg(&vhost)
+        .arg("--fdname=nbd:vhost-user")
+        .arg(format!("--setenv=RBLK_DRIVER={}", env!("CARGO_BIN_EXE_rblk-driver")))
+        .arg("--setenv=RBLK_LOG=info")
+        .arg(env!("CARGO_BIN_EXE_rblk"))
+        .arg("serve")
+        .arg(dir.path("v.img"))
+        .args(["--size", "64M", "--socket"])
+        .arg(dir.path("unused.sock"))
+        .arg("--vhost-user")
+        .arg(dir.path("unused-vhost.sock"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(nbd.exists() && vhost.exists()) {
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A front-end's connection starts the service (and waits in the manager's backlog).
+    let _front_end = UnixStream::connect(&vhost).expect("connect to the vhost-user socket");
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    common::qemu_io(&uri, &["write -P 0x5a 4096 1M", "read -P 0x5a 4096 1M"]);
+    // systemd-socket-activate execs the service in place: its pid is the supervisor's.
+    let pid = activator.id();
+    let driver = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("children");
+    let driver = driver.split_whitespace().next().expect("a driver runs").to_string();
+    let cmdline = std::fs::read(format!("/proc/{driver}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--vhost-user-fd 4 "), "the driver was not handed descriptor 4: {cmdline}");
+    assert!(cmdline.contains("--socket-fd 3 "), "the driver was not handed descriptor 3: {cmdline}");
+    for unused in ["unused.sock", "unused-vhost.sock"] {
+        assert!(!dir.path(unused).exists(), "rblk bound {unused} instead of the inherited socket");
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = activator.wait().expect("wait");
+    let served = std::fs::read_to_string(dir.path("serve.log")).unwrap_or_default();
+    assert!(status.success(), "rblk serve ended with {status}:\n{served}");
+    assert!(nbd.exists() && vhost.exists(), "rblk removed a socket file it did not create");
+}
+
+/// Two inherited sockets that are not one NBD and one `vhost-user` are refused, naming
+/// LISTEN_FDNAMES.
+#[test]
+fn inherited_sockets_with_a_name_twice_are_refused() {
+    if !have("python3") {
+        return;
+    }
+    let dir = Scratch::new("sd-twice");
+    // Python binds two listening sockets, moves them to descriptors 3 and 4 and execs rblk
+    // in place (the socket objects are kept alive until the exec).
+    let script = format!(
+        "import os, socket\n\
+         keep = [socket.socket(socket.AF_UNIX) for _ in range(2)]\n\
+         moved = []\n\
+         for s, name in zip(keep, ('a.sock', 'b.sock')):\n\
+         \x20   s.bind('{dir}/' + name); s.listen(1); moved.append(os.dup(s.fileno()))\n\
+         for fd, high in zip((3, 4), moved):\n\
+         \x20   os.dup2(high, fd, inheritable=True)\n\
+         os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='2', LISTEN_FDNAMES='vhost-user:vhost-user')\n\
+         os.execv('{rblk}', ['rblk', 'serve', '{dir}/v.img', '--socket', '{dir}/s.sock', '--size', '64M'])\n",
+        dir = dir.0.display(),
+        rblk = env!("CARGO_BIN_EXE_rblk"),
+    );
+    let out = Command::new("python3").arg("-c").arg(script).output().expect("python3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served two vhost-user sockets: {err}");
+    assert!(err.contains("LISTEN_FDNAMES=\"vhost-user:vhost-user\": more than one vhost-user socket"), "{err}");
+    assert!(!dir.path("s.sock").exists());
+}
+
 /// An inherited descriptor that is not a listening unix stream socket is refused with a
 /// clear error, not served.
 #[test]
@@ -203,10 +293,14 @@ fn unit_files_verify() {
     let service = service.replace("/usr/bin/rblk", env!("CARGO_BIN_EXE_rblk"));
     std::fs::write(dir.path("rblk@vol0.service"), service).expect("write");
     std::fs::copy(src.join("rblk@.socket"), dir.path("rblk@vol0.socket")).expect("copy");
+    let vhost = std::fs::read_to_string(src.join("rblk-vhost@.socket")).expect("rblk-vhost@.socket");
+    assert!(vhost.contains("FileDescriptorName=vhost-user\n"), "{vhost}");
+    std::fs::write(dir.path("rblk-vhost@vol0.socket"), vhost).expect("write");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path("rblk@vol0.service"))
         .arg(dir.path("rblk@vol0.socket"))
+        .arg(dir.path("rblk-vhost@vol0.socket"))
         .output()
         .expect("systemd-analyze");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

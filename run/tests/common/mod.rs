@@ -77,6 +77,19 @@ impl Serve {
         name: &str,
         env: &[(&str, &str)],
     ) -> Serve {
+        Serve::launch_with(dir, image, size, config, name, &[], env)
+    }
+
+    /// Like `launch`, with more arguments for `rblk serve` (e.g. `--vhost-user PATH`).
+    pub fn launch_with(
+        dir: &Scratch,
+        image: &std::path::Path,
+        size: Option<&str>,
+        config: &str,
+        name: &str,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> Serve {
         let cfg = dir.path("rblk.toml");
         std::fs::write(&cfg, config).expect("config");
         let log = dir.path(&format!("{name}.log"));
@@ -86,6 +99,7 @@ impl Serve {
         if let Some(size) = size {
             cmd.arg("--size").arg(size);
         }
+        cmd.args(args);
         cmd.env("RBLK_LOG", "info").env("RBLK_DRIVER", env!("CARGO_BIN_EXE_rblk-driver"));
         for (k, v) in env {
             cmd.env(k, v);
