@@ -643,3 +643,96 @@ fn the_memory_table_changes_under_load() {
     g.still_works(0, 10);
     driver.alive();
 }
+
+/// What a driver killed with requests in flight leaves, laid out by hand, and a new driver
+/// taking over: the requests the inflight region marks (and only those) are completed, in
+/// the order taken; one whose completion reached the used ring before the old driver died
+/// (the region's used_idx behind the ring's) is not redone; the avail ring resumes after
+/// everything the old driver took.
+#[test]
+fn a_new_driver_resubmits_what_the_inflight_region_marks() {
+    let dir = scratch("resubmit");
+    let driver = start(&dir);
+    let mut g = Guest::connect(&driver.vhost);
+    let ask = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: QSIZE };
+    let (region, fd) = g.frontend.get_inflight_fd(&ask).expect("get inflight");
+    let file = File::from(std::os::fd::OwnedFd::from(fd));
+    let area = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        region.mmap_size as usize,
+        Some(FileOffset::new(file.try_clone().expect("dup"), region.mmap_offset)),
+    )])
+    .expect("map the inflight region");
+    // Five writes taken by the "old driver": heads 0, 3, 6, 9, 12, each header + 4 KiB +
+    // status, to sectors 800 + 8 * n with data n + 1.
+    let heads = [0u16, 3, 6, 9, 12];
+    for (n, &head) in heads.iter().enumerate() {
+        let base = 0x100000 + 0x4000 * n as u64;
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&(800 + 8 * n as u64).to_le_bytes());
+        g.mem.write_slice(&h, GuestAddress(base)).expect("header");
+        g.mem.write_slice(&[n as u8 + 1; 4096], GuestAddress(base + 0x1000)).expect("data");
+        g.mem.write_obj(UNANSWERED, GuestAddress(base + 0x3000)).expect("status");
+        g.put(head, Desc { addr: base, len: 16, flags: F_NEXT, next: head + 1 });
+        g.put(head + 1, Desc { addr: base + 0x1000, len: 4096, flags: F_NEXT, next: head + 2 });
+        g.put(head + 2, Desc { addr: base + 0x3000, len: 1, flags: F_WRITE, next: 0 });
+        let slot = AVAIL + 4 + 2 * n as u64;
+        g.mem.write_obj(head.to_le(), GuestAddress(slot)).expect("avail slot");
+    }
+    g.mem.write_obj(5u16.to_le(), GuestAddress(AVAIL + 2)).expect("avail idx");
+    g.next_avail = 5;
+    // The old driver completed heads 3 and 9 (out of order) into the used ring; the region
+    // still marks 0, 6, 12 and also 9: it died between 9's used-ring write and its unmark.
+    for (i, head) in [3u32, 9].into_iter().enumerate() {
+        let slot = USED + 4 + 8 * i as u64;
+        g.mem.write_obj(head.to_le(), GuestAddress(slot)).expect("used id");
+        g.mem.write_obj(4097u32.to_le(), GuestAddress(slot + 4)).expect("used len");
+    }
+    g.mem.write_obj(2u16.to_le(), GuestAddress(USED + 2)).expect("used idx");
+    g.next_used = 2;
+    area.write_obj(1u16.to_le(), GuestAddress(8)).expect("version");
+    area.write_obj(QSIZE.to_le(), GuestAddress(10)).expect("desc_num");
+    area.write_obj(9u16.to_le(), GuestAddress(12)).expect("last_batch_head");
+    area.write_obj(1u16.to_le(), GuestAddress(14)).expect("used_idx");
+    for (head, counter) in [(0u64, 0u64), (6, 2), (9, 3), (12, 4)] {
+        area.write_obj(1u8, GuestAddress(16 + 16 * head)).expect("inflight");
+        area.write_obj(counter.to_le(), GuestAddress(16 + 16 * head + 8)).expect("counter");
+    }
+    g.frontend.set_inflight_fd(&region, file.as_raw_fd()).expect("set inflight");
+    // As QEMU does after a backend died: the base is the used ring's idx.
+    g.frontend.set_vring_num(0, QSIZE).expect("vring num");
+    let addrs = VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: 0,
+        desc_table_addr: USER + DESC,
+        used_ring_addr: USER + USED,
+        avail_ring_addr: USER + AVAIL,
+        log_addr: None,
+    };
+    g.frontend.set_vring_addr(0, &addrs).expect("vring addr");
+    g.frontend.set_vring_base(0, 2).expect("vring base");
+    g.frontend.set_vring_call(0, &g.call).expect("vring call");
+    g.frontend.set_vring_kick(0, &g.kick).expect("vring kick");
+    g.frontend.set_vring_enable(0, true).expect("vring enable");
+    let mut done: Vec<u32> = (0..3).map(|_| g.completion().expect("a resubmitted request").0).collect();
+    done.sort_unstable();
+    assert_eq!(done, vec![0, 6, 12], "exactly the marked requests, not 9");
+    for (n, &head) in heads.iter().enumerate() {
+        let status: u8 = g.mem.read_obj(GuestAddress(0x100000 + 0x4000 * n as u64 + 0x3000)).expect("status");
+        let redone = [0u16, 6, 12].contains(&head);
+        assert_eq!(status, if redone { S_OK } else { UNANSWERED }, "status of head {head}");
+        assert_eq!(
+            nbd_read(&driver.nbd, (800 + 8 * n as u64) * 512, 4096),
+            if redone { vec![n as u8 + 1; 4096] } else { vec![0; 4096] }
+        );
+    }
+    // Nothing else comes (3 and 9 are not taken again from the avail ring), and the ring
+    // goes on with the next request the guest offers.
+    assert_eq!(g.completion_within(Duration::from_millis(300)), None, "a request was redone");
+    let marks: Vec<u8> = (0..QSIZE as u64).map(|h| area.read_obj(GuestAddress(16 + 16 * h)).expect("mark")).collect();
+    assert!(marks.iter().all(|&m| m == 0), "marks left after completion: {marks:?}");
+    g.still_works(0, 11);
+    driver.alive();
+}
