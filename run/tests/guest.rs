@@ -662,8 +662,9 @@ poweroff -f
 /// round after round; at a seeded instant the power goes (unsynced writes torn or reordered,
 /// QEMU and rblk killed). After the restart a second guest mounts the volume: every file the
 /// first guest had synced (its round reported done) must read back whole, and e2fsck must be
-/// clean; every other cut runs without the page cache. `RBLK_GUEST_CUTS=N` runs N cuts (default 2),
-/// `RBLK_GUEST_SEED=S` picks the first.
+/// clean; every other cut runs without the page cache, and the first guest's disk is NBD or
+/// vhost-user-blk (both within the default two cuts). `RBLK_GUEST_CUTS=N` runs N cuts
+/// (default 2), `RBLK_GUEST_SEED=S` picks the first.
 #[test]
 fn a_guest_filesystem_survives_power_cuts() {
     let Some(guest) = guest_dir() else { return };
@@ -700,12 +701,22 @@ fn a_guest_filesystem_survives_power_cuts() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let control = dir.path("control.img");
         std::fs::write(&control, vec![0u8; 4096]).expect("control disk");
-        // Every other cut without the page cache (data and tree blocks O_DIRECT).
+        // Every other cut without the page cache (data and tree blocks O_DIRECT); the guest's
+        // disk alternates between NBD and vhost-user-blk so that the default two cuts cover
+        // both settings and both sessions (four cover every pair).
         let page_cache = cut % 2 == 0;
         let config = format!("[cache]\npage_cache = {page_cache}\n");
-        let serve = Serve::launch(&dir, &image, None, &config, "before", &[]);
+        let via = match (cut % 2) ^ (cut / 2 % 2) {
+            0 => Via::Unix,
+            _ => Via::VhostUser { socket: dir.path("vhost.sock") },
+        };
+        let args = match &via {
+            Via::VhostUser { socket } => vec![std::ffi::OsStr::new("--vhost-user"), socket.as_os_str()],
+            _ => Vec::new(),
+        };
+        let serve = Serve::launch_with(&dir, &image, None, &config, "before", &args, &[]);
         serve.wait_for("serving", 1, Duration::from_secs(30));
-        let vm = Vm::boot(&guest, &dir, &dir.path("writing.gz"), &Via::Unix.qemu_args(&serve), &control, "before.log");
+        let vm = Vm::boot(&guest, &dir, &dir.path("writing.gz"), &via.qemu_args(&serve), &control, "before.log");
         let rounds = 2 + rng.below(3);
         vm.wait_for(&format!("RBLK-GUEST: round {rounds} done"), Duration::from_secs(120));
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
@@ -726,8 +737,9 @@ fn a_guest_filesystem_survives_power_cuts() {
         vm.wait_exit(Duration::from_secs(120));
         let after = vm.console();
         let said: Vec<&str> = after.lines().filter(|l| l.contains("RBLK-CHECK")).collect();
+        let session = if matches!(via, Via::Unix) { "NBD" } else { "vhost-user" };
         let context = format!(
-            "cut {cut} (seed {seed}, {mode:?}, page cache {page_cache}) after round {done}:\n{}",
+            "cut {cut} (seed {seed}, {mode:?}, page cache {page_cache}, written through {session}) after round {done}:\n{}",
             said.join("\n")
         );
         assert!(after.contains("RBLK-CHECK: end"), "the checking guest did not finish; {context}\n{after}");
@@ -738,7 +750,7 @@ fn a_guest_filesystem_survives_power_cuts() {
             assert!(after.contains(&format!("RBLK-CHECK: f{f} ok")), "f{f} was synced but is gone; {context}");
         }
         eprintln!(
-            "guest power cut {cut}: seed {seed}, {mode:?}, page cache {page_cache}, after round {done}: every synced file intact"
+            "guest power cut {cut}: seed {seed}, {mode:?}, page cache {page_cache}, {session}, after round {done}: every synced file intact"
         );
         assert!(serve.stop().success());
         mounted.unmount().expect("unmount");
