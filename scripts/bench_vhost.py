@@ -177,6 +177,7 @@ class Backend:
         self.image = os.path.join(work, f"{target}.img")
         self.socket = os.path.join(work, f"{target}.sock")
         self.log = os.path.join(work, f"{target}.log")
+        self.qsd = args.qsd
         for p in (self.image, self.socket):
             if os.path.exists(p):
                 os.remove(p)
@@ -216,6 +217,14 @@ class Backend:
         for p in (self.image, self.socket, getattr(self, "vhost", "")):
             if p and os.path.exists(p):
                 os.remove(p)
+
+    def complaints(self):
+        """What the backend logged above INFO (rblk: WARN, ERRO, CRIT, such as a driver's death;
+        qemu-storage-daemon logs only problems)."""
+        lines = read(self.log).splitlines()
+        if self.proc.args[0] == self.qsd:
+            return [f"backend: {line}" for line in lines if line.strip()]
+        return [f"backend: {line}" for line in lines if re.search(r" (WARN|ERRO|CRIT) ", line)]
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -392,6 +401,7 @@ def main():
                         results, said = run_guest(target, backend, args, initrd, work)
                 finally:
                     backend.stop()
+                said += backend.complaints()
                 if target.startswith("qsd"):
                     said.insert(0, f"aio={backend.aio}")
                 runs[target].append(results)
