@@ -399,6 +399,9 @@ def main():
                         results, said = run_host(backend, args)
                     else:
                         results, said = run_guest(target, backend, args, initrd, work)
+                except (RuntimeError, subprocess.CalledProcessError) as e:
+                    # A stalled guest or a dead backend is a finding: say it, keep the rest.
+                    results, said = {}, [f"FAILED: {e}"]
                 finally:
                     backend.stop()
                 said += backend.complaints()
