@@ -19,7 +19,8 @@ The guest's /init writes the first REGION of /dev/vda once (the fill, so that re
 data), runs each job for RUNTIME seconds with libaio and direct I/O, prints each result
 between marker lines on its console (ttyS0) and powers off. The host reads the console,
 samples the CPU time of QEMU, of the backend's processes, of the kernel's threads and of the
-rest of the machine between the markers, and writes bench-results/vhost.md and vhost.json.
+rest of the machine between the markers (so a job's interval includes fio's start in the
+guest), and writes bench-results/vhost.md and vhost.json.
 
 Durability differs, and the jobs send no FLUSH. rblk completes a write once it is durable.
 qemu-storage-daemon's vhost-user-blk export tells the guest its cache is write-through
@@ -149,11 +150,13 @@ def qemu_disk_args(target, socket):
 
 
 def boot(guest, initrd, target, socket, console):
+    """Starts QEMU on the target's disk, its serial console written to the file `console`."""
     cmd = [os.path.join(guest, "qemu-system-x86_64"), "-accel", "tcg", "-smp", "2", "-m", str(GUEST_MEM_MIB),
            "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on", "-numa", "node,memdev=mem",
            "-nographic", "-no-reboot", "-kernel", os.path.join(guest, "vmlinuz"), "-initrd", initrd,
            "-append", "console=ttyS0 quiet loglevel=3 panic=-1"] + qemu_disk_args(target, socket)
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(console, "wb"), stderr=subprocess.STDOUT)
+    with open(console, "wb") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +184,7 @@ class Backend:
         for p in (self.image, self.socket):
             if os.path.exists(p):
                 os.remove(p)
-        logf = open(self.log, "wb")
+        logf = self.logf = open(self.log, "wb")
         if target.startswith("qsd"):
             subprocess.run(["truncate", "-s", SIZE, self.image], check=True)
             for aio in ("native", "threads"):
@@ -214,6 +217,7 @@ class Backend:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.logf.close()
         for p in (self.image, self.socket, getattr(self, "vhost", "")):
             if p and os.path.exists(p):
                 os.remove(p)
