@@ -124,7 +124,7 @@ pub struct Session {
     memory: RwLock<Arc<Memory>>,
     /// GET_ID's answer.
     pub id: [u8; blk::ID_BYTES],
-    work: Mutex<mpsc::Sender<Work>>,
+    work: mpsc::Sender<Work>,
     /// Rings' proposals are queued under ids apart from NBD connections'.
     id_base: u64,
     pub log: Logger,
@@ -152,7 +152,7 @@ impl Session {
             id: blk::id(&shared.export.name.clone().unwrap_or_default()),
             shared,
             memory: RwLock::new(Arc::new(Memory::empty())),
-            work: Mutex::new(tx),
+            work: tx,
             id_base: (1 << 63) | (id << 16),
             log,
         })
@@ -168,11 +168,7 @@ impl Session {
     }
 
     pub fn work(&self, w: Work) {
-        let unsent = match self.work.lock() {
-            Ok(tx) => tx.send(w).err().map(|e| e.0),
-            Err(_) => Some(w),
-        };
-        if let Some(w) = unsent {
+        if let Err(mpsc::SendError(w)) = self.work.send(w) {
             // No reader is left (they could not start): done here, on the worker.
             run_work(w, &self.shared);
         }
@@ -307,7 +303,6 @@ struct Frontend {
     session: Arc<Session>,
     queues: u16,
     acked: u64,
-    protocol: u64,
     rings: Vec<RingConfig>,
     inflight: Option<Arc<inflight::Region>>,
 }
@@ -322,7 +317,6 @@ impl Frontend {
             session,
             queues: QUEUES,
             acked: 0,
-            protocol: 0,
             rings: (0..QUEUES).map(|_| RingConfig::default()).collect(),
             inflight: None,
         }
@@ -533,8 +527,8 @@ impl VhostUserBackendReqHandlerMut for Frontend {
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
-        self.protocol = features;
+    fn set_protocol_features(&mut self, _features: u64) -> VhostResult<()> {
+        // vhost's handler keeps what was acked and checks each message against it.
         Ok(())
     }
 

@@ -229,7 +229,7 @@ impl Ring {
         let Some(chain) = blk::walk(&mem.guest, self.desc, self.size, head) else {
             // No status byte to be trusted: completed with nothing written.
             metrics::page().error(session::NBD_EINVAL);
-            self.complete(head, 0);
+            self.complete(head, 0, &mem);
             return;
         };
         let req = match blk::parse(&mem.guest, &chain) {
@@ -310,9 +310,10 @@ impl Ring {
     }
 
     /// Puts `head` in the used ring (`len`: bytes written into the guest's buffers, status
-    /// included), unmarks it, and signals the guest when it asked to be.
-    fn complete(&self, head: u16, len: u32) {
-        let mem = self.session.memory();
+    /// included), unmarks it, and signals the guest when it asked to be. `mem`: the table the
+    /// request was read with (the rings' guest addresses do not change with the table, and it
+    /// stays mapped while the request holds it).
+    fn complete(&self, head: u16, len: u32, mem: &Memory) {
         let area = self.area();
         let mut s = lock(&self.state);
         if let Some(a) = &area {
@@ -414,7 +415,7 @@ impl Done {
             metrics::page().error(session::NBD_EIO);
         }
         metrics::page().answered(self.kind, self.arrived.elapsed());
-        self.ring.complete(self.head, len);
+        self.ring.complete(self.head, len, &self.mem);
     }
 }
 
