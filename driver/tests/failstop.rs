@@ -9,6 +9,8 @@
 //! driver stops with an error. A single bad block, in contrast, is still answered EIO
 //! (after a log write proved the driver healthy).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,17 +28,7 @@ struct Raw(UnixStream);
 impl Raw {
     /// NBD_OPT_EXPORT_NAME handshake, the simplest a client may do.
     fn connect(path: &std::path::Path) -> Raw {
-        let mut s = UnixStream::connect(path).expect("connect");
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).expect("greeting");
-        s.write_all(&3u32.to_be_bytes()).expect("flags");
-        let mut opt = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        s.write_all(&opt).expect("option");
-        let mut answer = [0u8; 10];
-        s.read_exact(&mut answer).expect("export");
-        Raw(s)
+        Raw(common::nbd_connect(path))
     }
 
     fn send(&mut self, command: u16, handle: u64, offset: u64, data: &[u8], length: u32) -> std::io::Result<()> {

@@ -11,10 +11,12 @@
 //! front-end; nothing outside the guest memory is read or written (the memory around the
 //! buffers is checked unchanged); and good requests keep working after bad ones.
 
+mod common;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -187,31 +189,42 @@ impl Guest {
         let ask = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: QSIZE };
         let (region, fd) = self.frontend.get_inflight_fd(&ask).expect("get inflight");
         self.frontend.set_inflight_fd(&region, fd.as_raw_fd()).expect("set inflight");
-        self.frontend.set_vring_num(0, QSIZE).expect("vring num");
+        self.start_ring(USER + DESC, 0).expect("start the ring");
+    }
+
+    /// Sets ring 0 up (its descriptor table at front-end address `desc`, the avail ring
+    /// resuming at `base`) and enables it, as QEMU does.
+    fn start_ring(&mut self, desc: u64, base: u16) -> vhost::Result<()> {
+        self.frontend.set_vring_num(0, QSIZE)?;
         let addrs = VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
             flags: 0,
-            desc_table_addr: USER + DESC,
+            desc_table_addr: desc,
             used_ring_addr: USER + USED,
             avail_ring_addr: USER + AVAIL,
             log_addr: None,
         };
-        self.frontend.set_vring_addr(0, &addrs).expect("vring addr");
-        self.frontend.set_vring_base(0, 0).expect("vring base");
-        self.frontend.set_vring_call(0, &self.call).expect("vring call");
-        self.frontend.set_vring_kick(0, &self.kick).expect("vring kick");
-        self.frontend.set_vring_enable(0, true).expect("vring enable");
+        self.frontend.set_vring_addr(0, &addrs)?;
+        self.frontend.set_vring_base(0, base)?;
+        self.frontend.set_vring_call(0, &self.call)?;
+        self.frontend.set_vring_kick(0, &self.kick)?;
+        self.frontend.set_vring_enable(0, true)
     }
 
-    fn put(&self, index: u16, d: Desc) {
-        let at = GuestAddress(DESC + 16 * u64::from(index));
+    /// Writes descriptor `d` at entry `index` of the table at `table` (the ring's, or an
+    /// indirect one).
+    fn put_at(&self, table: u64, index: u64, d: Desc) {
         let mut raw = [0u8; 16];
         raw[..8].copy_from_slice(&d.addr.to_le_bytes());
         raw[8..12].copy_from_slice(&d.len.to_le_bytes());
         raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
         raw[14..].copy_from_slice(&d.next.to_le_bytes());
-        self.mem.write_slice(&raw, at).expect("descriptor");
+        self.mem.write_slice(&raw, GuestAddress(table + 16 * index)).expect("descriptor");
+    }
+
+    fn put(&self, index: u16, d: Desc) {
+        self.put_at(DESC, u64::from(index), d);
     }
 
     /// Lays out `chain` as descriptors 0.. (linked in order) and offers descriptor 0.
@@ -315,16 +328,7 @@ impl Guest {
 /// NBD read of `len` bytes at `offset` through the driver's other session (old-style
 /// handshake with NBD_OPT_EXPORT_NAME).
 fn nbd_read(path: &Path, offset: u64, len: u32) -> Vec<u8> {
-    let mut s = UnixStream::connect(path).expect("nbd connect");
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).expect("greeting");
-    s.write_all(&3u32.to_be_bytes()).expect("flags");
-    let mut opt = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
-    opt.extend_from_slice(&1u32.to_be_bytes());
-    opt.extend_from_slice(&0u32.to_be_bytes());
-    s.write_all(&opt).expect("option");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).expect("export");
+    let mut s = common::nbd_connect(path);
     let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
     req.extend_from_slice(&0u16.to_be_bytes());
     req.extend_from_slice(&0u16.to_be_bytes());
@@ -383,13 +387,8 @@ fn a_front_end_reads_and_writes_the_volume_nbd_serves() {
         Desc { addr: DATA, len: 4096, flags: F_NEXT | F_WRITE, next: 2 },
         Desc { addr: STATUS, len: 1, flags: F_WRITE, next: 0 },
     ];
-    for (i, d) in entries.iter().enumerate() {
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        raw[14..].copy_from_slice(&d.next.to_le_bytes());
-        g.mem.write_slice(&raw, GuestAddress(table + 16 * i as u64)).expect("indirect");
+    for (i, &d) in entries.iter().enumerate() {
+        g.put_at(table, i as u64, d);
     }
     g.put(0, Desc { addr: table, len: 48, flags: F_INDIRECT, next: 0 });
     g.offer(0);
@@ -506,25 +505,12 @@ fn malformed_requests_are_refused_and_the_ring_goes_on() {
     }
     // A nested indirect table, and a chain longer than any request may be.
     g.put(0, Desc { addr: 0x30000, len: 16, flags: F_INDIRECT, next: 0 });
-    g.mem.write_slice(&[0u8; 16], GuestAddress(0x30000)).expect("table");
-    let nested = {
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&0x31000u64.to_le_bytes());
-        raw[8..12].copy_from_slice(&16u32.to_le_bytes());
-        raw[12..14].copy_from_slice(&F_INDIRECT.to_le_bytes());
-        raw
-    };
-    g.mem.write_slice(&nested, GuestAddress(0x30000)).expect("nested");
+    g.put_at(0x30000, 0, Desc { addr: 0x31000, len: 16, flags: F_INDIRECT, next: 0 });
     g.offer(0);
     assert_eq!(g.completion(), Some((0, 0)), "nested indirect table");
     let long = 0x40000;
     for i in 0..400u64 {
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&(DATA + 512 * (i % 8)).to_le_bytes());
-        raw[8..12].copy_from_slice(&512u32.to_le_bytes());
-        raw[12..14].copy_from_slice(&(F_NEXT | F_WRITE).to_le_bytes());
-        raw[14..].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-        g.mem.write_slice(&raw, GuestAddress(long + 16 * i)).expect("long chain");
+        g.put_at(long, i, Desc { addr: DATA + 512 * (i % 8), len: 512, flags: F_NEXT | F_WRITE, next: (i + 1) as u16 });
     }
     g.put(0, Desc { addr: long, len: 400 * 16, flags: F_INDIRECT, next: 0 });
     g.offer(0);
@@ -576,23 +562,7 @@ fn bad_messages_close_the_connection_and_the_next_front_end_is_served() {
         ("a ring size that is not a power of two", |g| g.frontend.set_vring_num(0, 100).is_err()),
         ("a ring size beyond the limit", |g| g.frontend.set_vring_num(0, 32768).is_err()),
         ("a memory table larger than its file", |g| g.set_memory(MEM * 4).is_err()),
-        ("a ring outside guest memory", |g| {
-            let _ = g.frontend.set_vring_num(0, QSIZE);
-            let addrs = VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: USER + MEM + 4096,
-                used_ring_addr: USER + USED,
-                avail_ring_addr: USER + AVAIL,
-                log_addr: None,
-            };
-            let _ = g.frontend.set_vring_addr(0, &addrs);
-            let _ = g.frontend.set_vring_base(0, 0);
-            let _ = g.frontend.set_vring_call(0, &g.call);
-            let _ = g.frontend.set_vring_kick(0, &g.kick);
-            g.frontend.set_vring_enable(0, true).is_err()
-        }),
+        ("a ring outside guest memory", |g| g.start_ring(USER + MEM + 4096, 0).is_err()),
         ("an inflight region of the wrong size", |g| {
             let ask = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: QSIZE };
             let Ok((mut region, fd)) = g.frontend.get_inflight_fd(&ask) else { return true };
@@ -701,21 +671,7 @@ fn a_new_driver_resubmits_what_the_inflight_region_marks() {
     }
     g.frontend.set_inflight_fd(&region, file.as_raw_fd()).expect("set inflight");
     // As QEMU does after a backend died: the base is the used ring's idx.
-    g.frontend.set_vring_num(0, QSIZE).expect("vring num");
-    let addrs = VringConfigData {
-        queue_max_size: QSIZE,
-        queue_size: QSIZE,
-        flags: 0,
-        desc_table_addr: USER + DESC,
-        used_ring_addr: USER + USED,
-        avail_ring_addr: USER + AVAIL,
-        log_addr: None,
-    };
-    g.frontend.set_vring_addr(0, &addrs).expect("vring addr");
-    g.frontend.set_vring_base(0, 2).expect("vring base");
-    g.frontend.set_vring_call(0, &g.call).expect("vring call");
-    g.frontend.set_vring_kick(0, &g.kick).expect("vring kick");
-    g.frontend.set_vring_enable(0, true).expect("vring enable");
+    g.start_ring(USER + DESC, 2).expect("start the ring");
     let mut done: Vec<u32> = (0..3).map(|_| g.completion().expect("a resubmitted request").0).collect();
     done.sort_unstable();
     assert_eq!(done, vec![0, 6, 12], "exactly the marked requests, not 9");
