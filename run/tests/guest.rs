@@ -404,6 +404,15 @@ fn through_deaths(
     std::fs::read(&copy).expect("copy")
 }
 
+/// The volume's bytes as the host read them (through NBD) hold the pattern at every offset
+/// the guest wrote it.
+fn assert_pattern(image: &[u8], pattern: &[u8], seed: u64) {
+    for at in AT_MIB {
+        let got = &image[(at * MIB) as usize..][..pattern.len()];
+        assert!(got == pattern, "the host reads other bytes at {at} MiB through NBD (seed {seed})");
+    }
+}
+
 fn seeded_pattern() -> (u64, Vec<u8>) {
     let seed = std::env::var("RBLK_GUEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6e57);
     eprintln!("guest test: seed {seed} (RBLK_GUEST_SEED)");
@@ -422,10 +431,7 @@ fn a_guest_writes_and_verifies_through_driver_kills() {
     let dir = Scratch::new("guest");
     let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::Unix);
-    for at in AT_MIB {
-        let got = &image[(at * MIB) as usize..][..pattern.len()];
-        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
-    }
+    assert_pattern(&image, &pattern, seed);
 }
 
 /// The seeded pattern over vhost-user-blk: the guest's memory shared with the driver, two
@@ -444,10 +450,7 @@ fn a_guest_on_vhost_user_writes_and_verifies_through_driver_kills() {
     let dir = Scratch::new("guest-vhost");
     let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::VhostUser { socket: dir.path("vhost.sock") });
-    for at in AT_MIB {
-        let got = &image[(at * MIB) as usize..][..pattern.len()];
-        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB over NBD (seed {seed})");
-    }
+    assert_pattern(&image, &pattern, seed);
 }
 
 /// Hung drivers under a vhost-user-blk guest: each stops (SIGSTOP) with the front-end's
@@ -464,10 +467,7 @@ fn a_guest_on_vhost_user_survives_hung_drivers() {
     let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let via = Via::VhostUser { socket: dir.path("vhost.sock") };
     let image = through_deaths(&guest, &dir, &initrd, seed, &via, Death::Hang, 2);
-    for at in AT_MIB {
-        let got = &image[(at * MIB) as usize..][..pattern.len()];
-        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB over NBD (seed {seed})");
-    }
+    assert_pattern(&image, &pattern, seed);
 }
 
 /// Where the cross-session test's guest and host write (MiB).
@@ -632,10 +632,7 @@ fn a_guest_over_tls_reconnects_through_driver_kills() {
     make_pki(&pki);
     let initrd = initramfs(&guest, &dir, &pattern, &init_script(), &[]);
     let image = through_kills(&guest, &dir, &initrd, seed, &Via::Tls { port: free_port(), pki });
-    for at in AT_MIB {
-        let got = &image[(at * MIB) as usize..][..pattern.len()];
-        assert!(got == &pattern[..], "the host reads other bytes at {at} MiB (seed {seed})");
-    }
+    assert_pattern(&image, &pattern, seed);
 }
 
 /// The verifying guest after a power cut: mount (ext4 replays its journal), compare every

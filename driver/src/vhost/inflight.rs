@@ -215,21 +215,23 @@ mod tests {
     /// used ring's idx says so, and the request is not resubmitted.
     #[test]
     fn a_crash_between_used_ring_and_mark_completes_the_request() {
-        let r = region(1, 4);
+        // Two requests taken, the second being completed when the driver died.
+        let died_completing = || {
+            let r = region(1, 4);
+            r.queue(0, 4).expect("queue").recover(0, 0).expect("fresh");
+            let q = r.queue(0, 4).expect("queue");
+            q.taken(3, 0);
+            q.taken(1, 1);
+            q.completing(1);
+            r
+        };
+        // The used ring's idx became 1 before the driver died.
+        let r = died_completing();
         let q = r.queue(0, 4).expect("queue");
-        q.recover(0, 0).expect("fresh");
-        q.taken(3, 0);
-        q.taken(1, 1);
-        q.completing(1);
-        // (used ring idx became 1 here; the driver died before `completed`)
         assert_eq!(q.recover(1, 0).expect("recover"), Recovered::Inflight { heads: vec![3], counter: 1 });
         // Without the used ring moving, the same marks mean both are in flight.
-        let r = region(1, 4);
+        let r = died_completing();
         let q = r.queue(0, 4).expect("queue");
-        q.recover(0, 0).expect("fresh");
-        q.taken(3, 0);
-        q.taken(1, 1);
-        q.completing(1);
         assert_eq!(q.recover(0, 0).expect("recover"), Recovered::Inflight { heads: vec![3, 1], counter: 2 });
     }
 
