@@ -47,6 +47,8 @@ pub enum InflightError {
     Map(String),
     #[error("inflight area of queue {queue} is for {found} descriptors, the ring has {ring}")]
     RingSize { queue: u16, found: u16, ring: u16 },
+    #[error("inflight area of queue {queue} has format version {found}, not {VERSION}")]
+    Version { queue: u16, found: u16 },
 }
 
 /// A new, zeroed region for `queues` rings of `queue_size` descriptors (GET_INFLIGHT_FD):
@@ -139,11 +141,16 @@ impl QueueArea<'_> {
     /// Reads the area at ring start (before any request is taken). `used_idx` is the used
     /// ring's idx in guest memory now. A fresh area is initialised for this ring.
     pub fn recover(&self, used_idx: u16, queue: u16) -> Result<Recovered, InflightError> {
-        if self.load::<u16>(8) == 0 {
-            self.store(10, self.ring_size);
-            self.store(14, used_idx);
-            self.store(8, VERSION);
-            return Ok(Recovered::Fresh);
+        match self.load::<u16>(8) {
+            0 => {
+                self.store(10, self.ring_size);
+                self.store(14, used_idx);
+                self.store(8, VERSION);
+                return Ok(Recovered::Fresh);
+            }
+            VERSION => {}
+            // Not rblk's layout: nothing in it can be trusted to say what was in flight.
+            found => return Err(InflightError::Version { queue, found }),
         }
         let found = self.load::<u16>(10);
         if found != self.ring_size {
@@ -247,5 +254,9 @@ mod tests {
         let q = r.queue(0, 8).expect("queue");
         q.recover(0, 0).expect("fresh");
         assert!(r.queue(0, 4).expect("queue").recover(0, 0).is_err(), "ring size changed under a used area");
+        let r = region(1, 8);
+        let q = r.queue(0, 8).expect("queue");
+        q.store(8, 7u16);
+        assert!(matches!(q.recover(0, 0), Err(InflightError::Version { found: 7, .. })), "an unknown layout");
     }
 }
