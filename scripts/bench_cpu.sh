@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Driver CPU per written byte (not a test): serves a fresh 1 GiB volume with `rblk serve`, runs
-# fio's nbd engine (1 MiB sequential writes QD4, then 4 KiB random writes QD32, RUNTIME seconds
-# each), and reads the driver's user+system CPU time from /proc before and after each job.
-# Prints a table: throughput, driver CPU seconds per GB written, and microseconds per request.
+# Driver CPU per byte (not a test): serves a fresh 1 GiB volume with `rblk serve`, runs fio's
+# nbd engine (1 MiB sequential writes QD4, then 4 KiB random writes QD32, then 1 MiB sequential
+# reads QD4 of what they wrote, RUNTIME seconds each), and reads the driver's user+system CPU
+# time from /proc before and after each job. Prints a table: throughput, driver CPU seconds per
+# GB written (or read), and microseconds per request.
 # CPU time is steadier than throughput on a noisy machine; compare builds within one run:
 #   RBLK=path/to/other/rblk scripts/bench_cpu.sh
 # Options: ROUNDS (default 3), RUNTIME (default 8).
@@ -29,7 +30,7 @@ for round in $(seq "$rounds"); do
   for _ in $(seq 100); do [ -S "$work/sock" ] && break; sleep 0.1; done
   sleep 0.5
   driver="$(pgrep -P "$serve" | head -1)"
-  for job in "--rw=write --bs=1m --iodepth=4" "--rw=randwrite --bs=4k --iodepth=32"; do
+  for job in "--rw=write --bs=1m --iodepth=4" "--rw=randwrite --bs=4k --iodepth=32" "--rw=read --bs=1m --iodepth=4"; do
     before="$(awk '{print $14 + $15}' "/proc/$driver/stat")"
     # shellcheck disable=SC2086
     fio --output-format=json --ioengine=nbd --uri="nbd+unix:///?socket=$work/sock" --runtime="$runtime" \
@@ -38,7 +39,8 @@ for round in $(seq "$rounds"); do
     python3 - "$work/fio.json" "$job" "$((after - before))" "$tick" "$round" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
-w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+job = json.loads(text[text.index("{"):])["jobs"][0]
+w = job["read"] if "--rw=read" in sys.argv[2] else job["write"]
 cpu = int(sys.argv[3]) / int(sys.argv[4])
 print(f"| {sys.argv[5]} | {sys.argv[2]} | {w['bw_bytes'] / 1e6:.1f} | {cpu / (w['io_bytes'] / 1e9):.2f} | "
       f"{cpu * 1e6 / w['total_ios']:.1f} |")

@@ -86,8 +86,10 @@ impl Placer {
             writes.push((blocks[i] * BLOCK, &data[i * BLOCK_SIZE..j * BLOCK_SIZE]));
             i = j;
         }
-        for (block, chunk) in blocks.iter().zip(data.chunks_exact(BLOCK_SIZE)) {
-            placed.push(PlacedBlock::new(*block, hash::data_block(chunk)));
+        let mut hashes = vec![[0u8; 32]; blocks.len()];
+        hash::data_blocks(data.as_chunks().0, &mut hashes);
+        for (block, hash) in blocks.iter().zip(hashes) {
+            placed.push(PlacedBlock::new(*block, hash));
         }
         if let Err(source) = self.dev.write_placed(&writes) {
             return Err(VolumeError::Device { block: blocks[0], source });

@@ -271,8 +271,9 @@ impl Volume {
         for (i, &block) in placed.iter().enumerate() {
             self.staged.insert(block, data[i * BLOCK_SIZE..][..BLOCK_SIZE].to_vec());
         }
-        for (i, &block) in placed.iter().enumerate() {
-            let hash = hash::data_block(&data[i * BLOCK_SIZE..][..BLOCK_SIZE]);
+        let mut hashes = vec![[0u8; 32]; placed.len()];
+        hash::data_blocks(data.as_chunks().0, &mut hashes);
+        for (i, (&block, hash)) in placed.iter().zip(hashes).enumerate() {
             match self.map_block(first_vb + i as u64, Some(Ptr { block, hash })) {
                 Ok(()) => {}
                 // A damaged map node on this block's path: the block stays as it was, the

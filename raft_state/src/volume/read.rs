@@ -77,15 +77,32 @@ impl Volume {
                 } else {
                     self.dev.read_cached_at(p.block * BLOCK, run).map_err(device)?;
                 }
-                for (block, q) in run.chunks_exact_mut(BLOCK_SIZE).zip(ptrs[i..j].iter().flatten()) {
-                    self.verify_data(*q, block)?;
-                }
             } else {
                 self.read_part(offset, buf, first_vb + i as u64, Some(p), &mut staging)?;
             }
             i = j;
         }
+        if aligned {
+            self.verify_blocks(buf, &ptrs)?;
+        }
         Ok(true)
+    }
+
+    /// Checks the whole blocks of `buf`, read for `ptrs` (unmapped ones are zeros), against
+    /// their hashes: all of them at once (`hash::data_blocks` hashes blocks side by side).
+    fn verify_blocks(&self, buf: &mut [u8], ptrs: &[Option<Ptr>]) -> Result<(), VolumeError> {
+        let (blocks, _) = buf.as_chunks::<BLOCK_SIZE>();
+        let mut hashes = vec![[0u8; 32]; ptrs.iter().flatten().count()];
+        let mapped = blocks.iter().zip(ptrs).filter(|(_, p)| p.is_some()).map(|(b, _)| b);
+        hash::data_blocks(mapped, &mut hashes);
+        let (blocks, _) = buf.as_chunks_mut::<BLOCK_SIZE>();
+        let mapped = blocks.iter_mut().zip(ptrs).filter_map(|(b, p)| p.map(|p| (b, p)));
+        for ((block, p), hash) in mapped.zip(hashes) {
+            if hash != p.hash {
+                self.read_media_again(p, block)?;
+            }
+        }
+        Ok(())
     }
 
     /// The part of virtual block `vb` that `buf` (at `offset`) covers, through `staging`.
@@ -145,6 +162,12 @@ impl Volume {
         if hash::data_block(block) == p.hash {
             return Ok(());
         }
+        self.read_media_again(p, block)
+    }
+
+    /// A data block that failed its check: read from the media itself once more, and
+    /// checked again, into `block`.
+    fn read_media_again(&self, p: Ptr, block: &mut [u8]) -> Result<(), VolumeError> {
         let mut again = AlignedBuf::blocks(1);
         self.dev.read_at(p.block * BLOCK, &mut again).map_err(|source| TreeError::Device { block: p.block, source })?;
         if hash::data_block(&again) != p.hash {
