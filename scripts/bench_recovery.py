@@ -193,11 +193,11 @@ def proc_status_kib(pid, *keys):
 
 
 # slog_term lines: "Nov 25 13:34:58.461 INFO message, key: value, key: value".
-LINE_RE = re.compile(r"^\w{3} +\d+ (\d\d):(\d\d):(\d\d)\.(\d{3}) +([A-Z]+) (.*)$")
+LINE_RE = re.compile(r"^\d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d)\.(\d{3})Z +([A-Z]+) (.*)$")
 
 
 def line_ms(line):
-    """The line's timestamp in ms since midnight (local time), or None."""
+    """The line's timestamp in ms since midnight (UTC, as the log writes it), or None."""
     m = LINE_RE.match(line)
     if not m:
         return None
@@ -230,8 +230,8 @@ def first(lines, needle):
 
 
 def wall_ms(t):
-    """time.time() as ms since local midnight, the clock of the log timestamps."""
-    lt = time.localtime(t)
+    """time.time() as ms since midnight UTC, the clock of the log timestamps."""
+    lt = time.gmtime(t)
     return ((lt.tm_hour * 60 + lt.tm_min) * 60 + lt.tm_sec) * 1000 + int(t % 1 * 1000)
 
 

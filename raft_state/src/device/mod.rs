@@ -112,37 +112,6 @@ pub(crate) fn check_io(op: &'static str, offset: u64, len: usize, size: u64) -> 
     Ok(())
 }
 
-/// Writes whole blocks (block number, one block of bytes; sorted by block number, no
-/// duplicates) as runs of consecutive blocks of at most `max_run` blocks, all submitted at
-/// once with `write_many`. On an error, the block number of the first block of the batch.
-/// `staging` is reused between calls (grown when too small).
-pub fn write_blocks(
-    dev: &dyn Device,
-    blocks: &[(u64, &[u8])],
-    max_run: usize,
-    staging: &mut AlignedBuf,
-) -> Result<(), (u64, DeviceError)> {
-    let Some(&(first, _)) = blocks.first() else { return Ok(()) };
-    if staging.len() < blocks.len() * BLOCK_SIZE {
-        *staging = AlignedBuf::blocks(blocks.len());
-    }
-    let staging = &mut staging[..blocks.len() * BLOCK_SIZE];
-    for (k, (_, bytes)) in blocks.iter().enumerate() {
-        staging[k * BLOCK_SIZE..][..BLOCK_SIZE].copy_from_slice(bytes);
-    }
-    let mut writes = Vec::new();
-    let mut i = 0;
-    while i < blocks.len() {
-        let mut j = i + 1;
-        while j < blocks.len() && j - i < max_run.max(1) && blocks[j].0 == blocks[j - 1].0 + 1 {
-            j += 1;
-        }
-        writes.push((blocks[i].0 * BLOCK, &staging[i * BLOCK_SIZE..j * BLOCK_SIZE]));
-        i = j;
-    }
-    dev.write_many(&writes).map_err(|e| (first, e))
-}
-
 /// A type whose alignment is one block: its dangling pointer is a block-aligned empty buffer.
 #[repr(C, align(4096))]
 #[allow(dead_code)] // never built: only its alignment is used

@@ -21,6 +21,7 @@ mod apply;
 mod checkpoint;
 mod open;
 mod read;
+mod staged;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use raft::eraftpb::ConfState;
 use slog::Logger;
 
 use crate::alloc::{AllocError, Allocator};
-use crate::device::{AlignedBuf, Device, DeviceError, BLOCK};
+use crate::device::{Device, DeviceError, BLOCK};
 use crate::layout::{Geometry, GeometryError};
 use crate::log::{Anchor, LogError, LogRegion};
 use crate::roots::{self, Root, RootError, RootPayload, Roots};
@@ -178,9 +179,7 @@ pub struct Volume {
     sealed: Option<(u64, u64)>,
     /// New data blocks not written yet: a batch of entries writes them at its end, in runs of
     /// device-consecutive blocks (next fit hands out consecutive blocks), one write per run.
-    staged: std::collections::BTreeMap<u64, Vec<u8>>,
-    /// Where staged blocks are gathered into runs for writing (kept: no fresh pages per batch).
-    scratch: AlignedBuf,
+    staged: staged::Staged,
     /// Blocks of placed writes applied since the last sealed checkpoint.
     placed_since_seal: u64,
     /// The release set the walk at open is still computing (the first seal waits for it).

@@ -7,7 +7,7 @@ use slog::{info, warn, Logger};
 use super::{alloc_ref, log_anchor, log_region, tree_ref, Volume, VolumeError, VolumeOptions, REPLAY_CHUNK_BYTES};
 use crate::alloc::Allocator;
 use crate::command::Command;
-use crate::device::{AlignedBuf, Device, BLOCK};
+use crate::device::{Device, BLOCK};
 use crate::log::{LogError, LogStore};
 use crate::roots;
 use crate::tree::{BlockTree, TreeKind};
@@ -102,8 +102,7 @@ impl Volume {
             last_checkpoint: Instant::now(),
             space_pressure: 0,
             sealed: None,
-            staged: std::collections::BTreeMap::new(),
-            scratch: AlignedBuf::blocks(0),
+            staged: super::staged::Staged::new(),
             placed_since_seal: 0,
             release_pending,
             poisoned: false,
