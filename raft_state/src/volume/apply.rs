@@ -146,7 +146,9 @@ impl Volume {
                     let run = &data[(at - offset) as usize..][..n];
                     match hashes.get(k..k + n / BLOCK_SIZE) {
                         Some(hashes) => self.put_whole(vb, run, hashes),
-                        // (Not from apply_staged: hashed here.)
+                        // Should `whole_block_hashes` ever disagree with this loop about
+                        // which blocks are whole, they are hashed here, never mapped with
+                        // hashes that are not theirs.
                         None => {
                             let mut hashes = vec![[0u8; 32]; n / BLOCK_SIZE];
                             hash::data_blocks(run.as_chunks().0, &mut hashes);
@@ -270,6 +272,7 @@ impl Volume {
     /// `hashes` are those of `data`'s blocks.
     fn put_whole(&mut self, first_vb: u64, data: &[u8], hashes: &[Hash]) -> Result<(), VolumeError> {
         let count = data.len() / BLOCK_SIZE;
+        debug_assert_eq!(hashes.len(), count, "one hash per block");
         let height = u64::from(self.map.height());
         let mut placed: Vec<u64> = Vec::with_capacity(count);
         let mut outcome = Ok(());
