@@ -186,8 +186,17 @@ fn a_bad_block_is_still_answered_eio() {
         Err(session::SessionError::Nbd { errno, .. }) => assert_eq!(errno, session::NBD_EIO),
         other => panic!("expected EIO, got {other:?}"),
     }
+    // A longer read over the bad block too, and then reads that do not touch it: the replies
+    // stay in step (an error carries no data).
+    match client.read(0, 32 << 10) {
+        Err(session::SessionError::Nbd { errno, .. }) => assert_eq!(errno, session::NBD_EIO),
+        other => panic!("expected EIO, got {other:?}"),
+    }
     client.write(8192, &[6u8; 4096], false).expect("the driver serves on");
     assert_eq!(client.read(8192, 4096).expect("read"), vec![6u8; 4096]);
+    assert_eq!(client.read(1 << 20, 1 << 20).expect("read"), vec![0u8; 1 << 20]);
+    client.write(1 << 20, &[7u8; 256 << 10], false).expect("write");
+    assert_eq!(client.read(1 << 20, 256 << 10).expect("read"), vec![7u8; 256 << 10]);
     drop(client);
     assert!(!driver.is_finished());
     let _ = std::fs::remove_dir_all(&dir);
