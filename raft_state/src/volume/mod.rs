@@ -43,6 +43,7 @@ use crate::{command::Command, device::BLOCK_SIZE, log::LogStore};
 use raft::eraftpb::Entry;
 
 pub use checkpoint::SealedCheckpoint;
+pub use read::Checks;
 
 /// Errors of the volume.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@ use slog::warn;
 
 use super::{Volume, VolumeError, MAX_RUN_BLOCKS};
 use crate::device::{AlignedBuf, BLOCK, BLOCK_SIZE};
-use crate::hash;
+use crate::hash::{self, Hash};
 use crate::tree::{Ptr, TreeError};
 
 /// Block-map nodes `allocation` visits at most (each may be a read of 4 KiB while the
@@ -10,36 +10,101 @@ use crate::tree::{Ptr, TreeError};
 /// per answer, any size of unmapped one.
 const STATUS_MAX_NODES: usize = 256;
 
+/// When a read's blocks are checked against their hashes.
+enum Verify<'a> {
+    /// Before the read returns (`nowait`: only if all is cached).
+    Now { nowait: bool },
+    /// By the caller, through `checks` (only if all is cached).
+    Later { at: usize, checks: &'a mut Checks },
+}
+
+/// The hash checks of reads made with `Volume::try_read_deferred`, each read numbered in the
+/// order it was made (from 0): run them all at once with `failed`.
+#[derive(Debug, Default)]
+pub struct Checks {
+    /// Where a block lies in the caller's buffer, the hash it must have, and its read.
+    blocks: Vec<(usize, Hash, usize)>,
+    /// Reads deferred since the last `failed`.
+    reads: usize,
+}
+
+impl Checks {
+    /// Whether no read is waiting for its checks.
+    pub fn is_empty(&self) -> bool {
+        self.reads == 0
+    }
+
+    /// Checks every deferred block in `buf` (the buffer the reads went into) and forgets them:
+    /// the numbers of the reads with a block that failed, in order. Such a read must be read
+    /// again (`Volume::read` checks its blocks, and reads the media itself when a cached copy
+    /// is bad).
+    pub fn failed(&mut self, buf: &[u8]) -> Vec<usize> {
+        static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+        let block = |at: usize| buf.get(at..).and_then(|b| b.first_chunk::<BLOCK_SIZE>());
+        let mut hashes = vec![[0u8; 32]; self.blocks.len()];
+        hash::data_blocks(self.blocks.iter().map(|&(at, ..)| block(at).unwrap_or(&ZEROS)), &mut hashes);
+        // A block outside `buf` (a caller's mistake) fails too.
+        let mut failed: Vec<usize> = (self.blocks.iter().zip(&hashes))
+            .filter(|((at, want, _), got)| block(*at).is_none() || want != *got)
+            .map(|((.., read), _)| *read)
+            .collect();
+        failed.dedup();
+        self.blocks.clear();
+        self.reads = 0;
+        failed
+    }
+}
+
 impl Volume {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). A block that fails its
     /// hash check fails the read: never wrong data. Blocks that sit next to each other on the
     /// device are read with one read.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        self.checked_read(offset, buf, false).map(|_| ())
+        self.checked_read(offset, buf, Verify::Now { nowait: false }).map(|_| ())
     }
 
     /// Like `read`, but only when the data can be had without waiting for the media (all of
     /// it in a cache, e.g. the kernel's page cache): `Ok(false)` means "use `read`" and leaves
     /// `buf` unspecified. Lets a connection answer hot reads on its own thread.
     pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
-        self.checked_read(offset, buf, true)
+        self.checked_read(offset, buf, Verify::Now { nowait: true })
     }
 
-    fn checked_read(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
+    /// Like `try_read`, but the blocks' hash checks are left in `checks` rather than made
+    /// now, so that the checks of many short reads run side by side (`Checks::failed`); `at`
+    /// is where `buf` starts in the buffer that `Checks::failed` is later given. Until then
+    /// the data in `buf` is unverified: it must not leave the driver. Only reads of whole
+    /// blocks are deferred; others, and reads not all cached, return `Ok(false)`.
+    pub fn try_read_deferred(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        at: usize,
+        checks: &mut Checks,
+    ) -> Result<bool, VolumeError> {
+        if !offset.is_multiple_of(BLOCK) || !buf.len().is_multiple_of(BLOCK_SIZE) {
+            return Ok(false);
+        }
+        self.checked_read(offset, buf, Verify::Later { at, checks })
+    }
+
+    fn checked_read(&self, offset: u64, buf: &mut [u8], verify: Verify<'_>) -> Result<bool, VolumeError> {
         self.check()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(true);
         }
-        let result = self.read_runs(offset, buf, nowait);
+        let result = self.read_runs(offset, buf, verify);
         if let Err(e) = &result {
             warn!(self.log, "read failed"; "offset" => offset, "length" => buf.len(), "error" => %e);
         }
         result
     }
 
-    /// With `nowait`, returns `Ok(false)` as soon as something is not in a cache.
-    fn read_runs(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
+    /// Unless it waits (`Verify::Now { nowait: false }`), returns `Ok(false)` as soon as
+    /// something is not in a cache.
+    fn read_runs(&self, offset: u64, buf: &mut [u8], verify: Verify<'_>) -> Result<bool, VolumeError> {
+        let nowait = !matches!(verify, Verify::Now { nowait: false });
         let first_vb = offset / BLOCK;
         let end = offset + buf.len() as u64;
         let blocks = (end.div_ceil(BLOCK) - first_vb) as usize;
@@ -82,8 +147,16 @@ impl Volume {
             }
             i = j;
         }
-        if aligned {
-            self.verify_blocks(buf, &ptrs)?;
+        match verify {
+            Verify::Now { .. } if aligned => self.verify_blocks(buf, &ptrs)?,
+            Verify::Now { .. } => {}
+            Verify::Later { at, checks } => {
+                let read = checks.reads;
+                let mapped =
+                    ptrs.iter().enumerate().filter_map(|(i, p)| p.map(|p| (at + i * BLOCK_SIZE, p.hash, read)));
+                checks.blocks.extend(mapped);
+                checks.reads += 1;
+            }
         }
         Ok(true)
     }

@@ -5,6 +5,7 @@
 use super::*;
 use crate::device::{CrashPolicy, SimDisk, SimFault, WriteFate};
 use crate::rng::Rng;
+use crate::volume::Checks;
 use raft::eraftpb::HardState;
 
 const VOL: [u8; 16] = *b"volume-test-vol1";
@@ -902,6 +903,56 @@ fn a_bad_cached_copy_is_read_again_from_the_media() {
     disk.inject(SimFault::BitFlip { offset: ptr.block * BLOCK + 9, bit: 2 });
     assert!(matches!(volume.read(0, &mut buf), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
     assert!(matches!(volume.try_read(0, &mut hot), Err(VolumeError::Tree(TreeError::HashMismatch { .. }))));
+}
+
+/// Deferred checks (`try_read_deferred`, `Checks::failed`): several reads into one buffer,
+/// checked at once; exactly the read that got a bad cached copy fails, and a read of the
+/// volume (which checks at once) answers it from the media.
+#[test]
+fn deferred_checks_name_the_read_with_a_bad_copy() {
+    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 4));
+    let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
+    Volume::format(&*disk, None, opts).expect("format");
+    let dev = Arc::new(BadCache { disk: disk.clone(), bad: false.into() });
+    let (mut volume, mut store) = Volume::open(dev.clone(), None, logger()).expect("open");
+    let data: Vec<u8> = (0..4 * BLOCK_SIZE).map(|i| (i / BLOCK_SIZE * 7 + i % 251) as u8).collect();
+    let entry = Entry {
+        index: store.last_index() + 1,
+        term: 1,
+        data: Command::Write { offset: 0, data: &data }.encode(),
+        ..Default::default()
+    };
+    let hs = HardState { term: 1, vote: 1, commit: entry.index };
+    store.append(std::slice::from_ref(&entry), Some(&hs)).expect("append");
+    assert_eq!(volume.apply(&entry).expect("apply"), Applied::Done);
+    let mut checks = Checks::default();
+    assert!(checks.is_empty());
+    let mut out = vec![0u8; 10 * BLOCK_SIZE];
+    // Read 0: blocks 0-1 at 1 block into `out`; read 1: block 3 (unaligned within `out`
+    // does not matter); read 2: block 2, from a bad cache; read 3: unmapped blocks.
+    let read = |offset: u64, at: usize, len: usize, out: &mut Vec<u8>, checks: &mut Checks| {
+        volume.try_read_deferred(offset, &mut out[at..at + len], at, checks).expect("read")
+    };
+    assert!(read(0, BLOCK_SIZE, 2 * BLOCK_SIZE, &mut out, &mut checks));
+    assert!(read(3 * BLOCK, 3 * BLOCK_SIZE + 100, BLOCK_SIZE, &mut out, &mut checks));
+    dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(read(2 * BLOCK, 5 * BLOCK_SIZE, BLOCK_SIZE, &mut out, &mut checks));
+    dev.bad.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(read(8 * BLOCK, 6 * BLOCK_SIZE, 2 * BLOCK_SIZE, &mut out, &mut checks));
+    assert!(!read(512, 0, BLOCK_SIZE, &mut out, &mut checks), "not whole blocks: not deferred");
+    assert!(!checks.is_empty());
+    assert_eq!(out[BLOCK_SIZE..3 * BLOCK_SIZE], data[..2 * BLOCK_SIZE]);
+    assert!(out[6 * BLOCK_SIZE..8 * BLOCK_SIZE].iter().all(|&b| b == 0));
+    assert_eq!(checks.failed(&out), vec![2], "only the read of the bad copy");
+    assert!(checks.is_empty(), "failed() forgets the checks");
+    assert_eq!(checks.failed(&out), Vec::<usize>::new());
+    // Checked against a buffer that lost the data (a caller's mistake): fails, never passes.
+    assert!(read(0, 0, BLOCK_SIZE, &mut out, &mut checks));
+    assert_eq!(checks.failed(&out[..BLOCK_SIZE / 2]), vec![0]);
+    let mut again = vec![0u8; BLOCK_SIZE];
+    dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
+    volume.read(2 * BLOCK, &mut again).expect("from the media");
+    assert_eq!(again, data[2 * BLOCK_SIZE..3 * BLOCK_SIZE]);
 }
 
 /// An entry that skips an index is refused (the write before it would be lost), and the
