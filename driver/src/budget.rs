@@ -87,9 +87,12 @@ impl Budget {
         }
         s.waiting.retain(|w| w.ticket != ticket);
         s.used += cost;
+        let others = !s.waiting.is_empty();
         drop(s);
         // The next in line may fit too.
-        self.changed.notify_all();
+        if others {
+            self.changed.notify_all();
+        }
         Held { budget: self.clone(), cost }
     }
 
@@ -120,8 +123,13 @@ impl Drop for Held {
     fn drop(&mut self) {
         let mut s = self.budget.lock();
         s.used -= self.cost;
+        // Waiters enter `waiting` under the lock before they sleep, so none is missed; with
+        // none, no wake-up call (a system call even with nobody to wake: two per request).
+        let waiters = !s.waiting.is_empty();
         drop(s);
-        self.budget.changed.notify_all();
+        if waiters {
+            self.budget.changed.notify_all();
+        }
     }
 }
 

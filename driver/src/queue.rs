@@ -52,6 +52,9 @@ struct State {
     /// Placed proposals, by connection, waiting for a device flush before the node may take
     /// them.
     unflushed: Vec<(u64, Proposal)>,
+    /// The node sleeps in `take_batch` (set and read under the lock): only then does a new
+    /// proposal wake it, a system call that is wasted while the node is busy.
+    node_waits: bool,
 }
 
 impl Proposals {
@@ -81,8 +84,11 @@ impl Proposals {
             return;
         }
         s.enqueue(conn, p);
+        let wake = s.node_waits;
         drop(s);
-        self.arrived.notify_one();
+        if wake {
+            self.arrived.notify_one();
+        }
     }
 
     /// The flusher: until `close`, flushes `dev` whenever placed proposals wait for it and
@@ -172,7 +178,9 @@ impl Proposals {
             if left.is_zero() {
                 return Vec::new();
             }
+            s.node_waits = true;
             s = self.arrived.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+            s.node_waits = false;
         }
         let mut batch = Vec::new();
         let mut bytes = 0u64;
