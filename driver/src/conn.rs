@@ -675,24 +675,31 @@ impl Answer {
     /// reply's buffer is not zeroed again for every read. Returns how much of `data` is sent
     /// after `out` (0: the reply, if any, is all in `out`).
     fn read_apart(&self, req: &Request, out: &mut Vec<u8>, data: &mut Vec<u8>) -> usize {
-        if self.may_have_holes(req) {
-            self.read(req, out, false);
-            return 0;
-        }
         let length = req.length as usize;
         if data.len() < length {
             data.resize(length, 0);
         }
+        let start = out.len();
+        // The block map and the data under one lock, so that the two agree. Without `nowait`
+        // a read never asks to be retried (`Ok(false)`): that would be a bug, answered as EIO.
         let volume = read_volume(&self.shared.volume);
-        match read_bytes(&volume, req.offset, &mut data[..length], false) {
-            Ok(true) => {
-                drop(volume);
+        let read = match self.may_have_holes(req).then(|| hole_runs(&volume, req)).flatten() {
+            // Chunks, all in `out`.
+            Some(runs) => read_chunks(&volume, req, &runs, out, false).and_then(|done| done.then_some(None).ok_or(())),
+            // One data chunk (or a simple reply), its data in `data`.
+            None => read_bytes(&volume, req.offset, &mut data[..length], false)
+                .and_then(|done| done.then_some(Some(length)).ok_or(())),
+        };
+        drop(volume);
+        match read {
+            Ok(None) => 0,
+            Ok(Some(sent)) => {
                 self.reply_header(req, out);
-                length
+                sent
             }
-            // Without `nowait` a read never asks to be retried; answered like an error.
-            Ok(false) | Err(_) => {
-                drop(volume);
+            Err(()) => {
+                // Logged by the volume; what was appended goes.
+                out.truncate(start);
                 self.confirm_error(req.handle, session::NBD_EIO, self.structured);
                 0
             }
