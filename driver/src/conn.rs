@@ -39,8 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use raft_state::command::{Command, COMMAND_HEADER};
-use raft_state::device::AlignedBuf;
-use raft_state::device::BLOCK;
+use raft_state::device::{AlignedBuf, BLOCK};
 use raft_state::place::Placer;
 use raft_state::volume::{Applied, Checks, Volume, VolumeError};
 use session::{Export, Request};
@@ -178,7 +177,6 @@ impl Replies {
     }
 }
 
-/// Appends a simple reply without data to `out` (writing to a Vec cannot fail).
 /// `write_all` of `head` then `data`, gathered (`writev`) rather than copied together.
 fn write_all_parts(w: &mut impl Write, head: &[u8], data: &[u8]) -> std::io::Result<()> {
     let mut parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(data)];
@@ -195,6 +193,7 @@ fn write_all_parts(w: &mut impl Write, head: &[u8], data: &[u8]) -> std::io::Res
     Ok(())
 }
 
+/// Appends a simple reply without data to `out` (writing to a Vec cannot fail).
 fn encode(out: &mut Vec<u8>, handle: u64, error: u32) {
     let _ = session::write_reply(out, handle, error, &[]);
 }
