@@ -627,7 +627,14 @@ impl Answer {
     /// media if the cached copy is bad (never wrong data).
     fn send_batch(&self, out: &mut Vec<u8>, hot: &mut HotReads) -> std::io::Result<()> {
         if !hot.checks.is_empty() {
-            let failed = hot.checks.failed(out);
+            let counted = hot.checks.len();
+            let mut failed = hot.checks.failed(out);
+            // Each read in `hot.reads` was counted by its check: were they ever out of step (a
+            // bug), no read's checks could be trusted to be its own, so all are read again.
+            debug_assert_eq!(counted, hot.reads.len(), "hot reads and their checks");
+            if counted != hot.reads.len() {
+                failed = (0..hot.reads.len()).collect();
+            }
             // Later replies first, so that the earlier ones' places in `out` hold.
             for &i in failed.iter().rev() {
                 out.drain(hot.reads[i].1.clone());

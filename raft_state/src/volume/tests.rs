@@ -929,12 +929,14 @@ fn deferred_checks_name_the_read_with_a_bad_copy() {
     assert!(checks.is_empty());
     let mut out = vec![0u8; 10 * BLOCK_SIZE];
     // Read 0: blocks 0-1 at 1 block into `out`; read 1: block 3 (unaligned within `out`
-    // does not matter); read 2: block 2, from a bad cache; read 3: unmapped blocks.
+    // does not matter); read 2: nothing; read 3: block 2, from a bad cache; read 4: unmapped
+    // blocks.
     let read = |offset: u64, at: usize, len: usize, out: &mut Vec<u8>, checks: &mut Checks| {
         volume.try_read_deferred(offset, &mut out[at..at + len], at, checks).expect("read")
     };
     assert!(read(0, BLOCK_SIZE, 2 * BLOCK_SIZE, &mut out, &mut checks));
     assert!(read(3 * BLOCK, 3 * BLOCK_SIZE + 100, BLOCK_SIZE, &mut out, &mut checks));
+    assert!(read(0, 0, 0, &mut out, &mut checks), "an empty read is read 2: nothing to check");
     dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(read(2 * BLOCK, 5 * BLOCK_SIZE, BLOCK_SIZE, &mut out, &mut checks));
     dev.bad.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -943,7 +945,8 @@ fn deferred_checks_name_the_read_with_a_bad_copy() {
     assert!(!checks.is_empty());
     assert_eq!(out[BLOCK_SIZE..3 * BLOCK_SIZE], data[..2 * BLOCK_SIZE]);
     assert!(out[6 * BLOCK_SIZE..8 * BLOCK_SIZE].iter().all(|&b| b == 0));
-    assert_eq!(checks.failed(&out), vec![2], "only the read of the bad copy");
+    assert_eq!(checks.len(), 5);
+    assert_eq!(checks.failed(&out), vec![3], "only the read of the bad copy");
     assert!(checks.is_empty(), "failed() forgets the checks");
     assert_eq!(checks.failed(&out), Vec::<usize>::new());
     // Checked against a buffer that lost the data (a caller's mistake): fails, never passes.
