@@ -603,7 +603,7 @@ impl Answer {
         let start = out.len();
         let data_at = self.reply_head(req, out);
         let volume = read_volume(&self.shared.volume);
-        match volume.try_read_deferred(req.offset, &mut out[data_at..], data_at, &mut hot.checks) {
+        match volume.try_read_deferred(req.offset, &mut out[data_at..], data_at, hot.reads.len(), &mut hot.checks) {
             Ok(true) => {
                 hot.reads.push((req.clone(), start..out.len()));
                 true
@@ -627,14 +627,8 @@ impl Answer {
     /// media if the cached copy is bad (never wrong data).
     fn send_batch(&self, out: &mut Vec<u8>, hot: &mut HotReads) -> std::io::Result<()> {
         if !hot.checks.is_empty() {
-            let counted = hot.checks.len();
-            let mut failed = hot.checks.failed(out);
-            // Each read in `hot.reads` was counted by its check: were they ever out of step (a
-            // bug), no read's checks could be trusted to be its own, so all are read again.
-            debug_assert_eq!(counted, hot.reads.len(), "hot reads and their checks");
-            if counted != hot.reads.len() {
-                failed = (0..hot.reads.len()).collect();
-            }
+            // Each read's checks carry its place in `hot.reads`.
+            let failed = hot.checks.failed(out);
             // Later replies first, so that the earlier ones' places in `out` hold.
             for &i in failed.iter().rev() {
                 out.drain(hot.reads[i].1.clone());

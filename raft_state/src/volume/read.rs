@@ -14,33 +14,26 @@ const STATUS_MAX_NODES: usize = 256;
 enum Verify<'a> {
     /// Before the read returns (`nowait`: only if all is cached).
     Now { nowait: bool },
-    /// By the caller, through `checks` (only if all is cached).
-    Later { at: usize, checks: &'a mut Checks },
+    /// By the caller, through `checks`, as its read `read` (only if all is cached).
+    Later { at: usize, read: usize, checks: &'a mut Checks },
 }
 
-/// The hash checks of reads made with `Volume::try_read_deferred`, each read numbered in the
-/// order it was made (from 0): run them all at once with `failed`.
+/// The hash checks of reads made with `Volume::try_read_deferred`, each under the number its
+/// caller gave it: run them all at once with `failed`.
 #[derive(Debug, Default)]
 pub struct Checks {
     /// Where a block lies in the caller's buffer, the hash it must have, and its read.
     blocks: Vec<(usize, Hash, usize)>,
-    /// Reads deferred since the last `failed`.
-    reads: usize,
 }
 
 impl Checks {
-    /// Whether no read is waiting for its checks.
+    /// Whether no block is waiting for its check.
     pub fn is_empty(&self) -> bool {
-        self.reads == 0
-    }
-
-    /// The reads waiting for their checks.
-    pub fn len(&self) -> usize {
-        self.reads
+        self.blocks.is_empty()
     }
 
     /// Checks every deferred block in `buf` (the buffer the reads went into) and forgets them:
-    /// the numbers of the reads with a block that failed, in order. Such a read must be read
+    /// the numbers of the reads with a block that failed, in the order they were deferred. Such a read must be read
     /// again (`Volume::read` checks its blocks, and reads the media itself when a cached copy
     /// is bad).
     pub fn failed(&mut self, buf: &[u8]) -> Vec<usize> {
@@ -55,7 +48,6 @@ impl Checks {
             .collect();
         failed.dedup();
         self.blocks.clear();
-        self.reads = 0;
         failed
     }
 }
@@ -76,31 +68,29 @@ impl Volume {
     }
 
     /// Like `try_read`, but the blocks' hash checks are left in `checks` rather than made
-    /// now, so that the checks of many short reads run side by side (`Checks::failed`); `at`
-    /// is where `buf` starts in the buffer that `Checks::failed` is later given. Until then
-    /// the data in `buf` is unverified: it must not leave the driver. Only reads of whole
-    /// blocks are deferred; others, and reads not all cached, return `Ok(false)`.
+    /// now, so that the checks of many short reads run side by side (`Checks::failed`, which
+    /// names a failed read by `read`); `at` is where `buf` starts in the buffer that
+    /// `Checks::failed` is later given. Until then the data in `buf` is unverified: it must
+    /// not leave the driver. Only reads of whole blocks are deferred; others, and reads not
+    /// all cached, return `Ok(false)`.
     pub fn try_read_deferred(
         &self,
         offset: u64,
         buf: &mut [u8],
         at: usize,
+        read: usize,
         checks: &mut Checks,
     ) -> Result<bool, VolumeError> {
         if !offset.is_multiple_of(BLOCK) || !buf.len().is_multiple_of(BLOCK_SIZE) {
             return Ok(false);
         }
-        self.checked_read(offset, buf, Verify::Later { at, checks })
+        self.checked_read(offset, buf, Verify::Later { at, read, checks })
     }
 
     fn checked_read(&self, offset: u64, buf: &mut [u8], verify: Verify<'_>) -> Result<bool, VolumeError> {
         self.check()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            // Nothing to check, but still a read that `Checks::failed` numbers.
-            if let Verify::Later { checks, .. } = verify {
-                checks.reads += 1;
-            }
             return Ok(true);
         }
         let result = self.read_runs(offset, buf, verify);
@@ -159,12 +149,10 @@ impl Volume {
         match verify {
             Verify::Now { .. } if aligned => self.verify_blocks(buf, &ptrs)?,
             Verify::Now { .. } => {}
-            Verify::Later { at, checks } => {
-                let read = checks.reads;
+            Verify::Later { at, read, checks } => {
                 let mapped =
                     ptrs.iter().enumerate().filter_map(|(i, p)| p.map(|p| (at + i * BLOCK_SIZE, p.hash, read)));
                 checks.blocks.extend(mapped);
-                checks.reads += 1;
             }
         }
         Ok(true)

@@ -870,25 +870,32 @@ impl Device for BadCache {
     }
 }
 
-/// A cached copy that fails its hash check is read again from the media, by `read` and by
-/// `try_read`; only when the media's copy is bad too does the read fail.
-#[test]
-fn a_bad_cached_copy_is_read_again_from_the_media() {
-    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 3));
+/// A fresh volume on a `BadCache` (good for now) over a simulated disk (`seed`), with `data`
+/// written at offset 0 and applied.
+fn bad_cache_volume(seed: u64, data: &[u8]) -> (Volume, Arc<BadCache>, Arc<SimDisk>) {
+    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, seed));
     let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
     Volume::format(&*disk, None, opts).expect("format");
     let dev = Arc::new(BadCache { disk: disk.clone(), bad: false.into() });
     let (mut volume, mut store) = Volume::open(dev.clone(), None, logger()).expect("open");
-    let data = vec![0x3Cu8; 2 * BLOCK_SIZE];
     let entry = Entry {
         index: store.last_index() + 1,
         term: 1,
-        data: Command::Write { offset: 0, data: &data }.encode(),
+        data: Command::Write { offset: 0, data }.encode(),
         ..Default::default()
     };
     let hs = HardState { term: 1, vote: 1, commit: entry.index };
     store.append(std::slice::from_ref(&entry), Some(&hs)).expect("append");
     assert_eq!(volume.apply(&entry).expect("apply"), Applied::Done);
+    (volume, dev, disk)
+}
+
+/// A cached copy that fails its hash check is read again from the media, by `read` and by
+/// `try_read`; only when the media's copy is bad too does the read fail.
+#[test]
+fn a_bad_cached_copy_is_read_again_from_the_media() {
+    let data = vec![0x3Cu8; 2 * BLOCK_SIZE];
+    let (volume, dev, disk) = bad_cache_volume(3, &data);
     dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut buf = vec![0u8; 2 * BLOCK_SIZE];
     volume.read(0, &mut buf).expect("read: the media's copy is good");
@@ -910,47 +917,33 @@ fn a_bad_cached_copy_is_read_again_from_the_media() {
 /// volume (which checks at once) answers it from the media.
 #[test]
 fn deferred_checks_name_the_read_with_a_bad_copy() {
-    let disk = Arc::new(SimDisk::new(DISK_BLOCKS * BLOCK, 4));
-    let opts = FormatOptions { volume_bytes: VOLUME_BLOCKS * BLOCK, log_blocks: LOG_BLOCKS, volume_id: VOL };
-    Volume::format(&*disk, None, opts).expect("format");
-    let dev = Arc::new(BadCache { disk: disk.clone(), bad: false.into() });
-    let (mut volume, mut store) = Volume::open(dev.clone(), None, logger()).expect("open");
     let data: Vec<u8> = (0..4 * BLOCK_SIZE).map(|i| (i / BLOCK_SIZE * 7 + i % 251) as u8).collect();
-    let entry = Entry {
-        index: store.last_index() + 1,
-        term: 1,
-        data: Command::Write { offset: 0, data: &data }.encode(),
-        ..Default::default()
-    };
-    let hs = HardState { term: 1, vote: 1, commit: entry.index };
-    store.append(std::slice::from_ref(&entry), Some(&hs)).expect("append");
-    assert_eq!(volume.apply(&entry).expect("apply"), Applied::Done);
+    let (volume, dev, _) = bad_cache_volume(4, &data);
     let mut checks = Checks::default();
     assert!(checks.is_empty());
     let mut out = vec![0u8; 10 * BLOCK_SIZE];
-    // Read 0: blocks 0-1 at 1 block into `out`; read 1: block 3 (unaligned within `out`
-    // does not matter); read 2: nothing; read 3: block 2, from a bad cache; read 4: unmapped
-    // blocks.
-    let read = |offset: u64, at: usize, len: usize, out: &mut Vec<u8>, checks: &mut Checks| {
-        volume.try_read_deferred(offset, &mut out[at..at + len], at, checks).expect("read")
+    // Read 10: blocks 0-1 at 1 block into `out`; read 11: block 3 (unaligned within `out`
+    // does not matter); read 12: nothing; read 13: block 2, from a bad cache; read 14:
+    // unmapped blocks (nothing to check either).
+    let read = |offset: u64, at: usize, len: usize, number: usize, out: &mut Vec<u8>, checks: &mut Checks| {
+        volume.try_read_deferred(offset, &mut out[at..at + len], at, number, checks).expect("read")
     };
-    assert!(read(0, BLOCK_SIZE, 2 * BLOCK_SIZE, &mut out, &mut checks));
-    assert!(read(3 * BLOCK, 3 * BLOCK_SIZE + 100, BLOCK_SIZE, &mut out, &mut checks));
-    assert!(read(0, 0, 0, &mut out, &mut checks), "an empty read is read 2: nothing to check");
+    assert!(read(0, BLOCK_SIZE, 2 * BLOCK_SIZE, 10, &mut out, &mut checks));
+    assert!(read(3 * BLOCK, 3 * BLOCK_SIZE + 100, BLOCK_SIZE, 11, &mut out, &mut checks));
+    assert!(read(0, 0, 0, 12, &mut out, &mut checks), "an empty read: nothing to check");
     dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(read(2 * BLOCK, 5 * BLOCK_SIZE, BLOCK_SIZE, &mut out, &mut checks));
+    assert!(read(2 * BLOCK, 5 * BLOCK_SIZE, BLOCK_SIZE, 13, &mut out, &mut checks));
     dev.bad.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(read(8 * BLOCK, 6 * BLOCK_SIZE, 2 * BLOCK_SIZE, &mut out, &mut checks));
-    assert!(!read(512, 0, BLOCK_SIZE, &mut out, &mut checks), "not whole blocks: not deferred");
+    assert!(read(8 * BLOCK, 6 * BLOCK_SIZE, 2 * BLOCK_SIZE, 14, &mut out, &mut checks));
+    assert!(!read(512, 0, BLOCK_SIZE, 15, &mut out, &mut checks), "not whole blocks: not deferred");
     assert!(!checks.is_empty());
     assert_eq!(out[BLOCK_SIZE..3 * BLOCK_SIZE], data[..2 * BLOCK_SIZE]);
     assert!(out[6 * BLOCK_SIZE..8 * BLOCK_SIZE].iter().all(|&b| b == 0));
-    assert_eq!(checks.len(), 5);
-    assert_eq!(checks.failed(&out), vec![3], "only the read of the bad copy");
+    assert_eq!(checks.failed(&out), vec![13], "only the read of the bad copy");
     assert!(checks.is_empty(), "failed() forgets the checks");
     assert_eq!(checks.failed(&out), Vec::<usize>::new());
     // Checked against a buffer that lost the data (a caller's mistake): fails, never passes.
-    assert!(read(0, 0, BLOCK_SIZE, &mut out, &mut checks));
+    assert!(read(0, 0, BLOCK_SIZE, 0, &mut out, &mut checks));
     assert_eq!(checks.failed(&out[..BLOCK_SIZE / 2]), vec![0]);
     let mut again = vec![0u8; BLOCK_SIZE];
     dev.bad.store(true, std::sync::atomic::Ordering::SeqCst);
