@@ -261,18 +261,21 @@ pub fn free_port() -> u16 {
 /// qemu-io on a raw NBD `uri` with `commands`; its output, after checking that every command
 /// succeeded.
 pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let (success, text) = qemu_io_output(uri, commands);
+    assert!(success && !text.contains("failed") && !text.contains("error"), "qemu-io {commands:?}:\n{text}");
+    text
+}
+
+/// qemu-io on a raw NBD `uri` with `commands`, for commands that may fail: whether it exited
+/// with success, and its output.
+pub fn qemu_io_output(uri: &str, commands: &[&str]) -> (bool, String) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw", uri]);
     for c in commands {
         cmd.arg("-c").arg(c);
     }
     let out = cmd.output().expect("qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("error"),
-        "qemu-io {commands:?}:\n{text}"
-    );
-    text
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Runs certtool with `args`, writing `out`.
