@@ -1,10 +1,12 @@
 //! The Raft node thread and its applier, the only place that changes the volume.
 //!
-//! It owns the `RawNode` (whose storage is the log on raw sectors); its applier thread is the
-//! only writer of the volume. Sessions send proposals; the node proposes everything that
-//! arrived meanwhile and persists it with ONE log append and flush (group commit); the
-//! applier applies the committed entries and only then completes each proposal. A single-node group commits an entry as soon as it
-//! is durable, so a completed proposal is durable. Any error of the log, the volume or a
+//! It owns the `RawNode` (whose storage is the log on raw sectors). Sessions send proposals;
+//! the node proposes everything that arrived meanwhile and persists it with ONE log append and
+//! flush (group commit); the applier thread applies the committed entries (or the node thread
+//! itself, when the applier is idle and nothing waits: `Links::apply_here`) and only then
+//! completes each proposal. One thread applies at a time, so the volume has one writer. A
+//! single-node group commits an entry as soon as it is durable, so a completed proposal is
+//! durable. Any error of the log, the volume or a
 //! checkpoint is fatal: the node stops and the driver exits non-zero (fail-stop; the
 //! supervisor restarts it and recovery works from what is durable).
 
@@ -33,7 +35,8 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Called once with the outcome, on the applier thread: it must not block.
+/// Called once with the outcome, on the thread that applied the proposal (the applier, or the
+/// node thread when it applies itself): it must not block.
 pub type Completion = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An encoded command to commit, and whom to tell.
@@ -74,6 +77,8 @@ enum ToApply {
     Batch(Vec<Entry>, Vec<Option<Completion>>, LogMark),
     /// Answered once everything handed over before it is applied.
     Barrier(mpsc::Sender<()>),
+    /// The node thread applied a batch itself and found a checkpoint due: take it.
+    Checkpoint,
     /// A clean stop: checkpoint (with this mark of everything handed over) and return.
     Stop(LogMark),
 }
@@ -107,11 +112,12 @@ pub fn run(
 ) -> Result<(), DriverError> {
     let (to_apply, applies) = mpsc::sync_channel::<ToApply>(APPLY_QUEUE);
     let (compact, compactions) = mpsc::channel::<Compaction>();
+    let applied_batches = Arc::new(AtomicU64::new(0));
     let applier = {
-        let (volume, log, alive) = (volume.clone(), log.clone(), alive.clone());
+        let (volume, log, alive, applied) = (volume.clone(), log.clone(), alive.clone(), applied_batches.clone());
         std::thread::Builder::new()
             .name("rblk-apply".into())
-            .spawn(move || apply_loop(&volume, &applies, &compact, &alive, &log))?
+            .spawn(move || apply_loop(&volume, &applies, &applied, &compact, &alive, &log))?
     };
     let dev = read_volume(&volume).device();
     let result = std::thread::scope(|scope| {
@@ -119,8 +125,17 @@ pub fn run(
         let flusher = std::thread::Builder::new()
             .name("rblk-flush".into())
             .spawn_scoped(scope, || proposals.flush_placed(&*dev))?;
-        let mut links = Links { to_apply: &to_apply, compactions: &compactions, handed: 0 };
-        let result = node_loop(&volume, store, proposals, cfg, stop, alive, &mut links, start_serving, log);
+        let mut links = Links {
+            to_apply: &to_apply,
+            compactions: &compactions,
+            handed: 0,
+            sent_batches: 0,
+            applied_batches: &applied_batches,
+            volume: &volume,
+            proposals,
+            log,
+        };
+        let result = node_loop(store, cfg, stop, alive, &mut links, start_serving, log);
         proposals.close();
         let flushed = flusher.join().map_err(|_| DriverError::Panicked("flusher"));
         // A node error comes first: it may be the flusher's own, reported through the queue.
@@ -138,15 +153,32 @@ pub fn run(
     result.map(|_| ()).and(applied)
 }
 
-/// The node thread's ends of its channels with the applier.
+/// The node thread's ends of its channels with the applier, and what it needs to apply a
+/// batch itself.
 struct Links<'a> {
     to_apply: &'a SyncSender<ToApply>,
     compactions: &'a Receiver<Compaction>,
-    /// The last index handed to the applier.
+    /// The last index handed over (to the applier, or applied on the node thread).
     handed: u64,
+    /// Batches sent to the applier, and (counted by the applier) applied by it: when they are
+    /// equal, the applier has nothing left to apply.
+    sent_batches: u64,
+    applied_batches: &'a AtomicU64,
+    volume: &'a RwLock<Volume>,
+    proposals: &'a Proposals,
+    log: &'a Logger,
 }
 
 impl Links<'_> {
+    /// Whether the node thread should apply the next batch itself: the applier has applied
+    /// everything sent to it (so the order holds) and no proposal waits for a log append (so
+    /// the pipeline has nothing to overlap). Under load the applier applies, beside the node's
+    /// next append; at low load a hand-over would only put a wake-up of another thread (tens
+    /// of µs on a VM) into every write's latency.
+    fn apply_here(&self) -> bool {
+        self.applied_batches.load(Ordering::Acquire) == self.sent_batches && self.proposals.nothing_waiting()
+    }
+
     /// Carries out the compactions the applier asked for since the last call.
     fn compact(&self, store: &mut LogStore) -> Result<(), DriverError> {
         while let Ok(c) = self.compactions.try_recv() {
@@ -159,9 +191,7 @@ impl Links<'_> {
 /// Returns, after a clean stop, the log's mark of everything handed to the applier.
 #[allow(clippy::too_many_arguments)]
 fn node_loop(
-    volume: &RwLock<Volume>,
     store: LogStore,
-    proposals: &Proposals,
     cfg: &NodeConfig,
     stop: &AtomicBool,
     alive: &AtomicU64,
@@ -169,6 +199,7 @@ fn node_loop(
     start_serving: impl FnOnce() -> std::io::Result<()>,
     log: &Logger,
 ) -> Result<LogMark, DriverError> {
+    let (volume, proposals) = (links.volume, links.proposals);
     let applied = read_volume(volume).applied_index();
     links.handed = applied;
     let raft_cfg = raft::Config {
@@ -287,8 +318,9 @@ fn drive(
     Ok(())
 }
 
-/// Sends committed entries to the applier (waiting while it is `APPLY_QUEUE` batches behind),
-/// with the log's mark for the last of them.
+/// Hands committed entries over with the log's mark for the last of them: to the applier
+/// (waiting while it is `APPLY_QUEUE` batches behind), or applies them on this thread when
+/// that is faster (`Links::apply_here`; a checkpoint it finds due is still the applier's).
 fn hand_over(
     entries: Vec<Entry>,
     waiting: &mut HashMap<u64, Completion>,
@@ -299,7 +331,15 @@ fn hand_over(
     let done = entries.iter().map(|e| waiting.remove(&e.index)).collect();
     links.handed = last;
     let mark = store.mark(last);
-    links.to_apply.send(ToApply::Batch(entries, done, mark)).map_err(|_| DriverError::Stopped("applier"))
+    let stopped = || DriverError::Stopped("applier");
+    if links.apply_here() {
+        if apply(links.volume, &entries, done, mark, links.log)? {
+            links.to_apply.send(ToApply::Checkpoint).map_err(|_| stopped())?;
+        }
+        return Ok(());
+    }
+    links.sent_batches += 1;
+    links.to_apply.send(ToApply::Batch(entries, done, mark)).map_err(|_| stopped())
 }
 
 /// How often an idle applier looks whether its checkpoint finished (or failed).
@@ -316,13 +356,14 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(50);
 fn apply_loop(
     volume: &RwLock<Volume>,
     applies: &Receiver<ToApply>,
+    applied: &AtomicU64,
     compact: &mpsc::Sender<Compaction>,
     alive: &AtomicU64,
     log: &Logger,
 ) -> Result<(), DriverError> {
     let stopped = std::thread::scope(|scope| {
         let mut checkpoint = None;
-        let ended = apply_rounds(scope, &mut checkpoint, volume, applies, compact, alive, log);
+        let ended = apply_rounds(scope, &mut checkpoint, volume, applies, applied, compact, alive, log);
         // The pending checkpoint ends either way; its error counts unless one came first.
         let pending = join_checkpoint(&mut checkpoint);
         ended.and_then(|clean| pending.map(|()| clean))
@@ -345,41 +386,45 @@ fn apply_loop(
 type CheckpointThread<'scope> = Option<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>>;
 
 /// The applier's rounds until the node thread says stop (`Ok(Some(mark))`) or goes away after
-/// a failure of its own (`Ok(None)`: it reports why; no checkpoint then).
+/// a failure of its own (`Ok(None)`: it reports why; no checkpoint then). `applied` counts the
+/// batches it applied (`Links::apply_here`).
+#[allow(clippy::too_many_arguments)]
 fn apply_rounds<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     checkpoint: &mut CheckpointThread<'scope>,
     volume: &'env RwLock<Volume>,
     applies: &Receiver<ToApply>,
+    applied: &AtomicU64,
     compact: &'env mpsc::Sender<Compaction>,
     alive: &AtomicU64,
     log: &'env Logger,
 ) -> Result<Option<LogMark>, DriverError> {
-    // The log's mark for what is applied (none before the first batch).
-    let mut applied: Option<LogMark> = None;
     loop {
         if checkpoint.as_ref().is_some_and(|c| c.is_finished()) {
             join_checkpoint(checkpoint)?;
         }
         match applies.recv_timeout(CHECKPOINT_POLL) {
             Ok(ToApply::Batch(entries, done, mark)) => {
-                apply(volume, &entries, done, log)?;
+                let due = apply(volume, &entries, done, mark, log)?;
+                applied.fetch_add(1, Ordering::Release);
                 alive.fetch_add(1, Ordering::Relaxed);
-                applied = Some(mark);
-                if read_volume(volume).should_checkpoint(&mark) {
+                if due {
                     // One at a time: the previous one first.
                     join_checkpoint(checkpoint)?;
-                    *checkpoint = Some(start_checkpoint(scope, volume, &mark, compact, log)?);
+                    *checkpoint = Some(start_checkpoint(scope, volume, compact, log)?);
+                }
+            }
+            Ok(ToApply::Checkpoint) => {
+                join_checkpoint(checkpoint)?;
+                // Still due: a checkpoint this thread started meanwhile may have taken it.
+                if read_volume(volume).checkpoint_due() {
+                    *checkpoint = Some(start_checkpoint(scope, volume, compact, log)?);
                 }
             }
             // Idle: a checkpoint may be due all the same (its interval passed, or writers wait
             // for space that only checkpoints release).
-            Err(mpsc::RecvTimeoutError::Timeout)
-                if checkpoint.is_none() && applied.is_some_and(|m| read_volume(volume).should_checkpoint(&m)) =>
-            {
-                if let Some(mark) = applied {
-                    *checkpoint = Some(start_checkpoint(scope, volume, &mark, compact, log)?);
-                }
+            Err(mpsc::RecvTimeoutError::Timeout) if checkpoint.is_none() && read_volume(volume).checkpoint_due() => {
+                *checkpoint = Some(start_checkpoint(scope, volume, compact, log)?);
             }
             Ok(ToApply::Barrier(done)) => {
                 let _ = done.send(());
@@ -391,17 +436,23 @@ fn apply_rounds<'scope, 'env>(
     }
 }
 
-/// Seals a checkpoint (holding the volume for a moment) and starts the thread that makes it
-/// durable and installs it.
+/// Seals a checkpoint of what is applied (holding the volume for a moment) and starts the
+/// thread that makes it durable and installs it.
 fn start_checkpoint<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     volume: &'env RwLock<Volume>,
-    mark: &LogMark,
     compact: &'env mpsc::Sender<Compaction>,
     log: &'env Logger,
 ) -> Result<std::thread::ScopedJoinHandle<'scope, Result<(), DriverError>>, DriverError> {
     let started = Instant::now();
-    let mut sealed = write_volume(volume).seal_checkpoint(mark).map_err(DriverError::Volume)?;
+    let mut sealed = {
+        let mut guard = write_volume(volume);
+        // The mark of the last apply, noted under the same lock as the apply.
+        let Some(mark) = guard.log_mark() else {
+            return Err(DriverError::Unexpected("a checkpoint before anything was applied".into()));
+        };
+        guard.seal_checkpoint(&mark).map_err(DriverError::Volume)?
+    };
     let sealed_ms = started.elapsed().as_millis() as u64;
     let thread = std::thread::Builder::new().name("rblk-ckpt".into()).spawn_scoped(scope, move || {
         let durable = sealed.make_durable();
@@ -429,18 +480,22 @@ fn join_checkpoint(checkpoint: &mut CheckpointThread<'_>) -> Result<(), DriverEr
     }
 }
 
+/// Applies a batch of committed entries (`mark`: the log's mark for the last), completes their
+/// proposals and writes their new blocks. Returns whether a checkpoint is due.
 fn apply(
     volume: &RwLock<Volume>,
     entries: &[Entry],
     done: Vec<Option<Completion>>,
+    mark: LogMark,
     log: &Logger,
-) -> Result<(), DriverError> {
+) -> Result<bool, DriverError> {
     let failed = |err| {
         error!(log, "apply failed"; "first" => entries[0].index, "entries" => entries.len(), "error" => %err);
         DriverError::Volume(err)
     };
     let mut guard = write_volume(volume);
     let results = guard.apply_staged(entries).map_err(failed)?;
+    guard.note_log_mark(mark);
     // Committed means durable: the clients hear now, while the new data blocks of all the
     // entries go out together. Nothing reads the volume before they are written (the lock
     // is held), and if writing them fails, the driver stops and replay writes them again.
@@ -453,7 +508,7 @@ fn apply(
     });
     guard.write_staged().map_err(failed)?;
     metrics::volume_gauges(&guard.stats());
-    Ok(())
+    Ok(guard.checkpoint_due())
 }
 
 /// The volume for reading. A poisoned lock means a thread panicked while applying: the

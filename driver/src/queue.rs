@@ -199,6 +199,12 @@ impl Proposals {
         batch
     }
 
+    /// Whether no proposal waits for the node (placed ones still waiting for their flush
+    /// aside).
+    pub fn nothing_waiting(&self) -> bool {
+        self.lock().order.is_empty()
+    }
+
     /// No more proposals are taken; everything waiting is completed with `Outcome::Stopped`,
     /// and the flusher returns.
     pub fn close(&self) {

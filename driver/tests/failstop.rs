@@ -157,6 +157,52 @@ fn a_failing_device_closes_connections_without_error_replies() {
     }
 }
 
+/// One write at a time, so the node thread applies each batch itself (nothing waits to be
+/// appended and the applier is idle): the device goes down at the k-th operation after the
+/// workload ran a while, which lands on a log append, an applied batch's data write or a
+/// checkpoint. The driver stops with an error, and no reply says anything but success.
+#[test]
+fn a_failing_device_stops_the_driver_when_the_node_applies() {
+    for k in 0..6u64 {
+        let dir = scratch(&format!("failstop-qd1-{k}"));
+        let disk = Arc::new(SimDisk::new((VOLUME_BLOCKS + 1024) * BLOCK, k));
+        format(&disk);
+        let (path, driver) = start(&disk, &dir);
+        let mut raw = Raw::connect(&path);
+        let block = [k as u8 + 1; 4096];
+        let mut head = [0u8; 16];
+        let mut answered = 0u64;
+        for i in 0u64.. {
+            if i == 100 {
+                disk.crash_after_ops(Some(k));
+            }
+            if raw.send(1, i, (i % VOLUME_BLOCKS) * BLOCK, &block, 4096).is_err() {
+                break;
+            }
+            // The driver stops; the test closes the connection once it has (below).
+            let stopped = Instant::now() + Duration::from_secs(10);
+            raw.0.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+            let replied = loop {
+                match raw.0.read_exact(&mut head) {
+                    Ok(()) => break true,
+                    Err(_) if driver.is_finished() => break false,
+                    Err(_) => assert!(Instant::now() < stopped, "k {k}: the driver neither answers nor stops"),
+                }
+            };
+            if !replied {
+                break;
+            }
+            let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
+            assert_eq!(error, 0, "k {k}: write {i} answered with error {error}");
+            answered += 1;
+        }
+        assert!(answered >= 100, "k {k}: only {answered} writes answered before the failure");
+        let result = driver.join().expect("driver::run");
+        assert!(result.is_err(), "k {k}: the driver stops with an error");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// A latent read error on one data block is that request's EIO (never wrong data), answered
 /// once the next log write confirmed the driver as a whole is healthy; the driver serves on.
 #[test]

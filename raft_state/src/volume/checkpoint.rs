@@ -11,6 +11,22 @@ use crate::roots::{self, RootPayload};
 use crate::tree::{FrozenTree, TreeError};
 
 impl Volume {
+    /// Notes the log's mark for the entries just applied (their applier holds the volume
+    /// from the apply to this call), for `log_mark` and `checkpoint_due`.
+    pub fn note_log_mark(&mut self, mark: LogMark) {
+        self.log_mark = Some(mark);
+    }
+
+    /// The log's mark noted for what is applied now (none before the first apply).
+    pub fn log_mark(&self) -> Option<LogMark> {
+        self.log_mark
+    }
+
+    /// `should_checkpoint` at the noted mark (never before anything was applied).
+    pub fn checkpoint_due(&self) -> bool {
+        self.log_mark.is_some_and(|m| self.should_checkpoint(&m))
+    }
+
     /// Whether a checkpoint is due: the log written since the current root reached the
     /// configured size (at most a quarter of the ring, which bounds recovery work and keeps
     /// the ring at most half full with what the backup needs), or placed writes applied since

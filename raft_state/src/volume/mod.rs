@@ -32,7 +32,7 @@ use slog::Logger;
 use crate::alloc::{AllocError, Allocator};
 use crate::device::{Device, DeviceError, BLOCK};
 use crate::layout::{Geometry, GeometryError};
-use crate::log::{Anchor, LogError, LogRegion};
+use crate::log::{Anchor, LogError, LogMark, LogRegion};
 use crate::roots::{self, Root, RootError, RootPayload, Roots};
 use crate::tree::{self, BlockTree, TreeError, TreeRef};
 
@@ -183,6 +183,10 @@ pub struct Volume {
     staged: staged::Staged,
     /// Blocks of placed writes applied since the last sealed checkpoint.
     placed_since_seal: u64,
+    /// The log's mark for the last entry applied, as whoever applied it noted it
+    /// (`note_log_mark`, under the same lock as the apply): what a checkpoint of the volume as
+    /// it is records.
+    log_mark: Option<LogMark>,
     /// The release set the walk at open is still computing (the first seal waits for it).
     release_pending: Option<std::thread::JoinHandle<Result<Vec<u64>, AllocError>>>,
     poisoned: bool,

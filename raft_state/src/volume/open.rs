@@ -104,6 +104,7 @@ impl Volume {
             sealed: None,
             staged: super::staged::Staged::new(),
             placed_since_seal: 0,
+            log_mark: None,
             release_pending,
             poisoned: false,
             log,
