@@ -414,10 +414,11 @@ fn apply_rounds<'scope, 'env>(
                     *checkpoint = Some(start_checkpoint(scope, volume, compact, log)?);
                 }
             }
+            // Only while still due: a checkpoint sealed since the word was sent took it (and
+            // the applier then need not wait for that one to finish).
             Ok(ToApply::Checkpoint) => {
-                join_checkpoint(checkpoint)?;
-                // Still due: a checkpoint this thread started meanwhile may have taken it.
                 if read_volume(volume).checkpoint_due() {
+                    join_checkpoint(checkpoint)?;
                     *checkpoint = Some(start_checkpoint(scope, volume, compact, log)?);
                 }
             }
