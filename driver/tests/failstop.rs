@@ -49,10 +49,14 @@ fn format(disk: &SimDisk) {
     disk.flush().expect("flush");
 }
 
-fn start(
-    disk: &Arc<SimDisk>,
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::thread::JoinHandle<Result<(), driver::DriverError>>) {
+type Driver = std::thread::JoinHandle<Result<(), driver::DriverError>>;
+
+/// A freshly formatted simulated disk (`seed` for its faults) served by the real `driver::run`
+/// in a scratch directory named `name`: the directory, the disk, the socket, the driver.
+fn start(name: &str, seed: u64) -> (std::path::PathBuf, Arc<SimDisk>, std::path::PathBuf, Driver) {
+    let dir = scratch(name);
+    let disk = Arc::new(SimDisk::new((VOLUME_BLOCKS + 1024) * BLOCK, seed));
+    format(&disk);
     let path = dir.join("s.sock");
     let listener = UnixListener::bind(&path).expect("bind");
     let mut cfg = driver::driver_config(&config::Config::default());
@@ -63,7 +67,7 @@ fn start(
     let thread = std::thread::spawn(move || {
         driver::run(dev, None, driver::Listeners { unix: Some(listener), tcp: None, vhost: None }, cfg, stop, None, log)
     });
-    (path, thread)
+    (dir, disk, path, thread)
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -78,10 +82,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 #[test]
 fn a_failing_device_closes_connections_without_error_replies() {
     for round in 0..5u64 {
-        let dir = scratch(&format!("failstop-{round}"));
-        let disk = Arc::new(SimDisk::new((VOLUME_BLOCKS + 1024) * BLOCK, round));
-        format(&disk);
-        let (path, driver) = start(&disk, &dir);
+        let (dir, disk, path, driver) = start(&format!("failstop-{round}"), round);
         let ok = Arc::new(AtomicU64::new(0));
         let mut sockets = Vec::new();
         let clients: Vec<_> = (0..3u64)
@@ -164,10 +165,7 @@ fn a_failing_device_closes_connections_without_error_replies() {
 #[test]
 fn a_failing_device_stops_the_driver_when_the_node_applies() {
     for k in 0..6u64 {
-        let dir = scratch(&format!("failstop-qd1-{k}"));
-        let disk = Arc::new(SimDisk::new((VOLUME_BLOCKS + 1024) * BLOCK, k));
-        format(&disk);
-        let (path, driver) = start(&disk, &dir);
+        let (dir, disk, path, driver) = start(&format!("failstop-qd1-{k}"), k);
         let mut raw = Raw::connect(&path);
         let block = [k as u8 + 1; 4096];
         let mut head = [0u8; 16];
@@ -207,10 +205,7 @@ fn a_failing_device_stops_the_driver_when_the_node_applies() {
 /// once the next log write confirmed the driver as a whole is healthy; the driver serves on.
 #[test]
 fn a_bad_block_is_still_answered_eio() {
-    let dir = scratch("failstop-badblock");
-    let disk = Arc::new(SimDisk::new((VOLUME_BLOCKS + 1024) * BLOCK, 1));
-    format(&disk);
-    let (path, driver) = start(&disk, &dir);
+    let (dir, disk, path, driver) = start("failstop-badblock", 1);
     let client = session::Client::connect(&path, "").expect("client");
     client.write(0, &[5u8; 4096], true).expect("write");
     // Find the data block by its content (past the roots and the log ring, which holds the
